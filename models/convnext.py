@@ -1,0 +1,1 @@
+"""convnext: placeholder, being written."""

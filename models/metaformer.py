@@ -1,0 +1,1 @@
+"""metaformer: placeholder, being written."""

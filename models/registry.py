@@ -1,0 +1,77 @@
+"""The model registry: one `Entry` per name, registered by the architecture files.
+
+Each entry carries what a user of the name needs besides the network: its preprocessing (the study's
+transform), the CAM target layer, the published checkpoint, and the key renaming that maps the original
+repository's state-dict names to ours (timm's names).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flax import nnx
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    url: str
+    key: str | None          # container key inside the file ("model", "state_dict_ema"), None for raw state dicts
+    filename: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    builder: Callable[..., nnx.Module]   # builder(*, rngs, **overrides) -> model
+    family: str                          # "resnet", "convnext", "metaformer", "fastvit"
+    target_layer: str                    # the study's CAM layer (what forward_features returns)
+    resize_size: int                     # resize (bicubic) of the shorter side
+    input_size: int                      # center crop
+    checkpoint: Checkpoint | None = None
+    # Maps a state dict in the original repository's key layout to timm's layout (identity for timm keys).
+    # Must return a timm-layout state dict unchanged.
+    remap_keys: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # Builder overrides a checkpoint implies (FastViT saved in its reparameterised form), from its timm-layout keys.
+    infer_overrides: Callable[[Mapping[str, np.ndarray]], dict] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    num_classes: int = 1000
+
+
+MODELS: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    if entry.name in MODELS:
+        raise ValueError(f"model {entry.name!r} is registered twice")
+    MODELS[entry.name] = entry
+    return entry
+
+
+def get_entry(name: str) -> Entry:
+    _load_families()
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
+
+
+def list_models() -> list[str]:
+    _load_families()
+    return sorted(MODELS)
+
+
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
+    """Builds a registered model with random weights (use models.convert.from_state_dict for checkpoints)."""
+    entry = get_entry(name)
+    return entry.builder(rngs=rngs if rngs is not None else nnx.Rngs(0), **overrides)
+
+
+def _load_families():
+    # Importing the architecture files registers their entries.
+    from models import convnext, fastvit, metaformer, resnet  # noqa: F401

@@ -1,0 +1,1 @@
+"""resnet: placeholder, being written."""

@@ -1,0 +1,69 @@
+"""PyTorch-side helpers shared by the parity tests (test-only: torch, timm and dcls are references)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters: default (0, 1) stats hide swapped mean/var."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def randomize_params(model: torch.nn.Module, names: tuple[str, ...], seed: int = 0, scale: float = 0.5):
+    """Overwrite parameters whose name ends with one of `names` (e.g. layer-scale gammas initialised at 1e-6,
+    which would make a block's branch invisible to a parity test)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] in names:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def dclsify(stages: list[list[tuple[torch.nn.Module, str]]], *, kernel_count: int, dilated_kernel_size: int,
+            version: str, bias: bool | None = None, seed: int = 0) -> None:
+    """Replace convolutions by dcls.Dcls2d, positions (and SIG) shared per stage, as the published models do.
+
+    stages: for each stage, the (parent module, attribute name) of each conv to replace, in order. Each new
+    layer keeps the conv's channels, groups, stride and bias; padding = dilated_kernel_size // 2. The first
+    layer of a stage owns P (and SIG); the others point at the same Parameter.
+    """
+    from DCLS.construct.modules import Dcls2d
+
+    torch.manual_seed(seed)
+    for stage in stages:
+        first = None
+        for parent, attr in stage:
+            conv = getattr(parent, attr)
+            layer = Dcls2d(conv.in_channels, conv.out_channels, kernel_count=kernel_count,
+                           stride=conv.stride, padding=dilated_kernel_size // 2,
+                           dilated_kernel_size=dilated_kernel_size, groups=conv.groups,
+                           bias=(conv.bias is not None) if bias is None else bias, version=version)
+            if first is None:
+                first = layer
+            else:
+                layer.P = first.P
+                if hasattr(first, "SIG") and first.SIG is not None:
+                    layer.SIG = first.SIG
+            setattr(parent, attr, layer)
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().permute(0, 2, 3, 1).numpy()
+
+
+def save_state_dict(state_dict, path, container: str | None = None, **extra) -> str:
+    """torch.save a state dict the way published checkpoints are saved (optionally inside {container: sd})."""
+    obj = dict(state_dict) if container is None else {container: state_dict, **extra}
+    torch.save(obj, path)
+    return str(path)
