@@ -1,0 +1,26 @@
+"""Class activation maps (the study's Grad-CAM and Threshold-Grad-CAM, the pytorch-grad-cam family, saliency).
+
+    import cam
+    maps = cam.grad_cam(model, images, labels)                 # (B, H, W) float32, study definition
+    maps = cam.METHODS["layercam"](model, images, labels)      # any of cam.METHOD_NAMES
+    f = jax.jit(cam.make_cam_fn(graphdef, "threshold_gradcam"))  # pure: f(state, images, labels)
+    skip = cam.is_degenerate(maps)                              # constant or NaN maps, for the metric
+    cam.overlay.save_overlay("x.png", image, maps[0], human_map)
+
+See cam/methods.py for the exact definitions, normalisations and the degenerate-map policy.
+"""
+import importlib
+
+from cam.methods import (FEATURE_MAPS, METHOD_NAMES, METHODS, activations_and_grads, cam_from_model,
+                         check_labels, compute, grad_cam, input_grads, is_degenerate, make_cam_fn, resize,
+                         threshold_grad_cam)
+
+__all__ = ["FEATURE_MAPS", "METHOD_NAMES", "METHODS", "activations_and_grads", "cam_from_model", "check_labels",
+           "compute", "grad_cam", "input_grads", "is_degenerate", "make_cam_fn", "resize", "threshold_grad_cam"]
+
+
+def __getattr__(name):
+    # Submodules on first use: cam.overlay (PIL), cam.metrics.
+    if name in ("overlay", "metrics"):
+        return importlib.import_module(f"cam.{name}")
+    raise AttributeError(f"module 'cam' has no attribute {name!r}")

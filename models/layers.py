@@ -10,6 +10,7 @@ batch norms `use_running_average`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -99,8 +100,16 @@ class Conv2d(nnx.Module):
             self.bias = None
         self.stride, self.padding, self.groups, self.dilation = stride, padding, groups, dilation
 
+    def kernel(self):
+        """The dense kernel (O, I/groups, kh, kw), as `dcls_jax.Dcls2d.kernel()` gives its constructed one."""
+        return self.weight[...]
+
     def __call__(self, x):
-        y = conv(x, self.weight[...].astype(x.dtype), self.stride, self.padding, self.groups, self.dilation)
+        w = self.weight[...].astype(x.dtype)
+        if w.shape[2:] == (1, 1) and self.groups == 1 and self.stride in (1, (1, 1)) and self.padding in (0, (0, 0)):
+            y = jnp.einsum("...i,oi->...o", x, w[:, :, 0, 0])   # pointwise: a matmul (2.5x XLA's CPU conv)
+        else:
+            y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
@@ -188,14 +197,16 @@ class Dropout(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """timm.layers.Mlp: fc1 -> act -> drop -> fc2 -> drop, Linear on the last axis."""
+    """timm.layers.Mlp: fc1 -> act -> drop -> fc2 -> drop on the last axis; `use_conv` stores the weights as
+    1x1 convs (O, I, 1, 1), as timm's Mlp(use_conv=True) does."""
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
                  act: Callable = gelu, bias: bool = True, drop: float = 0.0, *, rngs: nnx.Rngs,
-                 weight_init: Init | None = None, bias_init: Init | None = None):
+                 weight_init: Init | None = None, bias_init: Init | None = None, use_conv: bool = False):
         out_features = out_features or in_features
-        self.fc1 = Linear(in_features, hidden_features, bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
-        self.fc2 = Linear(hidden_features, out_features, bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
+        fc = functools.partial(Conv2d, kernel_size=1) if use_conv else Linear
+        self.fc1 = fc(in_features, hidden_features, bias=bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
+        self.fc2 = fc(hidden_features, out_features, bias=bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
         self.act = act
         self.drop = Dropout(drop, rngs=rngs)
 
@@ -206,3 +217,22 @@ class Mlp(nnx.Module):
 def global_avg_pool(x):
     """Mean over the spatial axes of NHWC."""
     return x.mean(axis=(1, 2))
+
+
+def share_positions(factory: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
+    """Wraps a conv factory for one stage: each layer built after the first gets the first one's DCLS positions
+    (`P=first.P`, and `SIG=first.SIG` where it has one), as the published DCLS models share them per stage.
+    Layers without positions (plain convolutions) are built unchanged."""
+    first = None
+
+    def build(*args, **kwargs):
+        nonlocal first
+        if first is not None and getattr(first, "P", None) is not None:
+            kwargs["P"] = first.P
+            if getattr(first, "SIG", None) is not None:
+                kwargs["SIG"] = first.SIG
+        layer = factory(*args, **kwargs)
+        first = layer if first is None else first
+        return layer
+
+    return build

@@ -75,3 +75,13 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx
 def _load_families():
     # Importing the architecture files registers their entries.
     from models import convnext, fastvit, metaformer, resnet  # noqa: F401
+
+
+def override(config, overrides: Mapping):
+    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown config override(s) {unknown} for {type(config).__module__}."
+                         f"{type(config).__qualname__}; valid: {sorted(fields)}")
+    return dataclasses.replace(config, **overrides)

@@ -67,3 +67,19 @@ def save_state_dict(state_dict, path, container: str | None = None, **extra) -> 
     obj = dict(state_dict) if container is None else {container: state_dict, **extra}
     torch.save(obj, path)
     return str(path)
+
+
+def forward_with_activations(model: torch.nn.Module, x: torch.Tensor, modules: dict[str, str]):
+    """model(x) and the outputs of the named submodules ({our layer name: torch module path}), NHWC numpy."""
+    acts, hooks = {}, []
+    for name, path in modules.items():
+        def hook(module, args, out, name=name):
+            acts[name] = to_nhwc(out)
+        hooks.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = model(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, acts

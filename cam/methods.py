@@ -1,0 +1,288 @@
+"""Class activation maps: Grad-CAM and Threshold-Grad-CAM as the study defines them, the pytorch-grad-cam family,
+and input-gradient saliency.
+
+Everything is a pure function of arrays. Gradients are those of the class score
+    S = sum_b logits[b, labels[b]]          (pre-softmax; the labels given, not the predictions)
+with respect to the activations A = model.forward_features(x, layer) (NHWC), through model.forward_head(A, layer),
+so G[b] = dS/dA[b] = d logits[b, labels[b]] / dA[b] (eval mode: images do not interact).
+
+Maps at feature resolution, (B, h, w) from A, G of shape (B, h, w, C); `alpha = mean_hw G` per image and channel:
+  gradcam            relu(mean_c A * alpha)                            the study (channel MEAN, raw, no normalisation)
+  threshold_gradcam  max(minmax_hw(mean_c relu(A * alpha)), threshold)  the study's Threshold-Grad-CAM, in [threshold, 1]
+  gradcam++          relu(sum_c w_c A_c), w_c = sum_hw relu(G) a_ij,
+                     a_ij = G^2 / (2 G^2 + sum_hw(A) G^3 + 1e-6) (0 where G == 0)
+  hirescam           relu(sum_c G * A)
+  xgradcam           relu(sum_c w_c A_c), w_c = sum_hw G A / (sum_hw A + 1e-7)
+  layercam           relu(sum_c relu(G) * A)
+  eigencam           relu(projection of the centred (hw, C) activations on their first right singular vector),
+                     sign chosen so that the largest |value| is positive (the Seg-Eigen-CAM rule, Eq. 13)
+and at input resolution:
+  saliency           max_rgb |dS/dx|                                   (Xplique Saliency, Harmonization's default)
+
+The pytorch-grad-cam methods follow grad-cam 1.5.7 (`get_cam_weights` / `get_cam_image`) exactly, channel SUM
+included. That package then (1) clips at 0 (our maps already are), (2) min-max normalises each map with
+`(m - min) / (max - min + 1e-7)` at feature resolution, (3) cv2-resizes, (4) min-max normalises again. We do not
+normalise (except where the study's definition does: threshold_gradcam): scale is kept so that users choose.
+Its GradCAM is C times our `gradcam` (sum vs mean); its EigenCAM's sign is whatever LAPACK returns; it replaces
+NaN activations by 0 where we flag the map.
+
+Every map is resized to `output_size` (default: the input's H, W) with `jax.image.resize(..., "linear")`: for
+upsampling this is bilinear with half-pixel centres, identical to torch `F.interpolate(mode="bilinear",
+align_corners=False)` (and to torchvision's Resize, which the study uses); a downsampling resize antialiases.
+
+Degenerate maps (`is_degenerate`): the metric must skip them and count them.
+  - A map with no positive evidence is all zero (gradcam) or, for threshold_gradcam, whose feature-resolution map
+    is constant (max == min, e.g. all zero; the study divides 0 by 0), the constant `threshold`: constant maps.
+  - Non-finite activations, gradients or map values, or a label outside [0, num_classes) inside a jitted call
+    (where it cannot raise), make the whole map NaN.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# ---------------------------------------------------------------------------------------------------------------
+# Maps at feature resolution from activations `a` and gradients `g`, both (B, h, w, C) float32.
+
+
+def _alpha(g):
+    return g.mean(axis=(1, 2), keepdims=True)
+
+
+def _spatial_sum(x):
+    return x.sum(axis=(1, 2), keepdims=True)
+
+
+def gradcam_map(a, g):
+    return jax.nn.relu((a * _alpha(g)).mean(-1))
+
+
+def threshold_gradcam_map(a, g, threshold: float = 0.3):
+    h = jax.nn.relu(a * _alpha(g)).mean(-1)
+    lo, hi = h.min(axis=(1, 2), keepdims=True), h.max(axis=(1, 2), keepdims=True)
+    span = hi - lo
+    h = jnp.where(span > 0, (h - lo) / jnp.where(span > 0, span, 1), 0)   # constant map -> 0 (policy, see above)
+    return jnp.maximum(h, threshold)
+
+
+def gradcam_pp_map(a, g):
+    g2 = g * g
+    aij = jnp.where(g != 0, g2 / (2 * g2 + _spatial_sum(a) * g2 * g + 1e-6), 0)
+    w = _spatial_sum(jax.nn.relu(g) * aij)
+    return jax.nn.relu((a * w).sum(-1))
+
+
+def hirescam_map(a, g):
+    return jax.nn.relu((a * g).sum(-1))
+
+
+def xgradcam_map(a, g):
+    w = _spatial_sum(g * a / (_spatial_sum(a) + 1e-7))
+    return jax.nn.relu((a * w).sum(-1))
+
+
+def layercam_map(a, g):
+    return jax.nn.relu((jax.nn.relu(g) * a).sum(-1))
+
+
+def eigencam_map(a, g=None):
+    b, h, w, c = a.shape
+    x = a.reshape(b, h * w, c)
+    x = x - x.mean(axis=1, keepdims=True)
+    u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+    p = u[..., 0] * s[:, :1]                                        # == x @ v_1
+    flip = jnp.abs(p.min(axis=1, keepdims=True)) > jnp.abs(p.max(axis=1, keepdims=True))
+    return jax.nn.relu(jnp.where(flip, -p, p)).reshape(b, h, w)
+
+
+FEATURE_MAPS: dict[str, Callable] = {
+    "gradcam": gradcam_map,
+    "threshold_gradcam": threshold_gradcam_map,
+    "gradcam++": gradcam_pp_map,
+    "hirescam": hirescam_map,
+    "xgradcam": xgradcam_map,
+    "layercam": layercam_map,
+    "eigencam": eigencam_map,
+}
+METHOD_NAMES: tuple[str, ...] = (*FEATURE_MAPS, "saliency")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks, gradients and resizing.
+
+
+def check_labels(labels, num_classes: int, batch: int | None = None) -> np.ndarray:
+    """Concrete integer labels of shape (B,) in [0, num_classes), else ValueError."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch):
+        raise ValueError(f"labels must have shape ({batch if batch is not None else 'B'},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise ValueError(f"labels out of range [0, {num_classes}): {labels[bad].tolist()} at batch positions "
+                         f"{np.flatnonzero(bad).tolist()}")
+    return labels
+
+
+def check_layer(model, layer: str | None) -> None:
+    if layer is not None and layer not in model.layer_names:
+        raise ValueError(f"unknown layer {layer!r} for {type(model).__name__}; valid names: "
+                         f"{', '.join(model.layer_names)}")
+
+
+def check_method(method: str) -> None:
+    if method not in METHOD_NAMES:
+        raise ValueError(f"unknown CAM method {method!r}; valid names: {', '.join(METHOD_NAMES)}")
+
+
+def _score_cotangent(logits, labels):
+    """d S / d logits: the one-hot of the labels (zero rows for out-of-range labels), and the labels' validity."""
+    n = logits.shape[-1]
+    if not isinstance(labels, jax.core.Tracer):
+        check_labels(labels, n, logits.shape[0])
+    labels = jnp.asarray(labels)
+    return jax.nn.one_hot(labels, n, dtype=logits.dtype), (labels >= 0) & (labels < n)
+
+
+def activations_and_grads(model, images, labels, layer: str | None = None):
+    """A = model.forward_features(images, layer) and G = dS/dA (float32, NHWC), plus each row's label validity."""
+    a = model.forward_features(images, layer=layer)
+    logits, vjp = jax.vjp(lambda a: model.forward_head(a, layer=layer), a)
+    cot, valid = _score_cotangent(logits, labels)
+    (g,) = vjp(cot)
+    return a.astype(jnp.float32), g.astype(jnp.float32), valid
+
+
+def input_grads(model, images, labels):
+    """dS/dx (float32, NHWC), plus each row's label validity."""
+    logits, vjp = jax.vjp(model, images)
+    cot, valid = _score_cotangent(logits, labels)
+    (g,) = vjp(cot)
+    return g.astype(jnp.float32), valid
+
+
+def _finite_rows(x):
+    return jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+
+
+def resize(maps, size: tuple[int, int]):
+    """(B, h, w) -> (B, *size) bilinear, half-pixel centres (torch align_corners=False when upsampling)."""
+    if tuple(maps.shape[1:]) == tuple(size):
+        return maps
+    return jax.image.resize(maps, (maps.shape[0], *size), "linear")
+
+
+def _size(output_size, images) -> tuple[int, int]:
+    if output_size is None:
+        return tuple(images.shape[1:3])
+    return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+
+def is_degenerate(maps):
+    """(B,) bool: maps that hold a non-finite value or are constant. Metrics must skip (and count) these."""
+    flat = jnp.asarray(maps).reshape(maps.shape[0], -1)
+    return ~jnp.isfinite(flat).all(axis=1) | (flat.max(axis=1) == flat.min(axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions over nnx.split state, and model-taking wrappers.
+
+
+def cam_from_model(model, images, labels, method: str, *, layer: str | None = None, output_size=None, **kw):
+    """(B, H, W) float32 maps of `method` for an (eval-mode) model; traceable (no jit inside)."""
+    check_method(method)
+    if method == "saliency":
+        if layer is not None:
+            raise ValueError("saliency is an input gradient: it takes no layer")
+        g, ok = input_grads(model, images, labels)
+        m = jnp.abs(g).max(axis=-1)
+    else:
+        check_layer(model, layer)
+        a, g, ok = activations_and_grads(model, images, labels, layer)
+        m = FEATURE_MAPS[method](a, g, **kw)
+        ok = ok & _finite_rows(a) & _finite_rows(g)
+    ok = ok & _finite_rows(m)
+    m = jnp.where(ok[:, None, None], m, jnp.nan)
+    return resize(m, _size(output_size, images)).astype(jnp.float32)
+
+
+def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=None, **kw):
+    """f(state, images, labels) -> (B, H, W) maps, pure over `nnx.split(model)` state: jit or shard it freely.
+
+    The model is merged and put in eval mode inside (dropout off, BatchNorm running statistics). Labels are
+    checked when concrete; inside jit an out-of-range label gives a NaN map (see `is_degenerate`).
+    """
+    check_method(method)
+    if "threshold" in kw and not 0 <= kw["threshold"] <= 1:
+        raise ValueError(f"threshold must lie in [0, 1], got {kw['threshold']}")
+
+    def cam_fn(state, images, labels):
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        return cam_from_model(model, images, labels, method, layer=layer, output_size=output_size, **kw)
+
+    return cam_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(graphdef, method, layer, output_size, kw_items):
+    return jax.jit(make_cam_fn(graphdef, method, layer=layer, output_size=output_size, **dict(kw_items)))
+
+
+_NUM_CLASSES: dict = {}
+
+
+def _num_classes(graphdef, state, images) -> int:
+    """The model's number of logits, from its traced output shape (cached per structure and shapes)."""
+    key = (graphdef, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(state)), images.shape[1:],
+           str(images.dtype))
+    if key not in _NUM_CLASSES:
+        def logits(state, x):
+            model = nnx.merge(graphdef, state)
+            model.eval()
+            return model(x)
+
+        x = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
+        _NUM_CLASSES[key] = jax.eval_shape(logits, state, x).shape[-1]
+    return _NUM_CLASSES[key]
+
+
+def compute(model, images, labels, method: str, *, layer: str | None = None, output_size=None, jit: bool = True,
+            **kw):
+    """Maps of `method` for `model` (its eval-mode copy; the model itself is not changed). Checks the method,
+    the layer and the labels eagerly, then runs a jitted `make_cam_fn` (compiled once per model structure)."""
+    check_method(method)
+    if method != "saliency":
+        check_layer(model, layer)
+    images = jnp.asarray(images)
+    graphdef, state = nnx.split(model)
+    labels = jnp.asarray(check_labels(labels, _num_classes(graphdef, state, images), images.shape[0]))
+    if isinstance(output_size, list):
+        output_size = tuple(output_size)
+    if jit:
+        fn = _jitted(graphdef, method, layer, output_size, tuple(sorted(kw.items())))
+    else:
+        fn = make_cam_fn(graphdef, method, layer=layer, output_size=output_size, **kw)
+    return fn(state, images, labels)
+
+
+def grad_cam(model, images, labels, *, layer: str | None = None, output_size=None):
+    """The study's Grad-CAM: relu(mean_c A * mean_hw dS/dA), bilinearly resized; (B, H, W) float32."""
+    return compute(model, images, labels, "gradcam", layer=layer, output_size=output_size)
+
+
+def threshold_grad_cam(model, images, labels, *, threshold: float = 0.3, layer: str | None = None,
+                       output_size=None):
+    """The study's Threshold-Grad-CAM: max(minmax(mean_c relu(A * alpha)), threshold), bilinearly resized."""
+    return compute(model, images, labels, "threshold_gradcam", layer=layer, output_size=output_size,
+                   threshold=threshold)
+
+
+METHODS: dict[str, Callable] = {name: functools.partial(compute, method=name) for name in METHOD_NAMES}
+METHODS["gradcam"] = grad_cam
+METHODS["threshold_gradcam"] = threshold_grad_cam

@@ -1,0 +1,129 @@
+"""The study's preprocessing in NumPy: Harmonization's TensorFlow pipeline, then each model's input transform.
+
+    image   = decode_jpeg -> float32 -> resize 224 x 224        (tf.image.resize bilinear: half-pixel, no antialias)
+    heatmap = decode_jpeg -> float32 -> resize 64 x 64 -> blur (10 x 10, sigma 10, 'SAME') -> resize 224 x 224
+    model input = uint8(image) (truncation) -> PIL -> Resize(resize_size, bicubic, shorter side)
+                  -> CenterCrop(input_size) -> / 255 -> (x - mean) / std                (torchvision, NHWC here)
+
+JPEG decoding uses libjpeg-turbo through simplejpeg with TensorFlow's settings (fast integer IDCT, fancy
+upsampling), which gives tf.io.decode_jpeg's pixels exactly; PIL (accurate IDCT) differs by a few grey levels.
+The resize is TensorFlow's CPU kernel formula in float32; the blur is a float32 cross-correlation.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import simplejpeg
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
+
+SIZE = 224                   # Harmonization's image and heatmap size
+BLUR_SIZE, BLUR_SIGMA = 10, 10
+HEATMAP_BLUR_SIZE = 64       # the heatmap is blurred at 64 x 64
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG -> (H, W, 3) uint8, as tf.io.decode_jpeg."""
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+
+
+def decode_heatmap(data: bytes) -> np.ndarray:
+    """Grayscale JPEG -> (H, W) uint8, as tf.io.decode_jpeg; a colour JPEG is an error, not converted."""
+    colorspace = simplejpeg.decode_jpeg_header(data)[2]
+    if colorspace != "Gray":
+        raise ValueError(f"heatmap JPEG has colour space {colorspace}; expected a 1-channel grayscale JPEG")
+    return simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, fastupsample=False)[..., 0]
+
+
+@functools.cache
+def _tf_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # tensorflow/core/kernels/image/resize_bilinear_op.cc: HalfPixelScaler, compute_interpolation_weights.
+    scale = np.float32(in_size) / np.float32(out_size)
+    x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    f = np.floor(x)
+    lower = np.maximum(f.astype(np.int64), 0)
+    upper = np.minimum(np.ceil(x).astype(np.int64), in_size - 1)
+    return lower, upper, (x - f).astype(np.float32)
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """tf.image.resize(x, size, "bilinear", antialias=False) of a (H, W) or (H, W, C) array, in float32."""
+    x = np.asarray(x, np.float32)
+    y0, y1, ly = _tf_bilinear_taps(x.shape[0], size[0])
+    x0, x1, lx = _tf_bilinear_taps(x.shape[1], size[1])
+    lx = lx.reshape((-1,) + (1,) * (x.ndim - 2))
+    ly = ly.reshape((-1, 1) + (1,) * (x.ndim - 2))
+    # compute_lerp: top = tl + (tr - tl) * lx; bottom likewise; out = top + (bottom - top) * ly. Rows are
+    # interpolated horizontally once, then gathered: the same float32 operations per output pixel.
+    left, right = np.take(x, x0, axis=1), np.take(x, x1, axis=1)
+    rows = left + (right - left) * lx
+    t, b = np.take(rows, y0, axis=0), np.take(rows, y1, axis=0)
+    return t + (b - t) * ly
+
+
+def blur_kernel(size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> np.ndarray:
+    """Harmonization's Gaussian: x = -(size-1)//2 .. (size-1)//2 (left to right), y the reverse (top to
+    bottom), exp(-(x^2 + y^2) / (2 sigma^2)) normalised in float64, then float32. For size 10: x = -5..4,
+    y = 4..-5, so the kernel is centred on row 4 and column 5."""
+    xs = np.arange(-(size - 1) // 2, (size - 1) // 2 + 1)
+    ys = np.arange((size - 1) // 2, -(size - 1) // 2 - 1, -1)
+    xx, yy = np.meshgrid(xs, ys)
+    k = np.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2))
+    return (k / k.sum()).astype(np.float32)
+
+
+_KERNEL = blur_kernel()
+
+
+def blur(x: np.ndarray, kernel: np.ndarray = _KERNEL) -> np.ndarray:
+    """tf.nn.conv2d(x, kernel, 1, 'SAME') of a (H, W) map: cross-correlation with zero padding
+    (k - 1) // 2 before and k // 2 after."""
+    kh, kw = kernel.shape
+    p = np.pad(np.asarray(x, np.float32), (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)))
+    return np.tensordot(sliding_window_view(p, (kh, kw)), kernel, axes=2).astype(np.float32)
+
+
+def clickme_image(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (224, 224, 3) float32 in [0, 255], as Harmonization's loader."""
+    return resize_bilinear(decode_image(data), (SIZE, SIZE))
+
+
+def clickme_heatmap(data: bytes) -> np.ndarray:
+    """Grayscale JPEG bytes -> (224, 224) float32 blurred human map, as Harmonization's loader."""
+    h = resize_bilinear(decode_heatmap(data), (HEATMAP_BLUR_SIZE, HEATMAP_BLUR_SIZE))
+    return resize_bilinear(blur(h), (SIZE, SIZE))
+
+
+_PIL_MODES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision Resize(size) output (height, width): the shorter side becomes `size`."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def crop_offset(size: int, crop: int) -> int:
+    """torchvision CenterCrop's start offset along one axis."""
+    if crop > size:
+        raise ValueError(f"center crop {crop} is larger than the resized image ({size})")
+    return int(round((size - crop) / 2.0))
+
+
+def model_input(image: np.ndarray, entry) -> np.ndarray:
+    """The study's model transform of a (224, 224, 3) float image -> (S, S, 3) float32, S = entry.input_size.
+
+    `entry` needs resize_size, input_size, mean, std, interpolation (a models.registry.Entry)."""
+    img = Image.fromarray(np.asarray(image).astype(np.uint8))            # truncation, as .astype(np.uint8)
+    h, w = resized_size(img.height, img.width, entry.resize_size)
+    if (h, w) != (img.height, img.width):
+        if entry.interpolation not in _PIL_MODES:
+            raise ValueError(f"unknown interpolation {entry.interpolation!r}; known: {sorted(_PIL_MODES)}")
+        img = img.resize((w, h), _PIL_MODES[entry.interpolation])
+    c = entry.input_size
+    top, left = crop_offset(h, c), crop_offset(w, c)
+    x = np.asarray(img)[top:top + c, left:left + c].astype(np.float32) / np.float32(255)
+    return (x - np.asarray(entry.mean, np.float32)) / np.asarray(entry.std, np.float32)

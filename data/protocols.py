@@ -1,0 +1,74 @@
+"""How a model's CAM is put next to the human ClickMe map: two named protocols (jit-able JAX).
+
+Both maps end as (B, 224, 224) arrays given to cam.metrics.spearman:
+
+    cam = align_cam(cam_maps)                          # CAM (any resolution) -> 224 x 224, bilinear
+    human = align_heatmap(heatmaps, entry, protocol)   # the pipeline's (B, 224, 224) human map
+
+"study": faithful to the study. The CAM, which covers the model's input, i.e. the center crop of the resized
+    224 x 224 image, is stretched to 224 x 224 and compared with the full human map. For models whose
+    transform crops (ResNet-50: resize 235, crop 224; ConvNeXt: resize 256, crop 224) the two maps cover
+    different image regions.
+"corrected": the human map is resampled onto the model's crop window, so that both maps cover the same
+    image region. The crop of torchvision's CenterCrop(C) after Resize(R) of the 224-pixel image spans
+    [t, t + C) pixels of the resized image, t = round((R - C) / 2), i.e. [t * 224 / R, (t + C) * 224 / R)
+    in the 224 frame; 224 x 224 bilinear samples (half-pixel centres, no antialias) of the human map over
+    that window are compared with the CAM. Without a crop (R == C: CAFormer, ConvFormer, FastViT) it
+    equals "study".
+
+Bilinear resizing here is jax.image.scale_and_translate(method="linear", antialias=False): TensorFlow's and
+PyTorch's align_corners=False bilinear. For the study's upsampling of the CAM pass the map at feature
+resolution (7 x 7, 8 x 8): a map already resized to the input resolution (256 for FastViT) is resampled
+once more, which is close to but not the same as the study.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from data.preprocess import SIZE, crop_offset
+
+PROTOCOLS = ("study", "corrected")
+
+
+def _check(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+
+
+def crop_window(entry, size: int = SIZE) -> tuple[float, float]:
+    """(start, extent) of the model's center crop in the `size`-pixel frame of the (square) ClickMe image."""
+    r, c = entry.resize_size, entry.input_size
+    return crop_offset(r, c) * size / r, c * size / r
+
+
+def resize(maps: jax.Array, size: int = SIZE) -> jax.Array:
+    """(B, h, w) -> (B, size, size), bilinear with half-pixel centres and no antialias."""
+    b, h, w = maps.shape
+    if (h, w) == (size, size):
+        return maps
+    scale = jnp.array([size / h, size / w], jnp.float32)
+    return jax.image.scale_and_translate(maps, (b, size, size), (1, 2), scale, jnp.zeros(2, jnp.float32),
+                                         method="linear", antialias=False)
+
+
+def align_cam(cam_maps: jax.Array, entry=None, protocol: str = "study", size: int = SIZE) -> jax.Array:
+    """The CAM side of both protocols: the (B, h, w) map bilinearly resized to (B, 224, 224)."""
+    _check(protocol)
+    return resize(jnp.asarray(cam_maps, jnp.float32), size)
+
+
+def align_heatmap(heatmaps: jax.Array, entry, protocol: str, size: int = SIZE) -> jax.Array:
+    """The human side: (B, 224, 224) unchanged for "study"; for "corrected", resampled onto the crop window
+    of `entry` (needs resize_size, input_size)."""
+    _check(protocol)
+    heatmaps = jnp.asarray(heatmaps, jnp.float32)
+    start, extent = crop_window(entry, heatmaps.shape[-1])
+    if protocol == "study" or (start, extent) == (0, heatmaps.shape[-1]):
+        return resize(heatmaps, size)
+    # output x = (input x - start) * size / extent, in continuous coordinates (pixel centres at +0.5)
+    s = size / extent
+    scale = jnp.array([s, s], jnp.float32)
+    translation = jnp.array([-start * s, -start * s], jnp.float32)
+    return jax.image.scale_and_translate(heatmaps, (heatmaps.shape[0], size, size), (1, 2), scale, translation,
+                                         method="linear", antialias=False)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up the environment with the test extra (scripts/setup.sh) and runs the whole test suite.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$(bash "$root/scripts/setup.sh" --test | tail -n 1)"
+cd "$root"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/dcls-jax/xla}"
+exec "$venv/bin/python" -m pytest -n 2 --dist loadfile -q "$@"

@@ -1,0 +1,187 @@
+"""ConvNeXt T/S/B and their DCLS twins against timm 1.0.31 (DCLS: + dcls 0.1.1) with random weights.
+
+Each reference goes through torch.save -> models.convert.read_checkpoint -> from_state_dict, in timm's and in
+FAIR's key layout; timm's own `checkpoint_filter_fn` checks our FAIR renaming independently.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from flax import nnx
+from timm.models.convnext import checkpoint_filter_fn
+
+from models import convnext
+from models.convert import from_state_dict, read_checkpoint
+from models.registry import create_model, get_entry
+from tests.torch_ref import dclsify, forward_with_activations, randomize_params, save_state_dict
+
+KERNEL_COUNT = {"tiny": 34, "small": 40, "base": 40}   # shared/reference/dcls.md
+LAYERS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
+SMALL = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
+TOL = 1e-4
+
+
+def reference(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm's ConvNeXt (DCLS: its depthwise convs -> dcls.Dcls2d, positions shared per stage) in eval mode, with
+    random layer scales, biases, norm weights and positions (timm's init leaves them trivial)."""
+    size = name.split("_")[1]
+    torch.manual_seed(seed)
+    model = timm.create_model(f"convnext_{size}", **overrides)
+    if name.endswith("_dcls"):
+        dclsify([[(block, "conv_dw") for block in stage.blocks] for stage in model.stages],
+                kernel_count=KERNEL_COUNT[size], dilated_kernel_size=17, version="v0", seed=seed)
+        randomize_params(model, ("P",), seed=seed + 1, scale=4.0)   # spread over the whole 17 x 17 grid
+    randomize_params(model, ("gamma",), seed=seed)
+    randomize_params(model, ("bias",), seed=seed + 2, scale=0.1)
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if name_.endswith(".P"):
+                p.clamp_(-8, 8)
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+    return model.eval()
+
+
+def convert(name: str, model: torch.nn.Module, path, fair: bool = False, **overrides):
+    """The reference's state dict saved as the published checkpoint is (inside "model"), read back, converted."""
+    sd = model.state_dict()
+    if fair:
+        sd = to_fair(sd)
+    key = get_entry(name).checkpoint.key
+    save_state_dict(sd, path, container=key)
+    return from_state_dict(name, read_checkpoint(path, key), **overrides)
+
+
+def to_fair(sd):
+    """timm names -> the original FAIR ConvNeXt names (written here as the inverse of timm's mapping)."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "stem":
+            k = "downsample_layers.0." + ".".join(parts[1:])
+        elif parts[0] == "stages" and parts[2] == "downsample":
+            k = f"downsample_layers.{parts[1]}." + ".".join(parts[3:])
+        elif parts[0] == "stages":
+            k = f"stages.{parts[1]}.{parts[3]}." + ".".join(parts[4:])
+            k = k.replace(".conv_dw.", ".dwconv.").replace(".mlp.fc", ".pwconv")
+        elif parts[0] == "head":
+            k = {"norm": "norm.", "fc": "head."}[parts[1]] + parts[2]
+        out[k] = v
+    return out
+
+
+def run(model, x, layers):
+    """One jitted call: logits, the default forward_features, and per layer its activations and the logits
+    forward_head computes from them."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, x):
+        m = nnx.merge(graphdef, state)
+        feats = {layer: m.forward_features(x, layer) for layer in layers}
+        return m(x), m.forward_features(x), feats, {layer: m.forward_head(feats[layer], layer) for layer in layers}
+
+    return jax.device_get(f(state, x))
+
+
+def check(model, ref, x, layers):
+    logits_ref, acts_ref = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
+                                                    {layer: layer for layer in layers})
+    logits, default, feats, heads = run(model, jnp.asarray(x), layers)
+    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
+    np.testing.assert_array_equal(default, feats["stages.3"])
+    for layer in layers:
+        scale = np.abs(acts_ref[layer]).max()
+        np.testing.assert_allclose(feats[layer], acts_ref[layer], rtol=0, atol=TOL * max(1.0, scale), err_msg=layer)
+        np.testing.assert_allclose(heads[layer], logits_ref, rtol=0, atol=TOL, err_msg=layer)
+
+
+def inputs(size: int, seed: int = 0):
+    return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_tiny_dcls", "convnext_small", "convnext_small_dcls",
+                                  "convnext_base", "convnext_base_dcls"])
+def test_full_model_matches_timm(name, tmp_path):
+    """The registry's full architecture: logits, the CAM target (last stage, before the head's norm) and
+    forward_head(forward_features(x))."""
+    ref = reference(name)
+    model = convert(name, ref, tmp_path / "model.pth")
+    assert get_entry(name).target_layer == "stages.3"
+    check(model, ref, inputs(64), ("stages.3",))
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_tiny_dcls"])
+def test_every_layer_matches_timm(name, tmp_path):
+    ref = reference(name, **SMALL)
+    model = convert(name, ref, tmp_path / "model.pth", **SMALL)
+    assert model.layer_names == LAYERS
+    check(model, ref, inputs(64, seed=1), LAYERS)
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_small_dcls"])
+def test_fair_layout_converts_to_the_same_model(name, tmp_path):
+    ref = reference(name, **SMALL)
+    sd = ref.state_dict()
+    fair = to_fair(sd)
+    assert "head.weight" in fair and "norm.weight" in fair and "downsample_layers.0.0.weight" in fair
+    renamed = checkpoint_filter_fn(fair, ref)        # timm's own mapping: our inverse must round-trip through it
+    assert renamed.keys() == sd.keys() and all(torch.equal(renamed[k], sd[k]) for k in sd)
+    assert convnext.remap_keys(sd).keys() == sd.keys()   # identity on timm names
+    a = nnx.to_flat_state(nnx.state(convert(name, ref, tmp_path / "timm.pth", **SMALL)))
+    b = nnx.to_flat_state(nnx.state(convert(name, ref, tmp_path / "fair.pth", fair=True, **SMALL)))
+    assert [p for p, _ in a] == [p for p, _ in b]
+    for (path, va), (_, vb) in zip(a, b):
+        np.testing.assert_array_equal(va.get_value(), vb.get_value(), err_msg=str(path))
+
+
+def test_remap_keys_rejects_colliding_names():
+    with pytest.raises(ValueError, match="collide"):
+        convnext.remap_keys({"head.weight": np.zeros(1), "head.fc.weight": np.zeros(1)})
+
+
+def test_init_sharing_and_drop_path_follow_timm():
+    model = create_model("convnext_small_dcls", **SMALL, drop_path_rate=0.3, head_init_scale=0.5)
+    ref = timm.create_model("convnext_small", **SMALL, drop_path_rate=0.3)
+    rates = [b.drop_path.rate for s in model.stages for b in s.blocks]
+    rates_ref = [getattr(b.drop_path, "drop_prob", 0.0) for s in ref.stages for b in s.blocks]
+    np.testing.assert_allclose(rates, rates_ref, rtol=1e-6)
+    convs = [[b.conv_dw for b in s.blocks] for s in model.stages]
+    for stage in convs:
+        assert all(c.P is stage[0].P for c in stage) and stage[0].kernel_count == 40
+        assert np.abs(stage[0].P.get_value()).max() <= 8
+        np.testing.assert_array_equal(stage[0].bias.get_value(), 0)
+    assert len({id(stage[0].P) for stage in convs}) == 4
+    gammas = [b.gamma.get_value() for s in model.stages for b in s.blocks]
+    assert all(np.all(g == np.float32(1e-6)) for g in gammas)
+    w = np.asarray(model.head.fc.weight.get_value())
+    assert 0.4 * 0.02 < w.std() < 0.6 * 0.02 and np.abs(w).max() <= 0.5 * 0.04   # head_init_scale * trunc_normal
+    plain = create_model("convnext_tiny", **SMALL)
+    assert plain.stages[2].blocks[1].conv_dw.weight.get_value().shape == (24, 1, 7, 7)
+
+
+def test_train_mode_drops_paths_and_eval_is_deterministic():
+    model = create_model("convnext_tiny", **SMALL, drop_path_rate=0.5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(inputs(32))
+    model.eval()
+    y0 = model(x)
+    model.train()
+    y1, y2 = model(x), model(x)
+    assert not np.allclose(y1, y2)
+    model.eval()
+    np.testing.assert_array_equal(model(x), y0)
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = create_model("convnext_tiny", **SMALL)
+    with pytest.raises(ValueError, match="unknown layer"):
+        model.forward_features(jnp.zeros((1, 32, 32, 3)), "stages.4")
+    with pytest.raises(ValueError, match="unknown config override"):
+        create_model("convnext_tiny", depth=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="4 depths"):
+        create_model("convnext_tiny", depths=(1, 1, 1))

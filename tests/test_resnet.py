@@ -1,0 +1,162 @@
+"""ResNet-50 and ResNet-50-DCLS against timm 1.0.31 (DCLS: + dcls 0.1.1) with random weights and BatchNorm stats.
+
+Each reference goes through torch.save (or safetensors, as the resnet50.a1_in1k baseline is published) ->
+models.convert.read_checkpoint -> from_state_dict.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from flax import nnx
+
+from models.convert import from_state_dict, read_checkpoint
+from models.registry import create_model, get_entry
+from tests.torch_ref import dclsify, forward_with_activations, randomize_batchnorm, randomize_params, save_state_dict
+
+LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
+TORCH_LAYERS = {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}
+SMALL = dict(layers=(1, 2, 1, 1), channels=(8, 16, 24, 32), num_classes=10)
+TOL = 1e-4
+
+
+def reference(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm's resnet50 (DCLS: every bottleneck conv2 -> dcls.Dcls2d, positions shared per stage) in eval mode with
+    random BatchNorm statistics and affine parameters (bn3's weight is zero-initialised in timm)."""
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet50", **overrides)
+    if name.endswith("_dcls"):
+        dclsify([[(block, "conv2") for block in getattr(model, f"layer{i}")] for i in range(1, 5)],
+                kernel_count=5, dilated_kernel_size=7, version="v0", bias=False, seed=seed)
+        randomize_params(model, ("P",), seed=seed + 1, scale=2.0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".P"):
+                    p.clamp_(-3, 3)
+    randomize_batchnorm(model, seed=seed)
+    return model.eval()
+
+
+def convert(name: str, model: torch.nn.Module, path, **overrides):
+    """The reference's state dict saved as the published checkpoint is, read back, converted."""
+    key = get_entry(name).checkpoint.key
+    if key is None:   # the baseline is published as safetensors
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path.with_suffix(".safetensors")))
+        path = path.with_suffix(".safetensors")
+    else:             # timm training checkpoints: {"state_dict": ..., "state_dict_ema": ..., "epoch", "args"}
+        save_state_dict(model.state_dict(), path, container=key, epoch=3, arch="resnet50")
+    return from_state_dict(name, read_checkpoint(path, key), **overrides)
+
+
+def run(model, x, layers):
+    """One jitted call: logits, the default forward_features, and per layer its activations and the logits
+    forward_head computes from them."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, x):
+        m = nnx.merge(graphdef, state)
+        feats = {layer: m.forward_features(x, layer) for layer in layers}
+        return m(x), m.forward_features(x), feats, {layer: m.forward_head(feats[layer], layer) for layer in layers}
+
+    return jax.device_get(f(state, x))
+
+
+def check(model, ref, x, layers):
+    logits_ref, acts_ref = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
+                                                    {layer: TORCH_LAYERS[layer] for layer in layers})
+    logits, default, feats, heads = run(model, jnp.asarray(x), layers)
+    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
+    np.testing.assert_array_equal(default, feats["layer4"])
+    for layer in layers:
+        scale = np.abs(acts_ref[layer]).max()
+        np.testing.assert_allclose(feats[layer], acts_ref[layer], rtol=0, atol=TOL * max(1.0, scale), err_msg=layer)
+        np.testing.assert_allclose(heads[layer], logits_ref, rtol=0, atol=TOL, err_msg=layer)
+
+
+def inputs(size: int, seed: int = 0):
+    return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_dcls"])
+def test_full_model_matches_timm(name, tmp_path):
+    """The registry's full architecture: logits, the CAM target (layer4 after its last ReLU) and
+    forward_head(forward_features(x))."""
+    ref = reference(name)
+    model = convert(name, ref, tmp_path / "model.pth.tar")
+    assert get_entry(name).target_layer == "layer4"
+    check(model, ref, inputs(64), ("layer4",))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_dcls"])
+def test_every_layer_matches_timm(name, tmp_path):
+    ref = reference(name, **SMALL)
+    model = convert(name, ref, tmp_path / "model.pth.tar", **SMALL)
+    assert model.layer_names == LAYERS
+    check(model, ref, inputs(64, seed=1), LAYERS)
+
+
+def test_train_mode_batchnorm_matches_timm(tmp_path):
+    """Train mode: BatchNorm normalises with batch statistics and updates the running ones as PyTorch does."""
+    ref = reference("resnet50_dcls", **SMALL)
+    model = convert("resnet50_dcls", ref, tmp_path / "model.pth.tar", **SMALL)
+    x = inputs(32, seed=2)
+    ref.train()
+    with torch.no_grad():
+        logits_ref = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    model.train()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, x):
+        m = nnx.merge(graphdef, state)
+        return m(x), nnx.state(m, nnx.BatchStat)
+
+    logits, stats = f(state, jnp.asarray(x))
+    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
+    sd = ref.state_dict()
+    for path, var in nnx.to_flat_state(stats):
+        key = ".".join(map(str, path))
+        np.testing.assert_allclose(var.get_value(), sd[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_init_sharing_and_drop_path_follow_timm():
+    model = create_model("resnet50_dcls", **SMALL, drop_path_rate=0.2)
+    ref = timm.create_model("resnet50", **SMALL, drop_path_rate=0.2)
+    blocks = [[b for b in getattr(model, f"layer{i}")] for i in range(1, 5)]
+    blocks_ref = [b for i in range(1, 5) for b in getattr(ref, f"layer{i}")]
+    rates = [b.drop_path.rate for stage in blocks for b in stage]
+    rates_ref = [b.drop_path.drop_prob if b.drop_path is not None else 0.0 for b in blocks_ref]
+    np.testing.assert_allclose(rates, rates_ref, rtol=1e-6)
+    for stage in blocks:
+        first = stage[0].conv2
+        assert all(b.conv2.P is first.P for b in stage) and first.bias is None and first.kernel_count == 5
+        assert first.dilated_kernel_size == (7, 7) and first.padding == (3, 3)
+        assert all(np.all(b.bn3.weight.get_value() == 0) for b in stage)           # zero_init_last
+    assert [b[0].conv2.stride for b in blocks] == [(1, 1), (2, 2), (2, 2), (2, 2)]
+    assert len({id(stage[0].conv2.P) for stage in blocks}) == 4
+    w = np.asarray(model.conv1.weight.get_value())                                  # kaiming_normal, fan_out
+    assert abs(w.std() / np.sqrt(2 / (64 * 49)) - 1) < 0.1
+
+
+def test_train_mode_drops_paths_and_eval_is_deterministic():
+    model = create_model("resnet50", **SMALL, drop_path_rate=0.5, zero_init_last=False)
+    x = jnp.asarray(inputs(32))
+    model.eval()
+    np.testing.assert_array_equal(model(x), model(x))
+    model.train()   # BatchNorm then uses batch statistics: the two calls differ only by the dropped paths
+    assert not np.allclose(model(x), model(x))
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = create_model("resnet50", **SMALL)
+    with pytest.raises(ValueError, match="unknown layer"):
+        model.forward_head(jnp.zeros((1, 2, 2, 128)), "layer5")
+    with pytest.raises(ValueError, match="unknown config override"):
+        create_model("resnet50", depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="4 stages"):
+        create_model("resnet50", layers=(1, 1, 1))
