@@ -341,7 +341,7 @@ def main(argv=None) -> int:
             jax.distributed.initialize()
         mesh = jax.make_mesh((jax.device_count(),), ("data",))
         results = [evaluate_model(name, args, methods, mesh) for name in names]
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

@@ -7,8 +7,8 @@ with respect to the activations A = model.forward_features(x, layer) (NHWC), thr
 so G[b] = dS/dA[b] = d logits[b, labels[b]] / dA[b] (eval mode: images do not interact).
 
 Maps at feature resolution, (B, h, w) from A, G of shape (B, h, w, C); `alpha = mean_hw G` per image and channel:
-  gradcam            relu(mean_c A * alpha)                            the study (channel MEAN, raw, no normalisation)
-  threshold_gradcam  max(minmax_hw(mean_c relu(A * alpha)), threshold)  the study's Threshold-Grad-CAM, in [threshold, 1]
+  gradcam            relu(mean_c A * alpha)                     the study's (channel MEAN; raw, not normalised)
+  threshold_gradcam  max(minmax_hw(mean_c relu(A * alpha)), t)  the study's Threshold-Grad-CAM (t = 0.3), in [t, 1]
   gradcam++          relu(sum_c w_c A_c), w_c = sum_hw relu(G) a_ij,
                      a_ij = G^2 / (2 G^2 + sum_hw(A) G^3 + 1e-6) (0 where G == 0)
   hirescam           relu(sum_c G * A)
@@ -17,7 +17,7 @@ Maps at feature resolution, (B, h, w) from A, G of shape (B, h, w, C); `alpha = 
   eigencam           relu(projection of the centred (hw, C) activations on their first right singular vector),
                      sign chosen so that the largest |value| is positive (the Seg-Eigen-CAM rule, Eq. 13)
 and at input resolution:
-  saliency           max_rgb |dS/dx|                                   (Xplique Saliency, Harmonization's default)
+  saliency           max_rgb |dS/dx|                            Xplique Saliency, Harmonization's default
 
 The pytorch-grad-cam methods follow grad-cam 1.5.7 (`get_cam_weights` / `get_cam_image`) exactly, channel SUM
 included. That package then (1) clips at 0 (our maps already are), (2) min-max normalises each map with
@@ -30,11 +30,15 @@ Every map is resized to `output_size` (default: the input's H, W) with `jax.imag
 upsampling this is bilinear with half-pixel centres, identical to torch `F.interpolate(mode="bilinear",
 align_corners=False)` (and to torchvision's Resize, which the study uses); a downsampling resize antialiases.
 
+Use: `METHODS[name](model, images, labels, **kw)` (or `grad_cam`, `threshold_grad_cam`, `compute`) checks its
+arguments (ValueError) and compiles the network once per structure and layer for all methods; evaluation jits or
+shards `make_cam_fn(graphdef, name, ...)`, a pure f(state, images, labels).
+
 Degenerate maps (`is_degenerate`): the metric must skip them and count them.
   - A map with no positive evidence is all zero (gradcam) or, for threshold_gradcam, whose feature-resolution map
     is constant (max == min, e.g. all zero; the study divides 0 by 0), the constant `threshold`: constant maps.
-  - Non-finite activations, gradients or map values, or a label outside [0, num_classes) inside a jitted call
-    (where it cannot raise), make the whole map NaN.
+  - Non-finite activations, gradients, logits or map values, or a label outside [0, num_classes) inside a jitted
+    call (where it cannot raise), make the whole map NaN.
 """
 from __future__ import annotations
 
@@ -115,17 +119,17 @@ METHOD_NAMES: tuple[str, ...] = (*FEATURE_MAPS, "saliency")
 # Checks, gradients and resizing.
 
 
-def check_labels(labels, num_classes: int, batch: int | None = None) -> np.ndarray:
-    """Concrete integer labels of shape (B,) in [0, num_classes), else ValueError."""
+def check_labels(labels, num_classes: int | None, batch: int | None = None) -> np.ndarray:
+    """Concrete integer labels of shape (B,) in [0, num_classes) (only >= 0 if num_classes is None)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch):
         raise ValueError(f"labels must have shape ({batch if batch is not None else 'B'},), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    bad = (labels < 0) | (labels >= num_classes)
+    bad = (labels < 0) | (labels >= (num_classes if num_classes is not None else np.inf))
     if bad.any():
-        raise ValueError(f"labels out of range [0, {num_classes}): {labels[bad].tolist()} at batch positions "
-                         f"{np.flatnonzero(bad).tolist()}")
+        raise ValueError(f"labels out of range [0, {num_classes if num_classes is not None else 'num_classes'}): "
+                         f"{labels[bad].tolist()} at batch positions {np.flatnonzero(bad).tolist()}")
     return labels
 
 
@@ -140,34 +144,40 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown CAM method {method!r}; valid names: {', '.join(METHOD_NAMES)}")
 
 
-def _score_cotangent(logits, labels):
-    """d S / d logits: the one-hot of the labels (zero rows for out-of-range labels), and the labels' validity."""
+def _finite_rows(x):
+    return jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+
+
+def _vjp_score(fn, x, labels):
+    """dS/dx for S = sum_b fn(x)[b, labels[b]]; per row whether the label is in range and the logits finite; the
+    class count. Concrete labels are checked (ValueError); traced out-of-range labels get a zero cotangent row."""
+    logits, vjp = jax.vjp(fn, x)
     n = logits.shape[-1]
     if not isinstance(labels, jax.core.Tracer):
         check_labels(labels, n, logits.shape[0])
     labels = jnp.asarray(labels)
-    return jax.nn.one_hot(labels, n, dtype=logits.dtype), (labels >= 0) & (labels < n)
+    (g,) = vjp(jax.nn.one_hot(labels, n, dtype=logits.dtype))
+    return g.astype(jnp.float32), (labels >= 0) & (labels < n) & _finite_rows(logits), n
+
+
+def _gradients(model, images, labels, method: str, layer: str | None):
+    """(A, G, ok, num_classes) with A, G (float32, NHWC) at `layer`; for saliency (None, dS/dx, ok, num_classes)."""
+    if method == "saliency":
+        return (None, *_vjp_score(model, images, labels))
+    check_layer(model, layer)
+    a = model.forward_features(images, layer=layer)
+    return (a.astype(jnp.float32), *_vjp_score(lambda a: model.forward_head(a, layer=layer), a, labels))
 
 
 def activations_and_grads(model, images, labels, layer: str | None = None):
-    """A = model.forward_features(images, layer) and G = dS/dA (float32, NHWC), plus each row's label validity."""
-    a = model.forward_features(images, layer=layer)
-    logits, vjp = jax.vjp(lambda a: model.forward_head(a, layer=layer), a)
-    cot, valid = _score_cotangent(logits, labels)
-    (g,) = vjp(cot)
-    return a.astype(jnp.float32), g.astype(jnp.float32), valid
+    """A = model.forward_features(images, layer) and G = dS/dA (float32, NHWC), and per row whether the label is
+    in range and the logits are finite."""
+    return _gradients(model, images, labels, "features", layer)[:3]
 
 
 def input_grads(model, images, labels):
-    """dS/dx (float32, NHWC), plus each row's label validity."""
-    logits, vjp = jax.vjp(model, images)
-    cot, valid = _score_cotangent(logits, labels)
-    (g,) = vjp(cot)
-    return g.astype(jnp.float32), valid
-
-
-def _finite_rows(x):
-    return jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+    """dS/dx (float32, NHWC), and per row whether the label is in range and the logits are finite."""
+    return _gradients(model, images, labels, "saliency", None)[1:3]
 
 
 def resize(maps, size: tuple[int, int]):
@@ -193,22 +203,30 @@ def is_degenerate(maps):
 # Pure functions over nnx.split state, and model-taking wrappers.
 
 
-def cam_from_model(model, images, labels, method: str, *, layer: str | None = None, output_size=None, **kw):
-    """(B, H, W) float32 maps of `method` for an (eval-mode) model; traceable (no jit inside)."""
+def _check_kw(method: str, layer, kw) -> None:
     check_method(method)
+    if method == "saliency" and layer is not None:
+        raise ValueError("saliency is an input gradient: it takes no layer")
+    if "threshold" in kw and not 0 <= kw["threshold"] <= 1:
+        raise ValueError(f"threshold must lie in [0, 1], got {kw['threshold']}")
+
+
+def _maps(method: str, a, g, ok, size: tuple[int, int], **kw):
+    """Maps from (A, G) (or dS/dx), NaN where `ok` is False or a value is not finite, resized to `size`."""
     if method == "saliency":
-        if layer is not None:
-            raise ValueError("saliency is an input gradient: it takes no layer")
-        g, ok = input_grads(model, images, labels)
         m = jnp.abs(g).max(axis=-1)
     else:
-        check_layer(model, layer)
-        a, g, ok = activations_and_grads(model, images, labels, layer)
         m = FEATURE_MAPS[method](a, g, **kw)
         ok = ok & _finite_rows(a) & _finite_rows(g)
     ok = ok & _finite_rows(m)
-    m = jnp.where(ok[:, None, None], m, jnp.nan)
-    return resize(m, _size(output_size, images)).astype(jnp.float32)
+    return resize(jnp.where(ok[:, None, None], m, jnp.nan), size).astype(jnp.float32)
+
+
+def cam_from_model(model, images, labels, method: str, *, layer: str | None = None, output_size=None, **kw):
+    """(B, H, W) float32 maps of `method` for an (eval-mode) model; traceable (no jit inside)."""
+    _check_kw(method, layer, kw)
+    a, g, ok, _ = _gradients(model, images, labels, method, layer)
+    return _maps(method, a, g, ok, _size(output_size, images), **kw)
 
 
 def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=None, **kw):
@@ -217,9 +235,7 @@ def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=
     The model is merged and put in eval mode inside (dropout off, BatchNorm running statistics). Labels are
     checked when concrete; inside jit an out-of-range label gives a NaN map (see `is_degenerate`).
     """
-    check_method(method)
-    if "threshold" in kw and not 0 <= kw["threshold"] <= 1:
-        raise ValueError(f"threshold must lie in [0, 1], got {kw['threshold']}")
+    _check_kw(method, layer, kw)
 
     def cam_fn(state, images, labels):
         model = nnx.merge(graphdef, state)
@@ -229,46 +245,38 @@ def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=
     return cam_fn
 
 
+# The model-taking wrappers compile the network once per (structure, layer) -- every method at that layer reuses
+# it -- and each method's small map function once per size.
 @functools.lru_cache(maxsize=64)
-def _jitted(graphdef, method, layer, output_size, kw_items):
-    return jax.jit(make_cam_fn(graphdef, method, layer=layer, output_size=output_size, **dict(kw_items)))
+def _jitted_gradients(graphdef, method: str, layer: str | None):
+    def fn(state, images, labels):
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        return _gradients(model, images, labels, method, layer)  # the class count comes back as an array
+    return jax.jit(fn)
 
 
-_NUM_CLASSES: dict = {}
-
-
-def _num_classes(graphdef, state, images) -> int:
-    """The model's number of logits, from its traced output shape (cached per structure and shapes)."""
-    key = (graphdef, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(state)), images.shape[1:],
-           str(images.dtype))
-    if key not in _NUM_CLASSES:
-        def logits(state, x):
-            model = nnx.merge(graphdef, state)
-            model.eval()
-            return model(x)
-
-        x = jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype)
-        _NUM_CLASSES[key] = jax.eval_shape(logits, state, x).shape[-1]
-    return _NUM_CLASSES[key]
+@functools.lru_cache(maxsize=64)
+def _jitted_maps(method: str, size: tuple[int, int], kw_items: tuple):
+    return jax.jit(functools.partial(_maps, method, size=size, **dict(kw_items)))
 
 
 def compute(model, images, labels, method: str, *, layer: str | None = None, output_size=None, jit: bool = True,
             **kw):
-    """Maps of `method` for `model` (its eval-mode copy; the model itself is not changed). Checks the method,
-    the layer and the labels eagerly, then runs a jitted `make_cam_fn` (compiled once per model structure)."""
-    check_method(method)
+    """(B, H, W) float32 maps of `method` for `model` (an eval-mode copy: the model itself is not changed).
+    Checks the method, the layer and the labels (ValueError). jit=False runs `make_cam_fn` eagerly."""
+    _check_kw(method, layer, kw)
     if method != "saliency":
         check_layer(model, layer)
     images = jnp.asarray(images)
+    labels = check_labels(labels, None, images.shape[0])
     graphdef, state = nnx.split(model)
-    labels = jnp.asarray(check_labels(labels, _num_classes(graphdef, state, images), images.shape[0]))
-    if isinstance(output_size, list):
-        output_size = tuple(output_size)
-    if jit:
-        fn = _jitted(graphdef, method, layer, output_size, tuple(sorted(kw.items())))
-    else:
-        fn = make_cam_fn(graphdef, method, layer=layer, output_size=output_size, **kw)
-    return fn(state, images, labels)
+    if not jit:
+        return make_cam_fn(graphdef, method, layer=layer, output_size=output_size, **kw)(state, images, labels)
+    gradient_key = "saliency" if method == "saliency" else "features"
+    a, g, ok, num_classes = _jitted_gradients(graphdef, gradient_key, layer)(state, images, jnp.asarray(labels))
+    check_labels(labels, int(num_classes), images.shape[0])
+    return _jitted_maps(method, _size(output_size, images), tuple(sorted(kw.items())))(a, g, ok)
 
 
 def grad_cam(model, images, labels, *, layer: str | None = None, output_size=None):

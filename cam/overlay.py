@@ -46,12 +46,12 @@ def _image_rgb(image) -> np.ndarray:
 def overlay(image, heatmap, *, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8: `alpha` * jet(heatmap, min-max scaled, bilinearly resized to the image) + rest * image."""
     rgb = _image_rgb(image)
-    heatmap = np.asarray(heatmap, np.float32)
+    heatmap = np.asarray(heatmap, np.float64)
     if heatmap.ndim != 2:
         raise ValueError(f"heatmap must be (h, w), got {heatmap.shape}")
     h, w = rgb.shape[:2]
     if heatmap.shape != (h, w):
-        heatmap = np.asarray(Image.fromarray(heatmap, mode="F").resize((w, h), Image.BILINEAR))
+        heatmap = Image.fromarray(heatmap.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
     out = alpha * jet(_to_unit(heatmap)) + (1 - alpha) * rgb
     return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 

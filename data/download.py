@@ -95,16 +95,17 @@ def _fetch(url: str, part: Path, timeout: float) -> int | None:
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        length = response.headers.get("Content-Length")
         if response.status == 206:
             m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
             if m is None or int(m[1]) != offset:
+                part.unlink(missing_ok=True)  # start over
                 raise _Short(f"unusable Content-Range {response.headers.get('Content-Range')!r}")
             total = None if m[2] == "*" else int(m[2])
             mode = "ab"
         else:  # 200: the server ignored the Range header, start over
+            length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
-            offset, mode = 0, "wb"
+            mode = "wb"
         with open(part, mode) as f:
             try:
                 while chunk := response.read1(CHUNK):

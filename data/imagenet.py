@@ -24,6 +24,7 @@ import io
 import multiprocessing
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterator
 
@@ -70,11 +71,15 @@ class TfdsSource:
 
     def __init__(self, data_dir: str, split: str, name: str = "imagenet2012"):
         import tensorflow_datasets as tfds
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
+        root = os.path.join(data_dir, name)
+        versions = sorted((d for d in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", d)),
+                          key=lambda v: tuple(map(int, v.split(".")))) if os.path.isdir(root) else []
+        if not versions:
+            raise ValueError(f"no prepared tensorflow-datasets {name!r} (a VERSION folder) in {root!r}")
+        try:  # the prepared files carry their own features: no dataset code (or TensorFlow) is needed
+            builder = tfds.builder_from_directory(os.path.join(root, versions[-1]))
             self.num_classes = builder.info.features["label"].num_classes
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir,
-                                            decoders={"image": tfds.decode.SkipDecoding()})
+            self._source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as e:  # tfds raises assorted types for missing or unprepared data
             raise ValueError(f"cannot open tensorflow-datasets {name!r} split {split!r} in {data_dir!r} "
                              f"(prepared in array_record format?): {e}") from e

@@ -33,6 +33,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Mapping
@@ -57,14 +58,13 @@ MAX_LISTED = 20  # problems listed per kind in an error message
 # The restricted unpickler
 # ---------------------------------------------------------------------------------------------------------
 
-_STORAGE_DTYPES = {
+# torch type names a pickle may use, and their numpy dtypes.
+_TYPE_NAMES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
     "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
     "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
     "UntypedStorage": np.uint8,  # bytes; the tensor's dtype comes with _rebuild_tensor_v3
-}
-_TORCH_DTYPES = {
     "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
     "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
     "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "bool": np.bool_,
@@ -73,8 +73,18 @@ _TORCH_DTYPES = {
     "float8_e4m3fnuz": ml_dtypes.float8_e4m3fnuz, "float8_e5m2fnuz": ml_dtypes.float8_e5m2fnuz,
 }
 
+# Safety. The unpickler itself only builds containers and calls what find_class returns; find_class never
+# imports and returns either a pure function/immutable builtin type below, or an object made for this load
+# alone. Our objects ignore the state a pickle's BUILD opcode would set on them (__setstate__), so a pickle
+# cannot change them, and nothing it touches outlives the load.
 
-class _Opaque:
+
+class _Inert:
+    def __setstate__(self, state):
+        pass
+
+
+class _Opaque(_Inert):
     """An instance of (or the class for) a global the reader does not allow. Nothing it is given is run."""
 
     global_name = "?"
@@ -86,10 +96,7 @@ class _Opaque:
         pass
 
     def __call__(self, *args, **kwargs):
-        return type(self)()
-
-    def __setstate__(self, state):
-        pass
+        return _opaque(self.global_name)
 
     def __setitem__(self, key, value):
         pass
@@ -99,6 +106,12 @@ class _Opaque:
 
     def extend(self, values):
         pass
+
+
+def _opaque(name: str) -> _Opaque:
+    obj = _Opaque()
+    obj.global_name = name
+    return obj
 
 
 class _Namespace:
@@ -117,12 +130,20 @@ class _Namespace:
             self.state.update(state)
 
 
-class _StorageType:
-    def __init__(self, name: str, dtype):
-        self.name, self.dtype = name, np.dtype(dtype)
+class _TypeName(_Inert):
+    """A torch storage type or dtype named by the pickle (torch.FloatStorage, torch.float16...)."""
+
+    def __init__(self, name: str):
+        self.name = name
 
 
-class _Storage:
+def _dtype(type_name) -> np.dtype | None:
+    if isinstance(type_name, _TypeName) and type_name.name in _TYPE_NAMES:
+        return np.dtype(_TYPE_NAMES[type_name.name])
+    return None
+
+
+class _Storage(_Inert):
     """One raw storage of the archive, read on first use."""
 
     def __init__(self, archive: _Archive, key: str, dtype: np.dtype, numel: int):
@@ -145,7 +166,7 @@ class _Storage:
         return self._arrays[dtype]
 
 
-class _Tensor:
+class _Tensor(_Inert):
     """A tensor as pickled: a view (offset, size, stride, in elements) of a storage. Read only if requested."""
 
     def __init__(self, storage, offset, size, stride, dtype=None):
@@ -155,11 +176,12 @@ class _Tensor:
         if not isinstance(self.storage, _Storage):
             raise ValueError(f"checkpoint entry {name!r}: its storage is a pickled {_opaque_name(self.storage)} "
                              "object; refusing to load it")
-        dtype = np.dtype(self.dtype) if self.dtype is not None else self.storage.dtype
-        size, stride, offset = tuple(self.size), tuple(self.stride), self.offset
-        if not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride)) or len(size) != len(stride):
-            raise ValueError(f"checkpoint entry {name!r}: invalid tensor view (offset {offset!r}, size {size!r}, "
-                             f"stride {stride!r})")
+        dtype = self.storage.dtype if self.dtype is None else _dtype(self.dtype)
+        size, stride, offset = self.size, self.stride, self.offset
+        if (dtype is None or not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride)
+                or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
+            raise ValueError(f"checkpoint entry {name!r}: invalid tensor (dtype {self.dtype!r}, offset {offset!r}, "
+                             f"size {size!r}, stride {stride!r}); the file is corrupt")
         buf = self.storage.array(dtype)
         if 0 in size:
             return np.zeros(size, dtype)
@@ -175,7 +197,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *args):
     return _Tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *metadata):
     return _Tensor(storage, storage_offset, size, stride, dtype)
 
 
@@ -187,18 +209,18 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)  # func is itself a stand-in from find_class (or an inert placeholder)
 
 
-def _codecs_encode(text, encoding="utf-8"):
+def _codecs_encode(text, *encoding):
     """Protocol-2 pickles store bytes as _codecs.encode(str, "latin1")."""
-    if isinstance(text, str) and encoding in ("latin1", "latin-1"):
+    if isinstance(text, str) and encoding in (("latin1",), ("latin-1",)):
         return text.encode("latin1")
-    return _placeholder("_codecs", "encode")()
+    return _opaque("_codecs.encode")
 
 
-def _empty_bytes(*args):
-    return b"" if not args else _placeholder("builtins", "bytes")()
+def _bytes(*args):
+    return b"" if not args else _opaque("builtins.bytes")
 
 
-_ALLOWED = {
+_FUNCTIONS = {  # pure functions and immutable builtin types
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -207,21 +229,10 @@ _ALLOWED = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch", "Size"): tuple,
-    ("argparse", "Namespace"): _Namespace,
     ("_codecs", "encode"): _codecs_encode,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
-    **{("torch", name): np.dtype(dtype) for name, dtype in _TORCH_DTYPES.items()},
     **{(module, name): obj for module in ("builtins", "__builtin__") for name, obj in
-       (("set", set), ("frozenset", frozenset), ("slice", slice), ("complex", complex), ("bytes", _empty_bytes))},
+       (("set", set), ("frozenset", frozenset), ("slice", slice), ("complex", complex), ("bytes", _bytes))},
 }
-_PLACEHOLDERS: dict[str, type] = {}
-
-
-def _placeholder(module: str, name: str) -> type:
-    full = f"{module}.{name}"
-    if full not in _PLACEHOLDERS:
-        _PLACEHOLDERS[full] = type(full, (_Opaque,), {"global_name": full})
-    return _PLACEHOLDERS[full]
 
 
 def _opaque_name(obj) -> str | None:
@@ -235,18 +246,28 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self.archive = archive
         self.storages: dict[str, _Storage] = {}
+        self.names: dict[tuple[str, str], object] = {}  # stand-ins made for this load
 
     def find_class(self, module, name):
-        # Never imports: allowed names map to local stand-ins, all others to inert placeholders.
-        return _ALLOWED[module, name] if (module, name) in _ALLOWED else _placeholder(module, name)
+        if (module, name) in _FUNCTIONS:
+            return _FUNCTIONS[module, name]
+        if (module, name) not in self.names:
+            if module in ("torch", "torch.storage") and name in _TYPE_NAMES:
+                obj = _TypeName(name)
+            elif (module, name) == ("argparse", "Namespace"):
+                obj = type("Namespace", (_Namespace,), {})
+            else:
+                obj = type(f"{module}.{name}", (_Opaque,), {"global_name": f"{module}.{name}"})
+            self.names[module, name] = obj
+        return self.names[module, name]
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
-            return _placeholder("persistent_id", repr(pid)[:60])()
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and _dtype(pid[1]) is not None
+                and type(pid[2]) is str and type(pid[4]) is int and pid[4] >= 0):
+            return _opaque(f"persistent id {pid!r:.60}")
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:  # a storage shared by several tensors is read once
-            self.storages[key] = _Storage(self.archive, key, storage_type.dtype, numel)
+            self.storages[key] = _Storage(self.archive, key, _dtype(storage_type), numel)
         return self.storages[key]
 
 
@@ -259,8 +280,8 @@ class _Archive:
         if not pkls:
             raise ValueError(f"{path}: a zip archive without <prefix>/data.pkl is not a PyTorch checkpoint")
         self.prefix = pkls[0][: -len("/data.pkl")]
-        names = set(zf.namelist())
-        order = zf.read(f"{self.prefix}/byteorder").decode().strip() if f"{self.prefix}/byteorder" in names else "little"
+        byteorder = f"{self.prefix}/byteorder"  # absent in files of torch < 1.10: little-endian
+        order = zf.read(byteorder).decode().strip() if byteorder in zf.namelist() else "little"
         if order not in ("little", "big"):
             raise ValueError(f"{path}: unknown byteorder {order!r}")
         self.big_endian = order == "big"
@@ -348,7 +369,8 @@ def _select(obj, key: str | None, path) -> Mapping:
     elif any(isinstance(v, (_Tensor, np.ndarray)) for v in obj.values()):
         sd = obj
     else:
-        found = [k for k in CONTAINER_KEYS if k in obj and (_opaque_name(obj[k]) or isinstance(obj[k], Mapping) and obj[k])]
+        found = [k for k in CONTAINER_KEYS
+                 if k in obj and (_opaque_name(obj[k]) or (isinstance(obj[k], Mapping) and obj[k]))]
         if not found:
             raise ValueError(f"{path}: no state dict found (tried {', '.join(CONTAINER_KEYS)}); available keys: "
                              f"{listed or '(none)'}; pass key=")
@@ -375,25 +397,25 @@ def _arrays(sd: Mapping, to_array: Callable) -> dict[str, np.ndarray]:
     return out
 
 
-def _find_opaque(value, seen=None) -> str | None:
-    """The global name of the first placeholder anywhere inside `value`, else None."""
-    if (name := _opaque_name(value)) is not None:
-        return name
-    seen = set() if seen is None else seen
-    if id(value) in seen:
-        return None
-    seen.add(id(value))
-    if isinstance(value, Mapping):
-        children = [*value.keys(), *value.values()]
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        children = value
-    elif isinstance(value, _Tensor):
-        children = [value.storage, value.offset, value.size, value.stride, value.dtype]
-    elif isinstance(value, _Namespace):
-        children = [value.state]
-    else:
-        return None
-    return next((n for c in children if (n := _find_opaque(c, seen)) is not None), None)
+def _find_opaque(value) -> str | None:
+    """The global name of a placeholder anywhere inside `value`, else None."""
+    stack, seen = [value], set()
+    while stack:
+        value = stack.pop()
+        if (name := _opaque_name(value)) is not None:
+            return name
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, Mapping):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack += value
+        elif isinstance(value, _Tensor):
+            stack += [value.storage, value.offset, value.size, value.stride, value.dtype]
+        elif isinstance(value, _Namespace):
+            stack.append(value.state)
+    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -470,7 +492,7 @@ def _aliases(model) -> dict[str, list[str]]:
             if isinstance(child, nnx.Variable):
                 if isinstance(child, _STATE):
                     paths.setdefault(id(child), []).append(_key((*prefix, k)))
-            elif nnx.graphlib.is_graph_node(child) and id(child) not in active:
+            elif nnx.graphlib.is_node(child) and id(child) not in active:  # modules, nnx.List, pytrees
                 walk(child, (*prefix, k), active | {id(child)})
 
     walk(model, (), {id(model)})
@@ -492,8 +514,8 @@ def _assign(abstract, sd: Mapping, build: Callable[[], nnx.Module], *, strict: b
             missing.append(key)
             continue
         array, target = sd[present[0]], var.get_value()
-        if tuple(array.shape) != tuple(target.shape):
-            shapes.append(f"{present[0]}: checkpoint {tuple(array.shape)} vs model {tuple(target.shape)}")
+        if np.shape(array) != tuple(target.shape):
+            shapes.append(f"{present[0]}: checkpoint {np.shape(array)} vs model {tuple(target.shape)}")
             continue
         differ = [k for k in present[1:] if not np.array_equal(np.asarray(sd[k]), np.asarray(array))]
         if differ:
@@ -521,10 +543,13 @@ def _assign(abstract, sd: Mapping, build: Callable[[], nnx.Module], *, strict: b
                         "num_classes=) or another architecture")
         raise ValueError("\n".join(text))
 
+    if missing or unexpected:  # strict=False
+        warnings.warn(f"loading into {what}: {len(missing)} parameters missing from the checkpoint keep their "
+                      f"initial values ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                      f"{len(unexpected)} unexpected keys ignored", stacklevel=3)
     rest_flat = list(nnx.to_flat_state(rest))
-    fresh_keys = [k for k in missing] + [_key(p) for p, _ in rest_flat]
-    fresh = _fresh(build, tuple(fresh_keys)) if fresh_keys else {}
-    values |= fresh
+    fresh_keys = tuple(missing) + tuple(_key(p) for p, _ in rest_flat)
+    values |= _fresh(build, fresh_keys) if fresh_keys else {}
 
     def fill(flat_state):
         return nnx.from_flat_state([(p, v.copy(_cast(values[_key(p)], v.get_value().dtype))) for p, v in flat_state])
@@ -668,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Convert a PyTorch checkpoint into an orbax checkpoint.")
     parser.add_argument("--model", required=True, help="registry name, e.g. convnext_tiny_dcls")
     parser.add_argument("--checkpoint", required=True, help=".pth/.pth.tar/.safetensors file or URL")
-    parser.add_argument("--key", default=None, help=f"container key (default: the first of {', '.join(CONTAINER_KEYS)})")
+    parser.add_argument("--key", default=None,
+                        help=f"container key (default: the first of {', '.join(CONTAINER_KEYS)})")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)

@@ -115,19 +115,30 @@ def _make_divisible(v: float, divisor: int) -> int:
     return max(divisor, int(v + divisor / 2) // divisor * divisor)
 
 
-def _identity_kernel(channels: int, groups: int, kernel_size: int):
+# Reparameterisation is a host-side weight transform (numpy float32, as timm's in torch): `fused_kernel_bias()`
+# gives a train-form module's equivalent (kernel, bias) without changing the module.
+
+def _np(variable) -> np.ndarray:
+    return np.asarray(variable[...], np.float32)
+
+
+def _identity_kernel(channels: int, groups: int, kernel_size: int) -> np.ndarray:
     """The kernel (C, C/groups, k, k) of the identity map (timm's `id_tensor`)."""
     ig = channels // groups
     k = np.zeros((channels, ig, kernel_size, kernel_size), np.float32)
     k[np.arange(channels), np.arange(channels) % ig, kernel_size // 2, kernel_size // 2] = 1.0
-    return jnp.asarray(k)
+    return k
 
 
-def _fuse_bn(kernel, bn: BatchNorm2d):
+def _pad_hw(kernel: np.ndarray, p: int) -> np.ndarray:
+    return np.pad(kernel, ((0, 0), (0, 0), (p, p), (p, p)))
+
+
+def _fuse_bn(kernel: np.ndarray, bn: BatchNorm2d):
     """(kernel * gamma / std, beta - mean * gamma / std), std = sqrt(running_var + eps)."""
-    std = jnp.sqrt(bn.running_var[...] + bn.eps)
-    t = bn.weight[...] / std
-    return kernel * t[:, None, None, None], bn.bias[...] - bn.running_mean[...] * t
+    std = np.sqrt(_np(bn.running_var) + np.float32(bn.eps))
+    t = _np(bn.weight) / std
+    return kernel * t[:, None, None, None], _np(bn.bias) - _np(bn.running_mean) * t
 
 
 class ConvNorm(nnx.Module):
@@ -141,7 +152,7 @@ class ConvNorm(nnx.Module):
         return self.bn(self.conv(x))
 
     def fused_kernel_bias(self):
-        return _fuse_bn(self.conv.weight[...], self.bn)
+        return _fuse_bn(_np(self.conv.weight), self.bn)
 
 
 def conv_norm(in_chs: int, out_chs: int, kernel_size: int, stride: int, groups: int, *, rngs) -> ConvNorm:
@@ -210,7 +221,7 @@ class MobileOneBlock(nnx.Module):
         if self.conv_scale is not None:
             k, b = self.conv_scale.fused_kernel_bias()
             p = self.kernel_size // 2
-            kernel, bias = kernel + jnp.pad(k, ((0, 0), (0, 0), (p, p), (p, p))), bias + b
+            kernel, bias = kernel + _pad_hw(k, p), bias + b
         if self.identity is not None:
             k, b = _fuse_bn(_identity_kernel(self.in_chs, self.groups, self.kernel_size), self.identity)
             kernel, bias = kernel + k, bias + b
@@ -244,7 +255,7 @@ class ReparamLargeKernelConv(nnx.Module):
         k, b = self.large_conv.fused_kernel_bias()
         sk, sb = self.small_conv.fused_kernel_bias()
         p = (self.kernel_size - self.small_kernel) // 2
-        return k + jnp.pad(sk, ((0, 0), (0, 0), (p, p), (p, p))), b + sb
+        return k + _pad_hw(sk, p), b + sb
 
 
 class LayerScale2d(nnx.Module):
@@ -285,7 +296,8 @@ class RepMixer(nnx.Module):
     def fused_kernel_bias(self):
         km, bm = self.mixer.fused_kernel_bias()
         kn, bn = self.norm.fused_kernel_bias()
-        gamma = self.layer_scale.gamma[...] if isinstance(self.layer_scale, LayerScale2d) else jnp.ones((self.dim, 1, 1))
+        gamma = (_np(self.layer_scale.gamma) if isinstance(self.layer_scale, LayerScale2d) else
+                 np.ones((self.dim, 1, 1), np.float32))
         eye = _identity_kernel(self.dim, self.dim, self.kernel_size)
         return eye + gamma[..., None] * (km - kn), gamma.reshape(-1) * (bm - bn)
 
@@ -325,7 +337,8 @@ class RepConditionalPosEnc(nnx.Module):
 
     def fused_kernel_bias(self):
         """The identity added to the dense kernel (DCLS: the constructed 17x17 kernel)."""
-        return _identity_kernel(self.dim, self.dim, self.kernel_size) + self.pos_enc.kernel(), self.pos_enc.bias[...]
+        kernel = np.asarray(self.pos_enc.kernel(), np.float32)
+        return _identity_kernel(self.dim, self.dim, self.kernel_size) + kernel, _np(self.pos_enc.bias)
 
 
 class Attention(nnx.Module):
@@ -513,7 +526,7 @@ def reparameterize(model: FastVit) -> FastVit:
                 raise ValueError(f"reparameterize: no source for {'.'.join(map(str, path))}")
             if path[:-2] not in fused:
                 fused[path[:-2]] = owner.fused_kernel_bias()
-            value = fused[path[:-2]][path[-1] == "bias"]
+            value = jnp.asarray(fused[path[:-2]][path[-1] == "bias"])
         flat.append((path, var.replace(value)))
     new = nnx.merge(graphdef, nnx.from_flat_state(flat))
     new.eval()

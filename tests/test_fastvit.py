@@ -118,15 +118,15 @@ def numpy_state(sd):
     return {k: v.numpy() for k, v in sd.items()}
 
 
-def inputs(size: int = 64, seed: int = 0):
-    return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
+def inputs(batch: int = 1, size: int = 64, seed: int = 0):
+    return np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32)
 
 
 def torch_run(model, x):
-    """Logits and final_conv's output (timm's forward_features), NHWC."""
-    with torch.no_grad():
-        xt = torch.from_numpy(x).permute(0, 3, 1, 2)
-        return model(xt).numpy(), to_nhwc(model.forward_features(xt))
+    """Logits and final_conv's output (timm's forward_features), NHWC, in one pass."""
+    logits, acts = forward_with_activations(model, torch.from_numpy(x).permute(0, 3, 1, 2),
+                                            {"final_conv": "final_conv"})
+    return logits, acts["final_conv"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,12 +187,12 @@ def test_full_model_matches_timm(name):
     entry = get_entry(name)
     assert (entry.target_layer, entry.resize_size, entry.input_size) == ("final_conv", 256, 256)
     logits, feats = run_parts(model, x)
-    assert feats.shape == (2, 2, 2, 1024)
+    assert feats.shape == (1, 2, 2, 1024)
     assert_close(feats, feats_ref, "final_conv")
     np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa24_dcls"])
 def test_reparameterize_matches_timm(name, tmp_path):
     """reparameterize(model) == timm's reparameterize_model (parameters and outputs) == the train-time form;
     the reparameterised timm state dict loads (inference_mode inferred from its keys) into the same model."""
@@ -214,27 +214,33 @@ def test_reparameterize_matches_timm(name, tmp_path):
     np.testing.assert_allclose(logits, run_parts(model, x)[0], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa36_dcls"])
-def test_original_layout_converts_to_the_same_model(name, tmp_path):
-    ref, _, _, model = case(name)
+def test_original_layout_converts_to_the_same_model(tmp_path):
+    ref, _, _, model = case("fastvit_sa24_dcls")
     sd = ref.state_dict()
     original = to_original(sd)
     assert {"patch_embed.0.rbr_conv.0.conv.weight", "conv_exp.se.reduce.weight", "head.weight",
-            "network.6.pe.weight", "network.7.0.layer_scale_1", "network.0.0.token_mixer.layer_scale",
-            "network.5.proj.0.lkb_origin.conv.weight", "network.0.0.convffn.conv.bn.running_var"} <= original.keys()
+            "network.6.pe.weight", "network.6.pe.P", "network.7.0.layer_scale_1", "network.0.0.token_mixer.layer_scale",
+            "network.5.proj.0.lkb_origin.conv.weight", "network.0.0.convffn.conv.bn.running_var",
+            "network.0.0.convffn.conv.conv.P"} <= original.keys()
     renamed = checkpoint_filter_fn(original, ref)   # timm's own mapping: our inverse must round-trip through it
     assert renamed.keys() == sd.keys() and all(torch.equal(renamed[k], sd[k]) for k in sd)
     assert fastvit.remap_keys(sd).keys() == sd.keys()     # identity on timm names
-    assert_same_state(convert(name, original, tmp_path / "original.pth.tar"), model)
+    assert_same_state(convert("fastvit_sa24_dcls", original, tmp_path / "original.pth.tar"), model)
 
-    # apple's reparameterised names, which timm's filter does not know
-    rep_sd = reparameterized(ref).state_dict()
+
+@pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa24_dcls"])
+def test_original_reparameterized_layout_converts(name, tmp_path):
+    """apple's reparameterised names (`lkb_reparam`, RepCPE `network.N.reparam_conv`), which timm's filter does
+    not know, map to the same model as timm's reparameterised state dict."""
+    rep_sd = reparameterized(reference(name, **SMALL)).state_dict()
     rep_original = to_original(rep_sd)
-    assert {"network.1.proj.0.lkb_reparam.weight", "network.6.reparam_conv.weight"} <= rep_original.keys()
+    assert {"network.1.proj.0.lkb_reparam.weight", "network.6.reparam_conv.weight",
+            "conv_exp.reparam_conv.weight",
+            "network.2.0.token_mixer.reparam_conv.weight"} <= rep_original.keys()
     assert fastvit.remap_keys(rep_original).keys() == rep_sd.keys()
     assert fastvit.remap_keys(rep_sd).keys() == rep_sd.keys()
-    assert_same_state(convert(name, rep_original, tmp_path / "rep_original.pth.tar"),
-                      convert(name, rep_sd, tmp_path / "rep.pth.tar"))
+    assert_same_state(convert(name, rep_original, tmp_path / "original.pth.tar", **SMALL),
+                      convert(name, rep_sd, tmp_path / "timm.pth.tar", **SMALL))
 
 
 def test_dcls_positions_are_shared_per_stage():
@@ -253,75 +259,87 @@ def test_dcls_positions_are_shared_per_stage():
 
 
 def test_mismatched_checkpoints_name_the_keys(tmp_path):
-    sd24 = case("fastvit_sa24")[0].state_dict()
+    dense = numpy_state(reference("fastvit_sa24", **SMALL).state_dict())
     with pytest.raises(ValueError, match=r"(?s)missing.*stages\.0\.blocks\.0\.mlp\.conv\.conv\.P.*"
-                                         r"stages\.0\.blocks\.0\.mlp\.conv\.conv\.weight: checkpoint \(64, 1, 7, 7\)"):
-        from_state_dict("fastvit_sa24_dcls", numpy_state(sd24))
-    with pytest.raises(ValueError, match=r"unexpected.*\n.*stages\.0\.blocks\.4\."):
-        from_state_dict("fastvit_sa24", numpy_state(case("fastvit_sa36")[0].state_dict()))
+                                         r"stages\.0\.blocks\.0\.mlp\.conv\.conv\.weight: checkpoint \(16, 1, 7, 7\)"):
+        from_state_dict("fastvit_sa24_dcls", dense, **SMALL)           # plain weights into the DCLS model
+    deeper = numpy_state(reference("fastvit_sa24", **{**SMALL, "layers": (2, 1, 1, 1)}).state_dict())
+    with pytest.raises(ValueError, match=r"unexpected.*\n \+ stages\.0\.blocks\.1\."):
+        from_state_dict("fastvit_sa24", deeper, **SMALL)                 # a deeper model's checkpoint
     with pytest.raises(ValueError, match=r"missing.*\n - head\.fc\.bias"):
-        from_state_dict("fastvit_sa24", {k: v for k, v in numpy_state(sd24).items() if k != "head.fc.bias"})
-    wrong = reference("fastvit_sa24_dcls", kernel_count=26, layers=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.mlp\.conv\.conv\.weight: checkpoint \(64, 1, 26\) "
-                                         r"vs model \(64, 1, 34\)"):
-        convert("fastvit_sa24_dcls", wrong.state_dict(), tmp_path / "wrong.pth.tar", layers=(1, 1, 1, 1))
+        from_state_dict("fastvit_sa24", {k: v for k, v in dense.items() if k != "head.fc.bias"}, **SMALL)
+    wrong = reference("fastvit_sa24_dcls", kernel_count=26, **SMALL)
+    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.mlp\.conv\.conv\.weight: checkpoint \(16, 1, 26\) "
+                                         r"vs model \(16, 1, 34\)"):
+        convert("fastvit_sa24_dcls", wrong.state_dict(), tmp_path / "wrong.pth.tar", **SMALL)
 
 
 def test_layers_and_composition_match_timm():
-    """A small configuration, jitted whole: __call__, forward_features / forward_head at every layer (against
-    timm's stage outputs), and train mode (batch statistics, running-average updates)."""
+    """A small configuration jitted whole: __call__, forward_features (default and at a cut, against timm's stage
+    output), forward_head from a cut; the shapes at every layer."""
     ref = reference("fastvit_sa24", **SMALL)
     model = from_state_dict("fastvit_sa24", numpy_state(ref.state_dict()), **SMALL)
     assert model.layer_names == LAYERS
-    x = inputs(64, seed=1)
+    x = inputs(2, seed=1)
     logits_ref, acts = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
                                                 {layer: layer for layer in LAYERS})
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def f(state, x):
+    def f(state, x, cut):
         m = nnx.merge(graphdef, state)
-        feats = {layer: m.forward_features(x, layer) for layer in LAYERS}
-        return m(x), m.forward_features(x), feats, {layer: m.forward_head(feats[layer], layer) for layer in LAYERS}
+        return m(x), m.forward_features(x), m.forward_features(x, "stages.1"), m.forward_head(cut, "stages.2")
 
-    logits, default, feats, heads = jax.device_get(f(state, x))
+    logits, feats, stage1, head = f(state, x, acts["stages.2"])
     np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
-    np.testing.assert_array_equal(default, feats["final_conv"])
+    assert_close(feats, acts["final_conv"], "final_conv")
+    assert_close(stage1, acts["stages.1"], "stages.1")
+    np.testing.assert_allclose(head, logits_ref, rtol=0, atol=TOL)
     for layer in LAYERS:
-        assert_close(feats[layer], acts[layer], layer)
-        np.testing.assert_allclose(heads[layer], logits_ref, rtol=0, atol=TOL, err_msg=layer)
+        a = jax.eval_shape(lambda x: model.forward_features(x, layer), x)
+        assert a.shape == acts[layer].shape, layer
+        assert jax.eval_shape(lambda a: model.forward_head(a, layer), a).shape == logits_ref.shape, layer
 
-    # train mode: batch statistics in every BatchNorm, running averages updated as PyTorch does
-    ref.train()
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_train_mode_matches_timm(stage):
+    """Train mode, on a RepMixer stage and on the attention stage (PatchEmbed, RepCPE, attention block): batch
+    statistics in every BatchNorm, running averages updated as PyTorch does."""
+    ref = reference("fastvit_sa24", **SMALL)
+    model = from_state_dict("fastvit_sa24", numpy_state(ref.state_dict()), **SMALL)
+    ref_stage, ours = ref.stages[stage].train(), model.stages[stage]
+    size, dim = (16, SMALL["embed_dims"][0]) if stage == 0 else (4, SMALL["embed_dims"][2])   # the stage's input
+    x = np.random.default_rng(2).standard_normal((2, size, size, dim), dtype=np.float32)
     with torch.no_grad():
-        logits_ref = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-    model.train()
-    graphdef, state = nnx.split(model)
+        out_ref = to_nhwc(ref_stage(torch.from_numpy(x).permute(0, 3, 1, 2)))
+    ours.train()
+    graphdef, state = nnx.split(ours)
 
     @jax.jit
     def g(state, x):
         m = nnx.merge(graphdef, state)
-        return m(x), nnx.state(m)
+        return m(x), nnx.state(m, nnx.BatchStat)
 
-    logits, state = g(state, x)
-    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
-    stats = nnx.to_flat_state(nnx.state(nnx.merge(graphdef, state), nnx.BatchStat))
-    ref_sd = ref.state_dict()
-    for path, var in stats:
+    out, stats = g(state, x)
+    assert_close(out, out_ref, f"stages.{stage}")
+    ref_sd = ref_stage.state_dict()
+    for path, var in nnx.to_flat_state(stats):
         key = ".".join(map(str, path))
         assert_close(var.get_value(), ref_sd[key].numpy(), key)
 
 
 def test_config_rates_and_errors():
-    abstract = nnx.eval_shape(lambda: create_model("fastvit_sa36", drop_path_rate=0.3, num_classes=10))
-    ref = timm.create_model("fastvit_sa36", drop_path_rate=0.3, num_classes=10)
+    small = dict(layers=(2, 2, 3, 2), embed_dims=(16, 32, 32, 64), num_classes=10)
+    abstract = nnx.eval_shape(lambda: create_model("fastvit_sa36", drop_path_rate=0.3, **small))
+    ref = timm.create_model("fastvit_sa36", drop_path_rate=0.3, **small)
     for stage, ref_stage in zip(abstract.stages, ref.stages):
         for block, ref_block in zip(stage.blocks, ref_stage.blocks):
             for ours, theirs in (("drop_path", "drop_path"), ("drop_path1", "drop_path1")):
                 if hasattr(ref_block, theirs):
                     rate = getattr(getattr(ref_block, theirs), "drop_prob", 0.0)
                     assert getattr(block, ours).rate == pytest.approx(rate)
-    assert abstract.stages[0].blocks[0].layer_scale.gamma.get_value().shape == (64, 1, 1)
+    gamma = abstract.stages[0].blocks[0].layer_scale.gamma.get_value()
+    assert gamma.shape == (16, 1, 1) and get_entry("fastvit_sa36").builder.args[0].layer_scale_init_value == 1e-6
     with pytest.raises(ValueError, match="unknown config override"):
         create_model("fastvit_sa24", depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="unknown layer 'conv_exp'"):
