@@ -87,7 +87,8 @@ def resolve_cams(spec: str) -> list[str]:
     import cam
     names = list(cam.METHOD_NAMES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     for n in names:
-        cam.check_method(n)
+        if n not in cam.METHOD_NAMES:
+            raise ValueError(f"unknown CAM method {n!r}; valid names: {', '.join(cam.METHOD_NAMES)}, all")
     if not names:
         raise ValueError("--cam names no method")
     return names
@@ -186,8 +187,9 @@ def evaluate_model(name: str, args, methods: list[str], mesh) -> dict:
     local_batch = batch // n_proc
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(state, replicated)
-    step = jax.jit(make_step(graphdef, methods, entry, args.protocol), in_shardings=(replicated, sharded, sharded, sharded),
-                   out_shardings=sharded)
+    # Each device evaluates its slice of the batch with replicated parameters: no collectives.
+    step = jax.jit(jax.shard_map(make_step(graphdef, methods, entry, args.protocol), mesh=mesh,
+                                 in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data")))
 
     source = data_source(args)
     n = len(source) if args.limit is None else min(args.limit, len(source))

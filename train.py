@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
 import re
 import sys
@@ -44,7 +42,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class ConfigError(ValueError):
-    """A problem found before any computation; the command line reports it and exits with status 2."""
+    """A problem found before any computation; the command line prints it and exits with status 2."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -195,26 +193,26 @@ def repulsive_loss(params):
     return sum(losses) / len(losses)
 
 
-def make_train_step(cfg: configs.Config, graphdef, tx, schedule, groups, bounds, steps_per_epoch: int,
-                    mixup_group: int, shardings):
-    """jitted (state, rest, batch) -> (state, metrics); `state` is donated."""
+def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_per_epoch: int, state_sharding):
+    """jitted (state, rest, batch) -> (state, metrics), `state` donated. `rest`: the model's other variables
+    (RNG streams, reseeded every step). `batch`: global arrays, images and labels sharded over the batch, and
+    the mixup parameters of each group (replicated) when mixup/cutmix is on."""
     dtype = DTYPES[cfg.compute_dtype]
     entry = models.get_entry(cfg.model)
-    mixer = (augment.Mixup(cfg.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob,
-                           cfg.label_smoothing) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
+    mixer = make_mixer(cfg)
 
     def step_fn(state, rest, batch):
         step = state["step"]
-        k_erase, k_mix, k_drop = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), step), 3)
+        k_erase, k_drop = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), step))
         x = augment.normalize(batch["image"], entry.mean, entry.std)
         if cfg.random_erasing > 0:
             x = augment.random_erase(x, batch["erase"], k_erase)
         if mixer is not None:
-            x, targets = mixer(x, batch["label"], k_mix, mixup_group)
+            x, targets = mixer.apply(x, batch["label"], batch["mix_lam"], batch["mix_cut"], batch["mix_box"])
         else:
             targets = augment.smooth_labels(batch["label"], cfg.num_classes, cfg.label_smoothing)
         x = x.astype(dtype)   # the layers cast their float32 weights to the input's dtype
-        model = nnx.merge(graphdef, state["params"], state["batch_stats"], rest)
+        model = nnx.merge(graphdef, state["params"], state["batch_stats"], rest.unpack())
         nnx.reseed(model, dropout=k_drop)   # every dropout / drop-path stream: a key derived from (seed, step)
 
         def loss_fn(model):
@@ -242,25 +240,56 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, groups, bounds,
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
         return new, metrics
 
-    replicated = NamedSharding(shardings["mesh"], P())
-    return jax.jit(step_fn, in_shardings=(shardings["state"], replicated, shardings["data"]),
-                   out_shardings=(shardings["state"], replicated), donate_argnums=0)
+    replicated = NamedSharding(state_sharding["step"].mesh, P())
+    return jax.jit(step_fn, out_shardings=(state_sharding, replicated), donate_argnums=0)
 
 
-def make_eval_step(cfg: configs.Config, graphdef, shardings):
+def make_eval_step(cfg: configs.Config, graphdef):
     """jitted (params, batch_stats, rest, batch) -> (correct, count) summed over the global batch."""
     dtype = DTYPES[cfg.compute_dtype]
     entry = models.get_entry(cfg.model)
 
     def eval_fn(params, batch_stats, rest, batch):
-        model = nnx.merge(graphdef, params, batch_stats, rest)
+        model = nnx.merge(graphdef, params, batch_stats, rest.unpack())
         logits = model(augment.normalize(batch["image"], entry.mean, entry.std, dtype))
         correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
         return correct.sum(), batch["mask"].sum()
 
-    replicated = NamedSharding(shardings["mesh"], P())
-    return jax.jit(eval_fn, in_shardings=(replicated, replicated, replicated, shardings["data"]),
-                   out_shardings=replicated)
+    return jax.jit(eval_fn)
+
+
+def make_mixer(cfg: configs.Config) -> augment.Mixup | None:
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return augment.Mixup(cfg.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob,
+                         cfg.label_smoothing)
+
+
+@jax.tree_util.register_pytree_node_class
+class Rest:
+    """The model's variables besides parameters and batch statistics (its RNG streams), with typed PRNG keys
+    held as raw key data so that they travel like any array (multi-host placement, jit arguments)."""
+
+    def __init__(self, leaves, treedef, impls):
+        self.leaves, self.treedef, self.impls = leaves, treedef, impls
+
+    @classmethod
+    def pack(cls, tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        impls = tuple(jax.random.key_impl(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else None
+                      for x in leaves)
+        return cls([jax.random.key_data(x) if i else x for x, i in zip(leaves, impls)], treedef, impls)
+
+    def unpack(self):
+        return jax.tree.unflatten(self.treedef, [jax.random.wrap_key_data(x, impl=i) if i else x
+                                                 for x, i in zip(self.leaves, self.impls)])
+
+    def tree_flatten(self):
+        return self.leaves, (self.treedef, self.impls)
+
+    @classmethod
+    def tree_unflatten(cls, aux, leaves):
+        return cls(list(leaves), *aux)
 
 
 def opt_state_sharding(abstract_opt_state, mesh):
@@ -437,8 +466,18 @@ def main(argv=None):
     total_steps = cfg.total_steps or max(1, round(cfg.epochs * steps_per_epoch))
     eval_every = steps_per_epoch if cfg.eval_every < 0 else cfg.eval_every
 
-    def to_global(batch):
-        return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+    def to_global(batch, sharding=data_sharding):
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+    mixer = make_mixer(cfg)
+
+    def train_batch(local, step):
+        batch = to_global(local)
+        if mixer is not None:   # per-group lambda and box, drawn on the host from (seed, step) as timm does
+            lam, cut, box = mixer.params(np.random.default_rng((cfg.seed, 2, step)), cfg.batch_size // mixup_group,
+                                         cfg.image_size, cfg.image_size)
+            batch.update(to_global({"mix_lam": lam, "mix_cut": cut, "mix_box": box}, replicated))
+        return batch
 
     # ==================== model (shapes first) ====================
     try:
@@ -446,7 +485,7 @@ def main(argv=None):
     except TypeError as e:
         raise ConfigError(f"model {cfg.model!r} does not accept the given overrides: {e}") from None
     abstract.train()
-    graphdef, abs_params, abs_stats, abs_rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    graphdef, abs_params, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
     abstract.eval()
     eval_graphdef = nnx.graphdef(abstract)
     bounds = dcls_jax.position_bounds(abstract) if cfg.clamp_positions else {}
@@ -461,7 +500,6 @@ def main(argv=None):
     state_sharding = {"step": replicated, "params": replicated, "batch_stats": replicated, "opt_state": opt_sharding}
     if cfg.ema_decay > 0:
         state_sharding["ema"] = {"params": replicated, "batch_stats": replicated}
-    shardings = {"mesh": mesh, "state": state_sharding, "data": data_sharding}
 
     def init_state(params, batch_stats):
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
@@ -470,12 +508,12 @@ def main(argv=None):
             state["ema"] = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
         return state
 
-    params, batch_stats, rest = jax.jit(lambda: nnx.split(build_model(cfg), nnx.Param, nnx.BatchStat, ...)[1:],
-                                        out_shardings=replicated)()
+    # Built eagerly on each host (the same values everywhere), then placed as global replicated arrays.
+    _, params, batch_stats, rest = nnx.split(build_model(cfg), nnx.Param, nnx.BatchStat, ...)
     if cfg.init_checkpoint:
-        params, batch_stats = load_init_checkpoint(cfg, jax.device_get(params), jax.device_get(batch_stats))
-        params, batch_stats = jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(replicated, x), (params, batch_stats))
+        params, batch_stats = load_init_checkpoint(cfg, params, batch_stats)
+    params, batch_stats, rest = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        replicated, np.asarray(x)), (params, batch_stats, Rest.pack(rest)))
     state = jax.jit(init_state, out_shardings=state_sharding)(params, batch_stats)
     del params, batch_stats
 
@@ -507,9 +545,8 @@ def main(argv=None):
                                                        meta=ocp.args.JsonSave(meta)))
 
     # ==================== update and evaluation steps ====================
-    train_step = make_train_step(cfg, graphdef, tx, schedule, groups, bounds, steps_per_epoch, mixup_group,
-                                 shardings)
-    eval_step = make_eval_step(cfg, eval_graphdef, shardings)
+    train_step = make_train_step(cfg, graphdef, tx, schedule, bounds, steps_per_epoch, state_sharding)
+    eval_step = make_eval_step(cfg, eval_graphdef)
 
     def evaluate(step):
         variants = {"top1": state}
@@ -533,15 +570,16 @@ def main(argv=None):
     last_eval = {}
     stop = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
     batches = train_data.iterate(step, stop - step)
-    with jax.transfer_guard("disallow"):
-        for batch in batches:
-            state, metrics = train_step(state, rest, to_global(batch))
-            step += 1
-            progress.step(step, step / steps_per_epoch, metrics)
-            if val_data is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
-                last_eval = evaluate(step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != stop:
-                save(step)
+    for batch in batches:
+        batch = train_batch(batch, step)
+        with jax.transfer_guard("disallow"):   # every host <-> device copy in the loop is explicit
+            state, metrics = train_step(state, rest, batch)
+        step += 1
+        progress.step(step, step / steps_per_epoch, metrics)
+        if val_data is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
+            last_eval = evaluate(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != stop:
+            save(step)
     if manager is not None:
         if manager.latest_step() != step:
             save(step)
@@ -555,4 +593,5 @@ if __name__ == "__main__":
     try:
         main()
     except ConfigError as e:
-        sys.exit(f"train.py: error: {e}")
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

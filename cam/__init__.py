@@ -12,11 +12,11 @@ See cam/methods.py for the exact definitions, normalisations and the degenerate-
 import importlib
 
 from cam.methods import (FEATURE_MAPS, METHOD_NAMES, METHODS, activations_and_grads, cam_from_model,
-                         check_labels, compute, grad_cam, input_grads, is_degenerate, make_cam_fn, resize,
+                         check_labels, compute, grad_cam, input_grads, is_degenerate, make_cam_fn, make_cams_fn, resize,
                          threshold_grad_cam)
 
 __all__ = ["FEATURE_MAPS", "METHOD_NAMES", "METHODS", "activations_and_grads", "cam_from_model", "check_labels",
-           "compute", "grad_cam", "input_grads", "is_degenerate", "make_cam_fn", "resize", "threshold_grad_cam"]
+           "compute", "grad_cam", "input_grads", "is_degenerate", "make_cam_fn", "make_cams_fn", "resize", "threshold_grad_cam"]
 
 
 def __getattr__(name):

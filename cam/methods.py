@@ -245,6 +245,30 @@ def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=
     return cam_fn
 
 
+def make_cams_fn(graphdef, methods, *, layer: str | None = None, output_size=None, options=None):
+    """f(state, images, labels) -> {method: (B, H, W) maps} for several methods at once, pure like make_cam_fn.
+
+    All feature-map methods share one forward and backward pass (saliency adds its own input gradient), so
+    evaluating gradcam and threshold_gradcam together costs one pass. `options`: {method: kwargs}."""
+    methods, options = tuple(methods), dict(options or {})
+    for m in methods:
+        _check_kw(m, layer if m != "saliency" else None, options.get(m, {}))
+
+    def cams_fn(state, images, labels):
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        size, out, grads = _size(output_size, images), {}, {}
+        for m in methods:
+            kind = "saliency" if m == "saliency" else "features"
+            if kind not in grads:
+                grads[kind] = _gradients(model, images, labels, m, layer if kind == "features" else None)
+            a, g, ok, _ = grads[kind]
+            out[m] = _maps(m, a, g, ok, size, **options.get(m, {}))
+        return out
+
+    return cams_fn
+
+
 # The model-taking wrappers compile the network once per (structure, layer) -- every method at that layer reuses
 # it -- and each method's small map function once per size.
 @functools.lru_cache(maxsize=64)

@@ -13,10 +13,12 @@ the ranks) to about 1e-7 in float32, on maps of up to 65,536 pixels:
 Constant maps (either map) give NaN, as does any non-finite pixel; alignment_score skips NaN rhos and
 counts them. The study skips maps with zero standard deviation the same way.
 
-dice and iou binarise each map with a strict > against its own 90th percentile (numpy's linear
-interpolation) exactly as Harmonization (evaluation/metrics.py): the threshold is never materialised;
-x > s[lo] + f * (s[lo + 1] - s[lo]) with 0 < f < 1 is x >= s[lo + 1] and x > s[lo] (no data value lies
-strictly between neighbours of the sorted data), so the comparison is exact in any precision.
+dice and iou binarise each map with a strict > against its own 90th percentile, numpy's linear
+interpolation computed in float32 as numpy does for float32 maps, exactly as Harmonization
+(evaluation/metrics.py); IoU = |A and B| / (|A or B| + 1e-9), Dice = 2 |A and B| / (|A| + |B| + 1e-9).
+
+Speed (jit, batch 64 of 224 x 224 maps): about 27,000 maps/s on one H200 (38,000 at batch 256; dice and iou
+share the sorts and add nothing); XLA's CPU sort is slow, about 10-100 maps/s per core.
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ def _flat(x) -> jax.Array:
 
 
 def _keys(x: jax.Array) -> jax.Array:
-    """int32 keys with the order and the ties of the float32 values (-0.0 == 0.0); XLA sorts int32 several
-    times faster than float32 on CPU."""
-    b = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
+    """int32 keys with the order and the ties of the float32 values (-0.0 == 0.0; subnormals kept distinct
+    although XLA's CPU flushes them to zero in float arithmetic); XLA sorts int32 several times faster than
+    float32 on CPU."""
+    b = jax.lax.bitcast_convert_type(x, jnp.int32)
+    b = jnp.where(b == jnp.iinfo(jnp.int32).min, 0, b)                   # -0.0 -> 0.0
     return jnp.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
@@ -109,25 +113,37 @@ def spearman(a, b) -> jax.Array:
 
 def constant_maps(x) -> jax.Array:
     """(B,) True where a map is constant (the maps spearman gives NaN for, besides non-finite ones)."""
-    x = _flat(x)
-    return (x == x[:, :1]).all(-1)
+    k = _keys(_flat(x))
+    return (k == k[:, :1]).all(-1)
 
 
 @functools.cache
 def _percentile_index(n: int, q: float) -> tuple[int, float]:
-    # numpy's virtual index for method "linear", in numpy's own float64 arithmetic.
+    # numpy's virtual index for method "linear" (n * q + (1 - q) - 1 with q = percentile / 100), obtained from
+    # numpy itself: the percentile of 0, 1, ..., n - 1 in float64.
     v = float(np.percentile(np.arange(n, dtype=np.float64), q))
     lo = int(np.floor(v))
     return lo, v - lo
 
 
+def _values(keys: jax.Array) -> jax.Array:
+    """The float32 values of _keys."""
+    return jax.lax.bitcast_convert_type(jnp.where(keys < 0, keys ^ 0x7FFFFFFF, keys), jnp.float32)
+
+
 def binarize(x, q: float = 90.0) -> jax.Array:
-    """(B, N) bool: x > np.percentile(x, q) per map (linear interpolation), exactly."""
-    k = _keys(_flat(x))
-    lo, frac = _percentile_index(k.shape[-1], q)
-    s = jnp.sort(k, axis=-1)
-    above = k > s[:, lo:lo + 1]
-    return above & (k >= s[:, lo + 1:lo + 2]) if frac > 0 else above
+    """(B, N) bool: x > np.percentile(x, q) per float32 map, as numpy computes it: with the sorted values
+    a = s[lo], b = s[lo + 1] and weight t, the threshold is a + (b - a) * t, or b - (b - a) * (1 - t) when
+    t >= 0.5, in float32 (t rounded to float32, as numpy does with a Python-scalar q)."""
+    x = _flat(x)
+    lo, t = _percentile_index(x.shape[-1], q)
+    s = _values(jnp.sort(_keys(x), axis=-1))
+    a, b = s[:, lo:lo + 1], s[:, min(lo + 1, x.shape[-1] - 1):][:, :1]
+    if t >= 0.5:
+        threshold = b - (b - a) * np.float32(1 - t)
+    else:
+        threshold = a + (b - a) * np.float32(t)
+    return x > threshold
 
 
 def iou(a, b, q: float = 90.0) -> jax.Array:

@@ -5,16 +5,15 @@ and the sample's place in the epoch): random-resized crop + horizontal flip (`ra
 RandAugment (`RandAugment.from_string("rand-m9-mstd0.5-inc1")`), and the box of random erasing
 (`erase_box`). Per batch on the device (JAX, inside the jitted train step): normalisation, the erasing itself
 (per-pixel N(0, 1) noise in normalised space, timm's mode "pixel") and mixup / cutmix with label smoothing
-(`mixup_cutmix`).
+(`Mixup.apply`, whose per-batch lambda and box `Mixup.params` draws on the host, as timm does).
 
-The random draws follow timm's order and distributions call for call, so the parity tests replay timm's own
-random streams through `PyRandom`. timm's ColorJitter is omitted: timm disables it when RandAugment is on.
+The random draws follow timm's order and distributions call for call (the host functions take any object with
+numpy Generator's methods), so the parity tests replay timm's own random streams through them. timm's ColorJitter is omitted: timm disables it when RandAugment is on.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import random as _pyrandom
 import re
 
 import numpy as np
@@ -23,23 +22,6 @@ from PIL import Image, ImageEnhance, ImageOps
 BICUBIC = Image.Resampling.BICUBIC
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                   "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-
-
-class PyRandom:
-    """Python's `random` and numpy's legacy global generator behind the `np.random.Generator` methods used here
-    (timm draws from those two): lets tests replay timm's random stream through our functions."""
-
-    random = staticmethod(_pyrandom.random)
-    uniform = staticmethod(_pyrandom.uniform)
-    normal = staticmethod(_pyrandom.gauss)
-
-    @staticmethod
-    def integers(low, high):          # [low, high), as np.random.Generator.integers
-        return _pyrandom.randint(low, high - 1)
-
-    @staticmethod
-    def choice(n, size):
-        return np.random.choice(n, size, replace=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -277,8 +259,8 @@ def random_erase(x, boxes, key):
 
 @dataclasses.dataclass(frozen=True)
 class Mixup:
-    """timm's Mixup in mode "batch" with label smoothing, applied per group of `group_size` consecutive images
-    (each group flips onto itself with its own lambda and box, as timm on each data-parallel worker)."""
+    """timm's Mixup in mode "batch" with label smoothing, applied per group of consecutive images (each group
+    flips onto itself with its own lambda and box, as timm does on each data-parallel worker)."""
     num_classes: int
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
@@ -286,32 +268,30 @@ class Mixup:
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
 
-    def params(self, key, num_groups: int, height: int, width: int):
-        """Per group: lam (after timm's correct_lam for cutmix), use_cutmix, cutmix box [top, left, h, w]."""
-        import jax
-        import jax.numpy as jnp
-        k_apply, k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
-        apply = jax.random.uniform(k_apply, (num_groups,)) < self.prob
-        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            use_cutmix = jax.random.uniform(k_switch, (num_groups,)) < self.switch_prob
-        else:
-            use_cutmix = jnp.full((num_groups,), self.cutmix_alpha > 0)
-        a_mix = max(self.mixup_alpha, 1e-6)
-        a_cut = max(self.cutmix_alpha, 1e-6)
-        lam = jnp.where(use_cutmix, jax.random.beta(k_cut, a_cut, a_cut, (num_groups,)),
-                        jax.random.beta(k_mix, a_mix, a_mix, (num_groups,)))
-        lam = jnp.where(apply, lam, 1.0)
-        use_cutmix = use_cutmix & apply
-        # timm rand_bbox + correct_lam
-        ratio = jnp.sqrt(1.0 - lam)
-        cut_h, cut_w = (height * ratio).astype(jnp.int32), (width * ratio).astype(jnp.int32)
-        cy = jax.random.randint(k_y, (num_groups,), 0, height)
-        cx = jax.random.randint(k_x, (num_groups,), 0, width)
-        yl, yh = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + (cut_h + 1) // 2, 0, height)
-        xl, xh = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + (cut_w + 1) // 2, 0, width)
-        box = jnp.stack([yl, xl, yh - yl, xh - xl], axis=-1)
-        box = jnp.where(use_cutmix[:, None], box, 0)
-        lam = jnp.where(use_cutmix, 1.0 - (yh - yl) * (xh - xl) / (height * width), lam)
+    def params(self, rng, num_groups: int, height: int, width: int):
+        """Per group, timm's `_params_per_batch` and `cutmix_bbox_and_lam` (correct_lam): lam (float32),
+        use_cutmix (bool) and the cutmix box [top, left, h, w] (int32, zeros without cutmix)."""
+        lam = np.ones(num_groups, np.float32)
+        use_cutmix = np.zeros(num_groups, bool)
+        box = np.zeros((num_groups, 4), np.int32)
+        for g in range(num_groups):
+            if not rng.random() < self.prob:
+                continue
+            if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
+                use_cutmix[g] = rng.random() < self.switch_prob
+            else:
+                use_cutmix[g] = self.cutmix_alpha > 0
+            alpha = self.cutmix_alpha if use_cutmix[g] else self.mixup_alpha
+            lam_g = float(rng.beta(alpha, alpha))
+            lam[g] = lam_g
+            if use_cutmix[g]:
+                ratio = np.sqrt(1 - lam_g)
+                cut_h, cut_w = int(height * ratio), int(width * ratio)
+                cy, cx = rng.integers(0, height), rng.integers(0, width)
+                yl, yh = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + (cut_h + 1) // 2, 0, height)
+                xl, xh = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + (cut_w + 1) // 2, 0, width)
+                box[g] = (yl, xl, yh - yl, xh - xl)
+                lam[g] = 1.0 - (yh - yl) * (xh - xl) / float(height * width)
         return lam, use_cutmix, box
 
     def apply(self, x, labels, lam, use_cutmix, box):
@@ -332,12 +312,6 @@ class Mixup:
         yg = y.reshape(g, b // g, -1)
         target = yg * lam[:, None, None] + yg[:, ::-1] * (1.0 - lam[:, None, None])
         return out, target.reshape(b, -1)
-
-    def __call__(self, x, labels, key, group_size: int):
-        b, h, w, _ = x.shape
-        if b % group_size or group_size % 2:
-            raise ValueError(f"mixup group size {group_size} must be even and divide the batch {b}")
-        return self.apply(x, labels, *self.params(key, b // group_size, h, w))
 
 
 def smooth_labels(labels, num_classes: int, smoothing: float):

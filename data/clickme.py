@@ -78,7 +78,7 @@ def parse_clickme(record: bytes, where: str) -> dict:
         out[name] = v[0]
     for name, want in (("image", ("YCbCr", "RGB")), ("heatmap", ("Gray",))):
         try:
-            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(out[name])
+            colorspace = simplejpeg.decode_jpeg_header(out[name])[2]
         except ValueError as e:
             raise RecordError(f"{where}: feature {name!r} is not a readable JPEG ({e})") from None
         if colorspace not in want:
@@ -107,7 +107,8 @@ class Clickme(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, clickme_dir: str | os.PathLike | None = None, base_url: str = BASE_URL,
                  num_shards: Mapping[str, int] | None = None, **kwargs):
         """clickme_dir: local directory with the shards (no download); base_url: where to download them;
-        num_shards: {split: n} to read only shards 0..n-1 (tests and samples)."""
+        num_shards: {split: n} to read only shards 0..n-1 (tests, samples). They matter only when the
+        dataset is prepared: a prepared dataset in data_dir is reused as it is, so keep subsets apart."""
         self._clickme_dir = clickme_dir
         self._base_url = base_url
         self._num_shards = {s: n for s, (_, n) in SHARDS.items()} | dict(num_shards or {})

@@ -6,8 +6,10 @@
                   -> CenterCrop(input_size) -> / 255 -> (x - mean) / std                (torchvision, NHWC here)
 
 JPEG decoding uses libjpeg-turbo through simplejpeg with TensorFlow's settings (fast integer IDCT, fancy
-upsampling), which gives tf.io.decode_jpeg's pixels exactly; PIL (accurate IDCT) differs by a few grey levels.
-The resize is TensorFlow's CPU kernel formula in float32; the blur is a float32 cross-correlation.
+upsampling), which decoded ClickMe-format records bit-identically to tf.io.decode_jpeg (see
+shared/reference/study-protocol.md); PIL (accurate IDCT) differs by a few grey levels (tests/test_data.py).
+The resize is TensorFlow's CPU kernel formula, operation for operation in float32; the blur is a float32
+cross-correlation with Harmonization's float32 kernel.
 """
 from __future__ import annotations
 

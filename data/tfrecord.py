@@ -102,7 +102,7 @@ def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequenc
         flat[begin + k] ^= 0xFF
     words = flat.view("<u4").reshape(-1, _LANES)
     lo, hi, lanes = _tables()
-    lane = np.arange(_LANES)[None] * 1024
+    lane = np.arange(_LANES)[None] * (4 * 256)                # offsets of the lanes' tables
     res, row, m = np.empty(len(idx), np.uint32), 0, 0
     for n, g in zip(*(u.tolist() for u in np.unique(nchunks, return_counts=True))):
         block = words[row:row + g * n].reshape(g, n, _LANES)   # g messages of n chunks each
@@ -126,14 +126,14 @@ def crc32c(data: bytes) -> int:
     return int(crc32c_many(data, [0], [len(data)])[0])
 
 
-def masked_crc32c(data: bytes) -> int:
-    c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF
-
-
 def _mask(c: np.ndarray) -> np.ndarray:
-    c = c.astype(np.uint32)
+    c = np.asarray(c, np.uint32)
     return ((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(_MASK_DELTA)
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The CRC stored in TFRecord framing."""
+    return int(_mask(np.array([crc32c(data)]))[0])
 
 
 # ------------------------------------------------------------------------------------------- TFRecord
@@ -251,13 +251,11 @@ def parse_example(buf: bytes) -> dict[str, list[bytes] | np.ndarray]:
         for g, w2, entry in _fields(features):                 # Features.feature = 1 (map entries)
             if g != 1 or w2 != 2:
                 continue
-            key, feature = None, b""
+            key, feature = b"", b""                            # proto3 defaults
             for h, w3, v in _fields(entry):                    # entry: key = 1, value = 2
                 if h == 1 and w3 == 2:
-                    key = v.decode("utf-8")
+                    key = v
                 elif h == 2 and w3 == 2:
                     feature = v
-            if key is None:
-                raise RecordError("feature map entry without a key")
-            out[key] = _parse_feature(feature)
+            out[key.decode("utf-8", "replace")] = _parse_feature(feature)
     return out

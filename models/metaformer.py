@@ -33,6 +33,7 @@ INIT = {"weight_init": trunc_normal(0.02), "bias_init": zeros}   # timm MetaForm
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """MetaFormer hyper-parameters (timm's MetaFormer arguments); the presets are timm's S18 models."""
     token_mixers: tuple[type, ...] = ()  # per stage: SepConv or Attention (see the presets)
     depths: tuple[int, ...] = (3, 3, 9, 3)
     dims: tuple[int, ...] = (64, 128, 320, 512)
@@ -231,6 +232,7 @@ class MetaFormer(nnx.Module):
     """MetaFormer on NHWC inputs. `conv_dw(in, out, *, groups, rngs[, P]) -> module` builds SepConv's
     depthwise convs."""
 
+    layer_names = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
     target_layer = "stages.3"
 
     def __init__(self, cfg: Config, *, conv_dw: Callable[..., nnx.Module] | None = None, rngs: nnx.Rngs):
@@ -238,12 +240,12 @@ class MetaFormer(nnx.Module):
         per_stage = {"dims": cfg.dims, "token_mixers": cfg.token_mixers,
                      "layer_scale_init_values": cfg.layer_scale_init_values,
                      "res_scale_init_values": cfg.res_scale_init_values}
-        bad = {k: v for k, v in per_stage.items() if len(v) != n}
+        bad = {k: v for k, v in per_stage.items() if len(v) != 4}
         if n != 4 or bad:
-            raise ValueError(f"MetaFormer needs 4 stages and one value per stage, got depths={cfg.depths} and {bad}")
+            raise ValueError(f"MetaFormer needs 4 stages and one value per stage: got depths={cfg.depths}"
+                             + "".join(f", {k}={v}" for k, v in bad.items()))
         conv_dw = conv_dw or dense_conv_dw(cfg)
         self.config = cfg
-        self.layer_names = ("stem",) + tuple(f"stages.{i}" for i in range(n))
         self.stem = Stem(3, cfg.dims[0], rngs=rngs)
         rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
         starts = np.cumsum((0,) + tuple(cfg.depths))
@@ -289,7 +291,7 @@ def _build(preset: Callable[..., Config], conv_dw: Callable[[Config], Callable[.
 
 # sail-sg MetaFormer names -> timm names, as timm's `checkpoint_filter_fn` (which leaves timm names alone).
 _SAIL_RULES = (
-    (re.compile(r"downsample_layers\.(\d+)"), r"stages.\1.downsample"),
+    (re.compile(r"^downsample_layers\.(\d+)\."), r"stages.\1.downsample."),
     (re.compile(r"^stages\.(\d+)\.(\d+)\."), r"stages.\1.blocks.\2."),
     (re.compile(r"^stages\.0\.downsample\."), "stem."),
     (re.compile(r"\.(pre|post)_norm\."), ".norm."),

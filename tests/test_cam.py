@@ -25,7 +25,6 @@ def assert_close(ours, ref, rtol=RTOL):
     scale = np.abs(ref).max()
     assert scale > 0, "reference is all zero: the comparison would prove nothing"
     err = np.abs(ours - ref).max()
-    print(f"rel err {err / scale:.2e}")
     assert err <= rtol * scale, f"max abs diff {err:.3g} > {rtol} * max |ref| {scale:.3g}"
 
 

@@ -2,14 +2,19 @@
 preprocessing, the protocols and the input pipeline.
 
 References are independent of the code under test: CRC32C from its bitwise definition, tf.train.Example
-written by a small encoder here, TensorFlow's resize / blur semantics written in float64 from their
-definitions (interpolation matrices, scipy.signal.correlate2d with explicit 'SAME' padding: no TensorFlow
-here), torchvision's transforms for the model input and torch's interpolate for the CAM upsampling.
+written by a small encoder here, TensorFlow's resize / blur semantics written from their definitions
+(interpolation matrices in float64 over TensorFlow's float32 sample positions, scipy.signal.correlate2d with
+explicit 'SAME' padding: no TensorFlow here), torchvision's transforms for the model input and torch's
+interpolate for the CAM upsampling.
 """
+import glob
 import http.server
 import io
 import math
+import os
+import shutil
 import struct
+import tempfile
 import threading
 
 import numpy as np
@@ -223,6 +228,10 @@ def test_builder_from_local_dir(tmp_path, shard_dir, records):
     assert sorted(p.name for p in (tmp_path / "clickme" / "default" / "1.0.0").iterdir() if "array_record" in p.name)
     decoded = clickme.data_source("validation", data_dir=tmp_path, decode=True)[1]   # prepared: no kwargs needed
     assert decoded["image"].shape == (256, 256, 3) and decoded["heatmap"].shape == (256, 256, 1)
+    b = next(pipeline.batches(ds, batch_size=8, workers=2))
+    assert b["index"].tolist() == [0, 1, 2, 3, 4, 5, -1, -1] and b["valid"].tolist() == [True] * 6 + [False] * 2
+    assert b["label"][:6].tolist() == [label for _, _, label in records]
+    np.testing.assert_array_equal(b["heatmap"][5], preprocess.clickme_heatmap(records[5][1]))
 
 
 def test_builder_errors_name_file_and_record(tmp_path, records):
@@ -315,7 +324,6 @@ def test_builder_downloads_broken_connection(tmp_path, server, records, ranges):
     assert sorted(p.name for p in cached.iterdir()) == ["val-0.tfrecords", "val-1.tfrecords"]
     # cached: preparing again (dataset removed, downloads kept) makes no request
     n = len(srv.requests)
-    import shutil
     shutil.rmtree(tmp_path / "clickme")
     _check_dataset(clickme.data_source("validation", data_dir=tmp_path, base_url=url,
                                        num_shards={"validation": 2}), records)
@@ -489,11 +497,11 @@ def test_pipeline_shards_pad_and_preprocess(records):
             pad = ~b["valid"]
             assert (b["index"][pad] == -1).all() and not b["image"][pad].any() and not b["heatmap"][pad].any()
             for k in np.flatnonzero(b["valid"]):
-                i, h, l = source[b["index"][k]]["image"], source[b["index"][k]]["heatmap"], source[b["index"][k]]["label"]
-                assert b["label"][k] == l
-                np.testing.assert_array_equal(b["heatmap"][k], preprocess.clickme_heatmap(h))
-                np.testing.assert_array_equal(b["image"][k],
-                                              preprocess.model_input(preprocess.clickme_image(i), _Entry(256, 224)))
+                ex = source[b["index"][k]]
+                assert b["label"][k] == ex["label"]
+                np.testing.assert_array_equal(b["heatmap"][k], preprocess.clickme_heatmap(ex["heatmap"]))
+                np.testing.assert_array_equal(
+                    b["image"][k], preprocess.model_input(preprocess.clickme_image(ex["image"]), _Entry(256, 224)))
             seen += b["index"][b["valid"]].tolist()
     assert sorted(seen) == list(range(n))
     assert [r.start for r in (pipeline.shard_range(n, p, 3) for p in range(3))] == [0, 3, 7]
@@ -503,6 +511,10 @@ def test_pipeline_shards_pad_and_preprocess(records):
     assert a["image"].shape == (4, 224, 224, 3)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "clickme-batch-*")) + glob.glob("/dev/shm/clickme-batch-*")
     assert list(pipeline.batches(source, batch_size=4, limit=0)) == []
+    broken = source[:3] + [dict(source[3], image=source[3]["image"][:600])]      # a truncated JPEG
+    with pytest.raises(ValueError, match="record 3 of the source"):
+        list(pipeline.batches(broken, batch_size=4, workers=2))
     with pytest.raises(ValueError, match="process_index"):
         next(pipeline.batches(source, batch_size=4, process_index=3, process_count=3))

@@ -4,11 +4,10 @@ Every case is one (8, 224, 224) batch through one jitted function (compiled once
 """
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
-
-import jax
 
 from cam import metrics
 
@@ -96,6 +95,22 @@ def test_heavy_ties():
     quantised[0, S // 2:, :5] = 0.0
     _check(cams, quantised)
     _check(np.floor(cams * 4), np.floor(np.asarray(human) / 64))              # a handful of values each
+
+
+def test_percentile_threshold_rounds_like_numpy():
+    """Two adjacent float32 values straddle the 90th percentile: numpy's float32 interpolation rounds the
+    threshold onto one of them (0.1: onto the upper one, so no pixel is above it)."""
+    rng = np.random.default_rng(3)
+    n, lo = S * S, int(0.9 * (S * S - 1))
+    maps = []
+    for x in np.float32([1.0, 0.1, 3.0, 1e-30, 255.0, -0.3, 0.0, 7.7]):
+        m = np.full(n, x, np.float32)
+        m[lo + 1:] = np.nextafter(x, np.float32(1e9))
+        maps.append(rng.permutation(m).reshape(S, S))
+    maps = np.array(maps)
+    human = _human(rng)
+    _check(human, maps)
+    assert np.asarray(metrics.binarize(maps)).sum(-1)[1] == 0
 
 
 def test_constant_and_non_finite_maps_give_nan():
