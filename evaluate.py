@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-init", action="store_true", help="random weights, no checkpoint (smoke tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
     p.add_argument("--clickme-dir", help="directory holding the ClickMe TFRecord shards (else downloaded)")
+    p.add_argument("--clickme-url", help="download the shards from this mirror instead of the official bucket "
+                   "(files <url>/val/val-<i>.tfrecords, i = 0..16)")
     p.add_argument("--data-dir", help="tensorflow-datasets data directory (default: ~/tensorflow_datasets)")
     p.add_argument("--sample", action="store_true",
                    help="use the bundled sample (a few synthetic-heatmap records): runs offline")
@@ -61,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     p.add_argument("--cache-dir", help="checkpoint cache (default: $DCLS_JAX_CACHE or ~/.cache/dcls_jax)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; coordinator from the environment)")
+                   help="call jax.distributed.initialize() (multi-host; configuration from the flags below, else "
+                        "from the environment: JAX_COORDINATOR_ADDRESS or a supported cluster)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 (implies --distributed, as do the next two)")
+    p.add_argument("--num-processes", type=int, help="number of processes")
+    p.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -72,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--random-init and --checkpoint exclude each other")
     if args.table and not args.models:
         p.error("--table needs --models")
+    if args.clickme_dir and args.clickme_url:
+        p.error("--clickme-dir and --clickme-url exclude each other")
+    args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes,
+                                                                        args.process_id))
     return args
 
 
@@ -112,15 +122,20 @@ def load_model(name: str, args):
     from models import convert
     if args.random_init:
         return models.create_model(name, rngs=nnx.Rngs(args.seed)), "random-init"
+    from data.download import cached_download
     if args.checkpoint:
-        return convert.load(name, args.checkpoint), args.checkpoint
-    entry = models.get_entry(name)
-    if entry.checkpoint is None:
+        path = args.checkpoint
+        if path.startswith(("http://", "https://")):
+            path = cached_download(path, cache_dir(args))
+        return convert.load(name, path), args.checkpoint
+    ckpt = models.get_entry(name).checkpoint
+    if ckpt is None:
         raise UsageError(f"{name} has no published checkpoint: pass --checkpoint or --random-init")
     converted = cache_dir(args) / "converted" / name
     if not converted.is_dir():
-        convert.save(convert.load(name), converted, name)
-    return convert.restore(name, converted), entry.checkpoint.url
+        path = cached_download(ckpt.url, cache_dir(args), filename=ckpt.filename)
+        convert.save(convert.load(name, path, key=ckpt.key), converted, name)
+    return convert.restore(name, converted), ckpt.url
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,14 +146,41 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 
 
 def data_source(args):
+    """The split as a tfds data source, prepared on first use (from --clickme-dir, else downloaded). With several
+    processes, process 0 prepares it first; the others then open it (or prepare their own copy when --data-dir
+    is not shared)."""
+    import jax
+    from jax.experimental import multihost_utils
+
     from data import clickme
     if args.sample:
-        return clickme.data_source(args.split, data_dir=cache_dir(args) / "sample_tfds",
-                                   clickme_dir=SAMPLE_DIR, num_shards={args.split: 1})
-    kwargs = {"clickme_dir": args.clickme_dir} if args.clickme_dir else {}
-    if args.clickme_dir and not Path(args.clickme_dir).is_dir():
-        raise UsageError(f"--clickme-dir {args.clickme_dir} is not a directory")
-    return clickme.data_source(args.split, data_dir=args.data_dir, **kwargs)
+        kwargs = dict(data_dir=cache_dir(args) / "sample_tfds", clickme_dir=SAMPLE_DIR, num_shards={args.split: 1})
+    elif args.clickme_dir:
+        if not Path(args.clickme_dir).is_dir():
+            raise UsageError(f"--clickme-dir {args.clickme_dir} is not a directory")
+        kwargs = dict(data_dir=args.data_dir, clickme_dir=args.clickme_dir)
+    else:
+        kwargs = dict(data_dir=args.data_dir, **({"base_url": args.clickme_url} if args.clickme_url else {}))
+
+    def prepare():
+        try:
+            return clickme.data_source(args.split, **kwargs)
+        except OSError as e:
+            if "clickme_dir" in kwargs or e.__cause__ is None:     # not a download failure (those are chained)
+                raise
+            prefix, count = clickme.SHARDS[args.split]
+            url = kwargs.get("base_url", clickme.BASE_URL)
+            raise UsageError(f"could not download the ClickMe {args.split} shards from {url}/{prefix}/ "
+                             f"({getattr(e.__cause__, 'reason', e.__cause__)}). Without network access, download "
+                             f"{prefix}-0.tfrecords ... {prefix}-{count - 1}.tfrecords from "
+                             f"{clickme.BASE_URL}/{prefix}/ elsewhere and pass their directory with --clickme-dir DIR "
+                             "(or a mirror with --clickme-url URL)") from e
+
+    if jax.process_count() == 1:
+        return prepare()
+    source = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("clickme prepared")
+    return source if source is not None else prepare()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -205,8 +247,11 @@ def evaluate_model(name: str, args, methods: list[str], mesh) -> dict:
                               process_count=n_proc, workers=args.workers):
         glob = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("image", "heatmap", "label")]
         out = step(state, *glob)
-        out, index, valid = multihost_utils.process_allgather((out, b["index"], b["valid"]), tiled=True) \
-            if n_proc > 1 else (jax.device_get(out), b["index"], b["valid"])
+        if n_proc > 1:  # index and valid take the same path as the images, so their rows match the results'
+            where = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("index", "valid")]
+            out, index, valid = multihost_utils.process_allgather((out, *where), tiled=True)
+        else:
+            out, index, valid = jax.device_get(out), b["index"], b["valid"]
         for m in methods:
             for k in results[m]:
                 results[m][k].append(np.asarray(out[m][k]))
@@ -340,7 +385,7 @@ def main(argv=None) -> int:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         import jax
         if args.distributed:
-            jax.distributed.initialize()
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         mesh = jax.make_mesh((jax.device_count(),), ("data",))
         results = [evaluate_model(name, args, methods, mesh) for name in names]
     except (UsageError, ValueError, OSError) as e:

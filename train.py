@@ -236,7 +236,7 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_p
             d = cfg.ema_decay
             new["ema"] = jax.tree.map(lambda e, v: e * d + (1.0 - d) * v, state["ema"],
                                       {"params": params, "batch_stats": batch_stats})
-        metrics = {"loss": loss, "ce": ce, "lr": schedule(step), "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "ce": ce, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
         return new, metrics
 

@@ -2,16 +2,15 @@
 
 Each reference goes through torch.save -> models.convert.read_checkpoint -> from_state_dict, in timm's and in
 apple/ml-fastvit's key layout (timm's own `checkpoint_filter_fn` checks our inverse of it), in the train-time and
-in the reparameterised form. The full-size models are run part by part (stem blocks, downsamplers, blocks, ...),
-each part jitted once per distinct structure and shape, so the 24 and 36 blocks of SA24/SA36 cost the compiles of
-a few; the model's own composition (`__call__`, `forward_features`, `forward_head` at every layer, train mode)
-is checked whole on a small configuration.
+in the reparameterised form. The full-size models run through `stand_in`: FastVit's own composition code with
+every block a cached jitted call, so the 24 and 36 blocks of SA24/SA36 cost the compiles of a few distinct ones.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import tempfile
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from timm.models.fastvit import RepConditionalPosEnc, checkpoint_filter_fn
 
 from models import fastvit
 from models.convert import from_state_dict, read_checkpoint
+from models.layers import Sequential
 from models.registry import create_model, get_entry
 from tests.torch_ref import (dclsify, forward_with_activations, randomize_batchnorm, randomize_params,
                              save_state_dict, to_nhwc)
@@ -132,25 +132,45 @@ def torch_run(model, x):
 # ---------------------------------------------------------------------------------------------------------------
 # Running the full-size models part by part
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, x):
-    return nnx.merge(graphdef, state)(x)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply(graphdef, state, x, pre_logits):
+    module = nnx.merge(graphdef, state)
+    return module(x) if pre_logits is None else module(x, pre_logits=pre_logits)
 
 
-def _run(module, x):
-    return _apply(*nnx.split(module), x) if isinstance(module, nnx.Module) else module(x)
+def _jitted(module):
+    """`module(x[, pre_logits=])` as a jitted call, compiled once per distinct structure and input shape."""
+    if not isinstance(module, nnx.Module):
+        return module                               # the identity standing for an absent part
+    graphdef, state = nnx.split(module)
+    return lambda x, pre_logits=None: _apply(graphdef, state, x, pre_logits)
 
 
-def run_parts(model: fastvit.FastVit, x):
-    """(logits, final_conv output) of FastVit.__call__ / forward_features, one jitted call per part."""
-    x = jnp.asarray(x)
-    for block in model.stem:
-        x = _run(block, x)
-    for stage in model.stages:
-        for part in (stage.downsample, stage.pos_emb, *stage.blocks):
-            x = _run(part, x)
-    feats = _run(model.final_conv, x)
-    return np.asarray(_run(model.head, feats)), np.asarray(feats)
+def stand_in(model: fastvit.FastVit) -> SimpleNamespace:
+    """An object on which FastVit's, FastVitStage's and Sequential's own methods (`__call__`, `forward_features`,
+    `forward_head`, ...) run as written, with every block, stem block, downsampler, RepCPE, final_conv and head
+    a cached jitted call."""
+    def sequential(modules):
+        return functools.partial(Sequential.__call__, [_jitted(m) for m in modules])
+
+    def stage(s):
+        parts = SimpleNamespace(downsample=_jitted(s.downsample), pos_emb=_jitted(s.pos_emb),
+                                blocks=sequential(s.blocks))
+        return functools.partial(fastvit.FastVitStage.__call__, parts)
+
+    m = SimpleNamespace(stem=sequential(model.stem), stages=[stage(s) for s in model.stages],
+                        final_conv=_jitted(model.final_conv), head=_jitted(model.head),
+                        layer_names=model.layer_names, target_layer=model.target_layer)
+    for method in ("_parts", "_index", "forward_features", "forward_head", "__call__"):
+        setattr(m, method, functools.partial(getattr(fastvit.FastVit, method), m))
+    return m
+
+
+def run(model: fastvit.FastVit, x):
+    """(logits, forward_features(x)) of the model."""
+    m = stand_in(model)
+    feats = m.forward_features(jnp.asarray(x))
+    return np.asarray(m.forward_head(feats)), np.asarray(feats)
 
 
 def assert_close(actual, desired, what: str, tol: float = TOL):
@@ -186,16 +206,15 @@ def test_full_model_matches_timm(name):
     ref, x, (logits_ref, feats_ref), model = case(name)
     entry = get_entry(name)
     assert (entry.target_layer, entry.resize_size, entry.input_size) == ("final_conv", 256, 256)
-    logits, feats = run_parts(model, x)
+    logits, feats = run(model, x)
     assert feats.shape == (1, 2, 2, 1024)
     assert_close(feats, feats_ref, "final_conv")
     np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa24_dcls"])
-def test_reparameterize_matches_timm(name, tmp_path):
-    """reparameterize(model) == timm's reparameterize_model (parameters and outputs) == the train-time form;
-    the reparameterised timm state dict loads (inference_mode inferred from its keys) into the same model."""
+def test_reparameterize_matches_timm(name):
+    """reparameterize(model) == timm's reparameterize_model, in parameters and outputs, == the train-time form."""
     ref, x, (logits_ref, _), model = case(name)
     if name.endswith("_dcls"):
         with pytest.raises(RuntimeError):  # timm's RepCPE.reparameterize adds a 7x7 identity to the DCLS weight
@@ -204,14 +223,33 @@ def test_reparameterize_matches_timm(name, tmp_path):
     rep_logits_ref, rep_feats_ref = torch_run(ref_rep, x)
     rep = fastvit.reparameterize(model)
     assert not model.config.inference_mode and rep.config.inference_mode   # the argument is left as it was
-    loaded = convert(name, ref_rep.state_dict(), tmp_path / "reparameterized.pth.tar")
-    assert loaded.config.inference_mode
-    assert_same_state(rep, loaded, atol=1e-5)
-    logits, feats = run_parts(rep, x)
+    ref_sd = ref_rep.state_dict()
+    flat = nnx.to_flat_state(nnx.state(rep, (nnx.Param, nnx.BatchStat)))
+    assert {".".join(map(str, p)) for p, _ in flat} | {k for k in ref_sd if k.endswith((".P", "num_batches_tracked"))} \
+        == set(ref_sd)   # P: one leaf per stage in ours, repeated per layer in timm's
+    for path, var in flat:
+        key = ".".join(map(str, path))
+        np.testing.assert_allclose(var.get_value(), ref_sd[key].numpy(), rtol=0, atol=1e-5, err_msg=key)
+    logits, feats = run(rep, x)
     assert_close(feats, rep_feats_ref, "final_conv")
     np.testing.assert_allclose(logits, rep_logits_ref, rtol=0, atol=TOL)
     np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
-    np.testing.assert_allclose(logits, run_parts(model, x)[0], rtol=0, atol=TOL)
+    np.testing.assert_allclose(logits, run(model, x)[0], rtol=0, atol=TOL)
+
+
+def test_layers_and_composition_match_timm():
+    """forward_features at every layer against timm's activations there, forward_head from each back to the
+    logits, __call__, pre_logits."""
+    ref, x, (logits_ref, _), model = case("fastvit_sa24")
+    assert model.layer_names == LAYERS
+    _, acts = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2), {l: l for l in LAYERS})
+    m = stand_in(model)
+    np.testing.assert_allclose(m.__call__(x), logits_ref, rtol=0, atol=TOL)
+    for layer in LAYERS:
+        a = m.forward_features(x, layer)
+        assert_close(a, acts[layer], layer)
+        np.testing.assert_allclose(m.forward_head(a, layer), logits_ref, rtol=0, atol=TOL, err_msg=layer)
+    assert_close(m.forward_head(acts["final_conv"], pre_logits=True), acts["final_conv"].mean((1, 2)), "pooled")
 
 
 def test_original_layout_converts_to_the_same_model(tmp_path):
@@ -229,18 +267,22 @@ def test_original_layout_converts_to_the_same_model(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa24_dcls"])
-def test_original_reparameterized_layout_converts(name, tmp_path):
-    """apple's reparameterised names (`lkb_reparam`, RepCPE `network.N.reparam_conv`), which timm's filter does
-    not know, map to the same model as timm's reparameterised state dict."""
-    rep_sd = reparameterized(reference(name, **SMALL)).state_dict()
+def test_reparameterized_checkpoints_load(name, tmp_path):
+    """timm's reparameterised state dict loads (inference_mode inferred from its keys) into reparameterize()'s
+    model; so does it in apple's reparameterised names (`lkb_reparam`, RepCPE `network.N.reparam_conv`), which
+    timm's filter does not know."""
+    ref = reference(name, **SMALL)
+    rep_sd = reparameterized(ref).state_dict()
+    loaded = convert(name, rep_sd, tmp_path / "timm.pth.tar", **SMALL)
+    assert loaded.config.inference_mode
+    assert_same_state(loaded, fastvit.reparameterize(convert(name, ref.state_dict(), tmp_path / "t.pth", **SMALL)),
+                      atol=1e-5)
     rep_original = to_original(rep_sd)
-    assert {"network.1.proj.0.lkb_reparam.weight", "network.6.reparam_conv.weight",
-            "conv_exp.reparam_conv.weight",
+    assert {"network.1.proj.0.lkb_reparam.weight", "network.6.reparam_conv.weight", "conv_exp.reparam_conv.weight",
             "network.2.0.token_mixer.reparam_conv.weight"} <= rep_original.keys()
     assert fastvit.remap_keys(rep_original).keys() == rep_sd.keys()
     assert fastvit.remap_keys(rep_sd).keys() == rep_sd.keys()
-    assert_same_state(convert(name, rep_original, tmp_path / "original.pth.tar", **SMALL),
-                      convert(name, rep_sd, tmp_path / "timm.pth.tar", **SMALL))
+    assert_same_state(convert(name, rep_original, tmp_path / "original.pth.tar", **SMALL), loaded)
 
 
 def test_dcls_positions_are_shared_per_stage():
@@ -272,33 +314,6 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.mlp\.conv\.conv\.weight: checkpoint \(16, 1, 26\) "
                                          r"vs model \(16, 1, 34\)"):
         convert("fastvit_sa24_dcls", wrong.state_dict(), tmp_path / "wrong.pth.tar", **SMALL)
-
-
-def test_layers_and_composition_match_timm():
-    """A small configuration jitted whole: __call__, forward_features (default and at a cut, against timm's stage
-    output), forward_head from a cut; the shapes at every layer."""
-    ref = reference("fastvit_sa24", **SMALL)
-    model = from_state_dict("fastvit_sa24", numpy_state(ref.state_dict()), **SMALL)
-    assert model.layer_names == LAYERS
-    x = inputs(2, seed=1)
-    logits_ref, acts = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
-                                                {layer: layer for layer in LAYERS})
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def f(state, x, cut):
-        m = nnx.merge(graphdef, state)
-        return m(x), m.forward_features(x), m.forward_features(x, "stages.1"), m.forward_head(cut, "stages.2")
-
-    logits, feats, stage1, head = f(state, x, acts["stages.2"])
-    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
-    assert_close(feats, acts["final_conv"], "final_conv")
-    assert_close(stage1, acts["stages.1"], "stages.1")
-    np.testing.assert_allclose(head, logits_ref, rtol=0, atol=TOL)
-    for layer in LAYERS:
-        a = jax.eval_shape(lambda x: model.forward_features(x, layer), x)
-        assert a.shape == acts[layer].shape, layer
-        assert jax.eval_shape(lambda a: model.forward_head(a, layer), a).shape == logits_ref.shape, layer
 
 
 @pytest.mark.parametrize("stage", [0, 3])

@@ -293,7 +293,7 @@ def test_weight_decay_groups_and_position_lr():
 
     def first_update(grad_value):
         grads = jax.tree.map(lambda x: jnp.full_like(x, grad_value), params)
-        updates, _ = tx.update(grads, tx.init(params), params)
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
         return {".".join(train._names(p)): np.asarray(u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
 
     # Zero gradients: AdamW moves only decayed weights, by -lr * wd * p (torch: p *= 1 - lr * wd).
@@ -305,7 +305,7 @@ def test_weight_decay_groups_and_position_lr():
         step = 1 / (1 + 1e-8)
         expected = {"decay": -lr * (step + 0.05 * flat[k]), "no_decay": np.full_like(flat[k], -lr * step),
                     "position": np.full_like(flat[k], -5 * lr * step)}[names[k]]
-        np.testing.assert_allclose(u, expected, rtol=1e-6, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(u, expected, rtol=2e-5, atol=1e-12, err_msg=k)   # float32 Adam arithmetic
 
 
 def test_lr_schedule_matches_convnext():
@@ -338,7 +338,7 @@ def test_repulsive_loss_matches_convnext_dcls():
     expected = reference([torch.from_numpy(p) for p in ps]).item()
     tree = {"a": {"P": jnp.asarray(ps[0]), "weight": jnp.ones(3)}, "b": {"P": jnp.asarray(ps[1])}}
     np.testing.assert_allclose(float(train.repulsive_loss(tree)), expected, rtol=1e-5)
-    grads = jax.grad(train.repulsive_loss)(tree)
+    grads = jax.jit(jax.grad(train.repulsive_loss))(tree)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
@@ -400,8 +400,17 @@ def _photo(seed=0, size=(48, 40)):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def test_rand_augment_matches_timm():
+def _old_pil_posterize(img, bits_to_keep, **_):
+    """timm's posterize on PIL < 11, which accepted 0 bits (a black image); PIL 11 raises instead."""
+    mask = ~(2 ** (8 - bits_to_keep) - 1)
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+def test_rand_augment_matches_timm(monkeypatch):
+    from timm.data import auto_augment
     from timm.data.auto_augment import rand_augment_transform
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        monkeypatch.setitem(auto_augment.NAME_TO_OP, name, _old_pil_posterize)
     hparams = {"translate_const": 100, "img_mean": (124, 116, 104), "interpolation": Image.Resampling.BICUBIC}
     timm_ra = rand_augment_transform("rand-m9-mstd0.5-inc1", dict(hparams))
     ours = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
