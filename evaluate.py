@@ -187,21 +187,27 @@ def data_source(args):
 # The evaluation step: CAMs, alignment with the human maps and the metrics, on the devices
 
 
-def make_step(graphdef, methods, entry, protocol):
-    """step(state, image, heatmap, label) -> {method: {"rho", "dice", "iou"}} per image; pure and jit-able."""
+def make_step(graphdef, methods, entry, protocol, feature_size):
+    """step(state, image, heatmap, label) -> {method: {"rho", "dice", "iou"}} per image; pure and jit-able.
+
+    As in the study, CAMs are resized once, from the feature resolution `feature_size` (h, w) to 224 x 224, by
+    data.protocols.align_cam (saliency: from the input resolution)."""
     import cam
     from cam import metrics
     from data import protocols
-    from data.preprocess import SIZE
-    cams = cam.make_cams_fn(graphdef, methods, output_size=(SIZE, SIZE))
+    features = [m for m in methods if m != "saliency"]
+    cams = [cam.make_cams_fn(graphdef, features, output_size=feature_size)] if features else []
+    if "saliency" in methods:
+        cams.append(cam.make_cams_fn(graphdef, ["saliency"]))
 
     def step(state, image, heatmap, label):
         human = protocols.align_heatmap(heatmap, entry, protocol)
+        maps = {m: cam_maps for f in cams for m, cam_maps in f(state, image, label).items()}
         out = {}
-        for method, maps in cams(state, image, label).items():
-            maps = protocols.align_cam(maps, entry, protocol)
-            out[method] = {"rho": metrics.spearman(maps, human), "dice": metrics.dice(maps, human),
-                           "iou": metrics.iou(maps, human)}
+        for method in methods:
+            aligned = protocols.align_cam(maps[method], entry, protocol)
+            out[method] = {"rho": metrics.spearman(aligned, human), "dice": metrics.dice(aligned, human),
+                           "iou": metrics.iou(aligned, human)}
         return out
 
     return step
@@ -221,6 +227,8 @@ def evaluate_model(name: str, args, methods: list[str], mesh) -> dict:
     entry = models.get_entry(name)
     model, source_name = load_model(name, args)
     model.eval()
+    s = entry.input_size
+    feature_size = jax.eval_shape(model.forward_features, jax.ShapeDtypeStruct((1, s, s, 3), "float32")).shape[1:3]
     graphdef, state = nnx.split(model)
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     batch = args.batch_size or 32 * n_dev
@@ -230,7 +238,7 @@ def evaluate_model(name: str, args, methods: list[str], mesh) -> dict:
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(state, replicated)
     # Each device evaluates its slice of the batch with replicated parameters: no collectives.
-    step = jax.jit(jax.shard_map(make_step(graphdef, methods, entry, args.protocol), mesh=mesh,
+    step = jax.jit(jax.shard_map(make_step(graphdef, methods, entry, args.protocol, feature_size), mesh=mesh,
                                  in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data")))
 
     source = data_source(args)

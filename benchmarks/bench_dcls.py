@@ -1,7 +1,7 @@
 """Forward + backward time of one depthwise DCLS layer: dcls_jax.Dcls2d against PyTorch dcls 0.1.1, same run.
 
-    python benchmarks/bench_dcls.py                                   # small, CPU-friendly
-    python benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 20   # GPU (ImageNet stage 1)
+    python benchmarks/bench_dcls.py                  # small, CPU-friendly
+    python benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 20   # GPU (ConvNeXt-T stage 1)
 
 Each step computes the layer on x (B, H, W, C) and the gradients of sum(y) w.r.t. x, weight, P (and SIG).
 Prints milliseconds per step and PyTorch / JAX (> 1 means JAX is faster). PyTorch runs on CUDA when available.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 import time
 
 import jax
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcls_jax import Dcls2d
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dcls_jax import Dcls2d  # noqa: E402
 
 CASES = (("v0", 17, 34), ("v1", 17, 34), ("gauss", 23, 26))
 
@@ -52,7 +56,7 @@ def bench_torch(version, d, k, x, iters):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     c = x.shape[-1]
     layer = TorchDcls2d(c, c, k, padding=d // 2, dilated_kernel_size=d, groups=c, version=version).to(dev)
-    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous().to(dev).requires_grad_(True)
+    xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().to(dev).requires_grad_(True)
 
     def step():
         layer.zero_grad(set_to_none=True)

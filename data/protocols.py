@@ -16,17 +16,22 @@ Both maps end as (B, 224, 224) arrays given to cam.metrics.spearman:
     that window are compared with the CAM. Without a crop (R == C: CAFormer, ConvFormer, FastViT) it
     equals "study".
 
-Bilinear resizing here is jax.image.scale_and_translate(method="linear", antialias=False): TensorFlow's and
-PyTorch's align_corners=False bilinear. For the study's upsampling of the CAM pass the map at feature
-resolution (7 x 7, 8 x 8): a map already resized to the input resolution (256 for FastViT) is resampled
-once more, which is close to but not the same as the study.
+`resize` is bilinear with half-pixel centres, edge clamp and no antialias (TensorFlow's and PyTorch's
+align_corners=False), computed separably in TensorFlow's lerp form a + (b - a) * t, so a constant region stays
+exactly constant. Ties matter to Spearman: Threshold-Grad-CAM floors its map at 0.3, and the study's torchvision
+Resize keeps that floor one tie group; a weighted-sum resampler (jax.image.resize, scale_and_translate) turns it
+into 0.29999995 / 0.29999998 / 0.3 and moves rho by up to 7e-4 per image, the lerp form by < 3e-6 (random
+4 x 4 to 8 x 8 maps). For the study's upsampling of the CAM pass the map at feature resolution (7 x 7, 8 x 8): a map
+already resized to the input resolution (256 for FastViT) is resampled once more, which is close to but not
+the same as the study. The "corrected" window resampling uses jax.image.scale_and_translate(method="linear",
+antialias=False).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from data.preprocess import SIZE, crop_offset
+from data.preprocess import SIZE, _tf_bilinear_taps, crop_offset
 
 PROTOCOLS = ("study", "corrected")
 
@@ -43,13 +48,17 @@ def crop_window(entry, size: int = SIZE) -> tuple[float, float]:
 
 
 def resize(maps: jax.Array, size: int = SIZE) -> jax.Array:
-    """(B, h, w) -> (B, size, size), bilinear with half-pixel centres and no antialias."""
+    """(B, h, w) -> (B, size, size), bilinear with half-pixel centres and no antialias, in TensorFlow's lerp form
+    (rows, then columns; the same float32 operations as data.preprocess.resize_bilinear)."""
     b, h, w = maps.shape
     if (h, w) == (size, size):
         return maps
-    scale = jnp.array([size / h, size / w], jnp.float32)
-    return jax.image.scale_and_translate(maps, (b, size, size), (1, 2), scale, jnp.zeros(2, jnp.float32),
-                                         method="linear", antialias=False)
+    y0, y1, ly = _tf_bilinear_taps(h, size)
+    x0, x1, lx = _tf_bilinear_taps(w, size)
+    left, right = maps[:, :, x0], maps[:, :, x1]
+    rows = left + (right - left) * lx
+    top, bottom = rows[:, y0], rows[:, y1]
+    return top + (bottom - top) * ly[:, None]
 
 
 def align_cam(cam_maps: jax.Array, entry=None, protocol: str = "study", size: int = SIZE) -> jax.Array:

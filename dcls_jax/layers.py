@@ -36,12 +36,18 @@ def _shared(value, shape, name: str):
 
 
 class _DclsNd(nnx.Module):
+    """DCLS convolution: a dense kernel of size `dilated_kernel_size` built from `kernel_count` weighted taps
+    per (out, in/groups) pair at learnable positions P, then a stride/padding/groups cross-correlation with
+    dilation 1. Arguments as PyTorch dcls 0.1.1 (`padding_mode` zeros | reflect | replicate | circular;
+    `version` v0 | v1 | gauss | max), plus `rngs` and optional shared `P` / `SIG` Params."""
     nd: int = 0
 
     def __init__(self, in_channels: int, out_channels: int, kernel_count: int, stride=1, padding=0,
                  dilated_kernel_size=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  version: str = "gauss", *, rngs: nnx.Rngs, P=None, SIG=None):
         nd = self.nd
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
         if in_channels % groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
         if out_channels % groups != 0:
@@ -91,9 +97,7 @@ class _DclsNd(nnx.Module):
                              f"got shape {x.shape}")
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"{name} expects {self.in_channels} input channels (last axis), got shape {x.shape}")
-        w = self.kernel()
-        dtype = jnp.result_type(x.dtype, w.dtype)
-        x, w = x.astype(dtype), w.astype(dtype)
+        w = self.kernel().astype(x.dtype)  # built in the parameters' dtype, run in the input's
         padding = self.padding
         mode = _PAD_MODES[self.padding_mode]
         if mode is not None:
@@ -101,7 +105,7 @@ class _DclsNd(nnx.Module):
             padding = 0
         y = conv(x, w, self.stride, padding, self.groups)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = y + self.bias[...].astype(x.dtype)
         return y
 
 

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from dcls_jax import Dcls2d
-from models.layers import (BatchNorm2d, Conv2d, DropPath, Dropout, Linear, Sequential, gelu, global_avg_pool,
-                           identity, share_positions, trunc_normal)
+from models.layers import (Attention, BatchNorm2d, Conv2d, DropPath, Dropout, Linear, Mlp, Sequential, gelu,
+                           global_avg_pool, identity, share_positions, trunc_normal)
 from models.registry import Checkpoint, Entry, override, register
 
 zeros = jax.nn.initializers.zeros
@@ -42,19 +42,20 @@ zeros = jax.nn.initializers.zeros
 
 @dataclasses.dataclass(frozen=True)
 class DenseDw:
-    """The plain kxk depthwise conv (nn.Conv2d); `weight_init` as the calling module's timm init."""
+    """The plain kxk depthwise conv (nn.Conv2d), initialised as the calling module does in timm (`weight_init`:
+    ConvMlp's trunc_normal(.02); None: PyTorch's default, as RepCPE's)."""
     kernel_size: int = 7
 
     def __call__(self, dim: int, *, bias: bool, rngs: nnx.Rngs, weight_init=None) -> nnx.Module:
         k = self.kernel_size
-        return Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=bias, rngs=rngs, weight_init=weight_init,
-                      bias_init=zeros if weight_init is not None else None)
+        return Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=bias, rngs=rngs, weight_init=weight_init)
 
 
 @dataclasses.dataclass(frozen=True)
 class DclsDw:
     """The study's DCLS depthwise conv: Dcls2d(dim, dim, kernel_count, dilated_kernel_size=kernel_size,
-    padding=kernel_size // 2, groups=dim), weight N(0, 0.02) and zero bias as its `replace_depthwise_dcls`."""
+    padding=kernel_size // 2, groups=dim), weight N(0, 0.02) and zero bias wherever it is used (its
+    `replace_depthwise_dcls`; `weight_init` is ignored), positions P as Dcls2d initialises them or `P` to share."""
     kernel_count: int = 34
     kernel_size: int = 17          # the dilated (dense) kernel size
     version: str = "v1"
@@ -302,19 +303,17 @@ class RepMixer(nnx.Module):
         return eye + gamma[..., None] * (km - kn), gamma.reshape(-1) * (bm - bn)
 
 
-class ConvMlp(nnx.Module):
-    """ConvFFN: depthwise 7x7 conv + BN -> 1x1 fc1 -> GELU -> drop -> 1x1 fc2 -> drop."""
+class ConvMlp(Mlp):
+    """ConvFFN: depthwise 7x7 conv + BN, then the 1x1-conv Mlp (fc1 -> GELU -> drop -> fc2 -> drop)."""
 
     def __init__(self, dim: int, hidden: int, dw_conv: Callable[..., nnx.Module], drop: float, *, rngs: nnx.Rngs):
         init = trunc_normal(0.02)
+        super().__init__(dim, hidden, act=gelu, drop=drop, rngs=rngs, weight_init=init, bias_init=zeros,
+                         use_conv=True)
         self.conv = ConvNorm(dw_conv(dim, bias=False, rngs=rngs, weight_init=init), dim)
-        self.fc1 = Conv2d(dim, hidden, 1, rngs=rngs, weight_init=init, bias_init=zeros)
-        self.fc2 = Conv2d(hidden, dim, 1, rngs=rngs, weight_init=init, bias_init=zeros)
-        self.act = gelu
-        self.drop = Dropout(drop, rngs=rngs)
 
     def __call__(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(self.conv(x))))))
+        return super().__call__(self.conv(x))
 
 
 class RepConditionalPosEnc(nnx.Module):
@@ -341,27 +340,6 @@ class RepConditionalPosEnc(nnx.Module):
         return _identity_kernel(self.dim, self.dim, self.kernel_size) + kernel, _np(self.pos_enc.bias)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention over the H*W tokens of an NHWC map: qkv (no bias), softmax(q k^T / sqrt(d)) v,
-    proj (with bias)."""
-
-    def __init__(self, dim: int, head_dim: int = 32, *, rngs: nnx.Rngs):
-        if dim % head_dim:
-            raise ValueError(f"dim {dim} must be divisible by head_dim {head_dim}")
-        self.head_dim, self.num_heads = head_dim, dim // head_dim
-        init = trunc_normal(0.02)
-        self.qkv = Linear(dim, 3 * dim, bias=False, rngs=rngs, weight_init=init)
-        self.proj = Linear(dim, dim, rngs=rngs, weight_init=init, bias_init=zeros)
-
-    def __call__(self, x):
-        b, h, w, c = x.shape
-        qkv = self.qkv(x.reshape(b, h * w, c)).reshape(b, h * w, 3, self.num_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i] for i in range(3))                       # (B, N, heads, head_dim)
-        attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim ** -0.5, k), axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h * w, c)
-        return self.proj(out).reshape(b, h, w, c)
-
-
 class RepMixerBlock(nnx.Module):
     def __init__(self, dim: int, cfg: Config, mlp_ratio: float, dw_conv, drop_path: float, *, rngs: nnx.Rngs):
         self.token_mixer = RepMixer(dim, cfg.repmixer_kernel_size, cfg.layer_scale_init_value,
@@ -378,7 +356,7 @@ class RepMixerBlock(nnx.Module):
 class AttentionBlock(nnx.Module):
     def __init__(self, dim: int, cfg: Config, mlp_ratio: float, dw_conv, drop_path: float, *, rngs: nnx.Rngs):
         self.norm = BatchNorm2d(dim)
-        self.token_mixer = Attention(dim, rngs=rngs)
+        self.token_mixer = Attention(dim, rngs=rngs, weight_init=trunc_normal(0.02), bias_init=zeros)
         self.layer_scale_1 = _layer_scale(dim, cfg.layer_scale_init_value)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dw_conv, cfg.proj_drop_rate, rngs=rngs)

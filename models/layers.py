@@ -236,3 +236,27 @@ def share_positions(factory: Callable[..., nnx.Module]) -> Callable[..., nnx.Mod
         return layer
 
     return build
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention over the H*W tokens of an NHWC map, as timm's MetaFormer and FastViT attention:
+    heads of `head_dim` channels, qkv -> softmax(q k^T / sqrt(head_dim)) v -> proj -> dropout."""
+
+    def __init__(self, dim: int, head_dim: int = 32, qkv_bias: bool = False, proj_bias: bool = True,
+                 proj_drop: float = 0.0, *, rngs: nnx.Rngs, weight_init: Init | None = None,
+                 bias_init: Init | None = None):
+        self.head_dim = head_dim
+        self.num_heads = max(dim // head_dim, 1)
+        inner = self.num_heads * head_dim
+        self.qkv = Linear(dim, 3 * inner, qkv_bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
+        self.proj = Linear(inner, dim, proj_bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
+        self.proj_drop = Dropout(proj_drop, rngs=rngs)
+
+    def __call__(self, x):
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                       # (B, N, heads, head_dim)
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim ** -0.5
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        y = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, -1)
+        return self.proj_drop(self.proj(y))

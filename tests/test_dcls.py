@@ -44,7 +44,7 @@ def _sizes(d, nd):
     return tuple(d) if isinstance(d, tuple) else (d,) * nd
 
 
-def _special_positions(rng, nd, shape, d, version):
+def _special_positions(rng, nd, shape, d):
     """Random positions, a quarter of them on integers, some on or beyond the grid edge (v0 drops those taps)."""
     lim = np.array([di // 2 for di in d], np.float32).reshape(nd, 1, 1, 1)
     p = rng.normal(0, 1, shape).astype(np.float32) * (lim + 0.5) / 1.5
@@ -63,7 +63,7 @@ def _params(nd, cfg, version, seed=0):
     rng = np.random.default_rng(seed)
     shape = (nd, cout, cin // groups, kc)
     out = {"weight": rng.normal(0, 1, shape[1:]).astype(np.float32),
-           "P": _special_positions(rng, nd, shape, d, version)}
+           "P": _special_positions(rng, nd, shape, d)}
     if cfg[8]:
         out["bias"] = rng.normal(0, 1, (cout,)).astype(np.float32)
     if version in ("gauss", "max"):
@@ -87,8 +87,8 @@ def _layers(nd, cfg, version, params):
     return t, m
 
 
-# Each parity case compiles one program; LLVM's -O0 halves XLA:CPU compile time (HLO passes still run, and
-# XLA:CPU never uses fast-math), which keeps this file fast on two cores.
+# Each parity case compiles one program; LLVM -O0 halves XLA:CPU compile time (the HLO passes still run, and
+# XLA:CPU keeps fast-math off by default), which keeps this file fast on two cores.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
@@ -118,10 +118,7 @@ def _to_last(a):
     return np.moveaxis(np.asarray(a), 1, -1)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_parity_with_pytorch(name, version):
-    cfg = CONFIGS[name]
+def _check_parity(cfg, version):
     nd = len(cfg[-1])
     params = _params(nd, cfg, version)
     t, m = _layers(nd, cfg, version, params)
@@ -141,6 +138,17 @@ def test_parity_with_pytorch(name, version):
     assert set(g_t) == set(params)
     for n in params:
         assert rel(g[n].get_value(), g_t[n]) <= 1e-4, n
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_with_pytorch(name, version):
+    _check_parity(CONFIGS[name], version)
+
+
+def test_parity_published_depthwise():
+    """The MetaFormer/FastViT layer (17 / 34 / v1, depthwise, in = out = groups): conv.py's scanned CPU path."""
+    _check_parity((8, 8, 34, 17, 8, 1, 8, "zeros", False, (9, 9)), "v1")
 
 
 def test_corner_gradients_are_torch_zeros():

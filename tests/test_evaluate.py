@@ -87,18 +87,15 @@ def reference(tmp_path_factory):
 
 
 def study_input(jpeg: bytes):
-    """The study's model input, independently: TensorFlow-equivalent decode, tf.image.resize(224, bilinear, no
-    antialias) as torch's align_corners=False bilinear, uint8 truncation, PIL, torchvision Resize/CenterCrop/
-    ToTensor/Normalize. (1, 3, CROP, CROP)."""
+    """The study's model input, independently: TensorFlow-equivalent decode, (tf.image.resize to 224 x 224: the
+    identity, the fixture images are 224 x 224), uint8, PIL, torchvision Resize/CenterCrop/ToTensor/Normalize.
+    (1, 3, CROP, CROP)."""
     import simplejpeg
-    import torch
-    import torch.nn.functional as F
     from PIL import Image
     from torchvision import transforms as T
     rgb = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=False)
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=False)
-    img = Image.fromarray(x[0].permute(1, 2, 0).to(torch.uint8).numpy())
+    assert rgb.shape == (224, 224, 3)
+    img = Image.fromarray(rgb)
     transform = T.Compose([T.Resize(RESIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(CROP),
                            T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     return transform(img)[None]
@@ -129,25 +126,28 @@ def example(image: bytes, heatmap: bytes, label: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def records(reference):
-    """N_IMAGES (image JPEG, heatmap JPEG, label): smooth random images with a few shapes, Gaussian-blob human maps;
-    labels: the reference's top class for most images (its Grad-CAM is rarely all zero), random for two."""
+    """N_IMAGES (image JPEG, heatmap JPEG, label): plane waves and a disc (224 x 224: the pipeline's resize of the
+    image to 224, tested in test_data.py, is then the identity, so that no float rounding before the uint8
+    truncation separates the two sides), Gaussian-blob human maps (256 x 256, as ClickMe's); labels: the
+    reference's top class for most images (its Grad-CAM is rarely all zero), random for the others."""
     import torch
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:256, :256] / 256
+    yy, xx = np.mgrid[:224, :224] / 224
     out = []
     for i in range(N_IMAGES):
-        img = np.full((256, 256, 3), 128.0)
+        img = np.full((224, 224, 3), 128.0)
         for t, f, phase in rng.uniform((0, 2, 0), (np.pi, 12, 6), (3, 3)):      # plane waves
             img += rng.uniform(20, 50, 3) * np.sin(f * (xx * np.cos(t) + yy * np.sin(t)) + phase)[..., None]
         cx, cy, r = rng.uniform(0.25, 0.75, 3)
         img[((xx - cx) ** 2 + (yy - cy) ** 2) < (r / 3) ** 2] = rng.uniform(0, 255, 3)
-        heat = sum(255 * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * s ** 2))
+        hy, hx = np.mgrid[:256, :256] / 256
+        heat = sum(255 * np.exp(-((hx - bx) ** 2 + (hy - by) ** 2) / (2 * s ** 2))
                    for bx, by, s in rng.uniform((0.2, 0.2, 0.05), (0.8, 0.8, 0.2), (2, 3)))
-        image, heatmap = jpeg(np.clip(img, 0, 255).astype(np.uint8)), jpeg(np.clip(heat, 0, 255).astype(np.uint8))
-        with torch.no_grad():
-            label = int(reference[0](study_input(image)).argmax()) if i % 3 != 1 else int(rng.integers(1000))
-        out.append((image, heatmap, label))
-    return out
+        out.append((jpeg(np.clip(img, 0, 255).astype(np.uint8)), jpeg(np.clip(heat, 0, 255).astype(np.uint8))))
+    with torch.no_grad():
+        top = reference[0](torch.cat([study_input(image) for image, _ in out])).argmax(1).tolist()
+    labels = [t if i % 3 != 1 else int(rng.integers(1000)) for i, t in enumerate(top)]
+    return [(image, heatmap, label) for (image, heatmap), label in zip(out, labels)]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -220,11 +220,14 @@ def finish(proc, timeout: float = 300) -> tuple[int, str, str]:
 
 
 def reference_rhos(model, records) -> dict[str, list[float]]:
-    """Per image: the study's Grad-CAM and Threshold-Grad-CAM in torch (hook on layer4, the output of
-    forward_features), bilinear to 224, scipy Spearman with the human map; NaN where a map is constant."""
+    """Per image: the study's Grad-CAM and Threshold-Grad-CAM (GradCAM.py, thresholding_GradCAM.py of
+    DCLS-GradCAM-Eval) in torch with a hook on layer4 (the output of forward_features), resized by torchvision's
+    Resize((224, 224)) per map as the study does, and scipy's Spearman rho with the human map; NaN where a map is
+    constant (the study skips maps with np.std == 0)."""
     import scipy.stats
     import torch
     import torch.nn.functional as F
+    from torchvision import transforms as T
 
     from data.preprocess import clickme_heatmap
     x = torch.cat([study_input(image) for image, _, _ in records])
@@ -244,7 +247,7 @@ def reference_rhos(model, records) -> dict[str, list[float]]:
     threshold = torch.clamp((t - lo) / (hi - lo), min=0.3)       # 0 / 0 = NaN for a constant map: skipped
     out = {}
     for method, maps in (("gradcam", grad_cam), ("threshold_gradcam", threshold)):
-        maps = F.interpolate(maps[:, None], size=(224, 224), mode="bilinear", align_corners=False)[:, 0].numpy()
+        maps = torch.stack([T.Resize(size=(224, 224))(m) for m in maps[:, None]])[:, 0].numpy()
         rhos = []
         for m, (_, heatmap, _) in zip(maps, records):
             human = clickme_heatmap(heatmap)
@@ -267,12 +270,12 @@ def test_score_matches_pytorch_reference(one_device, reference, records):
                          for i in range(N_IMAGES)])
         want = np.array(ref[method])
         np.testing.assert_array_equal(np.isnan(ours), np.isnan(want), err_msg=method)
-        np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0, err_msg=method)
+        np.testing.assert_allclose(ours, want, atol=2e-5, rtol=0, err_msg=method)     # measured: <= 2e-6
         ok = ~np.isnan(want)
         assert ok.sum() >= 3, f"{method}: too few non-constant maps to test anything"
         assert cam["n_evaluated"] == ok.sum() and cam["n_skipped"] == N_IMAGES - ok.sum()
-        assert abs(cam["mean_rho"] - want[ok].mean()) <= 1e-4
-        assert abs(cam["score"] - want[ok].mean() / CEILING) <= 1e-4
+        assert abs(cam["mean_rho"] - want[ok].mean()) <= 1e-5
+        assert abs(cam["score"] - want[ok].mean() / CEILING) <= 1e-5                   # the issue asks 1e-4
         assert f"{cam['score']:.4f}" in stdout
     assert "alignment score" in stdout and TINY in stdout      # the table
 

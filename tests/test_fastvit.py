@@ -252,18 +252,27 @@ def test_layers_and_composition_match_timm():
     assert_close(m.forward_head(acts["final_conv"], pre_logits=True), acts["final_conv"].mean((1, 2)), "pooled")
 
 
-def test_original_layout_converts_to_the_same_model(tmp_path):
-    ref, _, _, model = case("fastvit_sa24_dcls")
+@pytest.mark.parametrize("name", NAMES)
+def test_original_layout_maps_to_timm(name):
+    """remap_keys turns apple's names into timm's, as timm's own checkpoint_filter_fn does (on which our inverse,
+    to_original, must round-trip), and leaves timm's names alone."""
+    ref = case(name)[0]
     sd = ref.state_dict()
     original = to_original(sd)
-    assert {"patch_embed.0.rbr_conv.0.conv.weight", "conv_exp.se.reduce.weight", "head.weight",
-            "network.6.pe.weight", "network.6.pe.P", "network.7.0.layer_scale_1", "network.0.0.token_mixer.layer_scale",
-            "network.5.proj.0.lkb_origin.conv.weight", "network.0.0.convffn.conv.bn.running_var",
-            "network.0.0.convffn.conv.conv.P"} <= original.keys()
-    renamed = checkpoint_filter_fn(original, ref)   # timm's own mapping: our inverse must round-trip through it
-    assert renamed.keys() == sd.keys() and all(torch.equal(renamed[k], sd[k]) for k in sd)
-    assert fastvit.remap_keys(sd).keys() == sd.keys()     # identity on timm names
-    assert_same_state(convert("fastvit_sa24_dcls", original, tmp_path / "original.pth.tar"), model)
+    assert {"patch_embed.0.rbr_conv.0.conv.weight", "conv_exp.se.reduce.weight", "head.weight", "network.6.pe.weight",
+            "network.7.0.layer_scale_1", "network.0.0.token_mixer.layer_scale", "network.0.0.layer_scale",
+            "network.5.proj.0.lkb_origin.conv.weight", "network.0.0.convffn.conv.bn.running_var"} <= original.keys()
+    if name.endswith("_dcls"):
+        assert {"network.6.pe.P", "network.0.0.convffn.conv.conv.P"} <= original.keys()
+    for renamed in (checkpoint_filter_fn(original, ref), fastvit.remap_keys(original), fastvit.remap_keys(sd)):
+        assert renamed.keys() == sd.keys() and all(renamed[k] is sd[k] for k in sd)
+
+
+@pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa24_dcls"])
+def test_original_layout_converts_to_the_same_model(name, tmp_path):
+    ref = reference(name, **SMALL)
+    assert_same_state(convert(name, to_original(ref.state_dict()), tmp_path / "original.pth.tar", **SMALL),
+                      convert(name, ref.state_dict(), tmp_path / "timm.pth.tar", **SMALL))
 
 
 @pytest.mark.parametrize("name", ["fastvit_sa24", "fastvit_sa24_dcls"])
