@@ -153,6 +153,9 @@ def data_source(args):
     from jax.experimental import multihost_utils
 
     from data import clickme
+    if args.no_progress:
+        import tensorflow_datasets as tfds
+        tfds.disable_progress_bar()
     if args.sample:
         kwargs = dict(data_dir=cache_dir(args) / "sample_tfds", clickme_dir=SAMPLE_DIR, num_shards={args.split: 1})
     elif args.clickme_dir:
@@ -213,7 +216,7 @@ def make_step(graphdef, methods, entry, protocol, feature_size):
     return step
 
 
-def evaluate_model(name: str, args, methods: list[str], mesh) -> dict:
+def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -241,7 +244,6 @@ def evaluate_model(name: str, args, methods: list[str], mesh) -> dict:
     step = jax.jit(jax.shard_map(make_step(graphdef, methods, entry, args.protocol, feature_size), mesh=mesh,
                                  in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data")))
 
-    source = data_source(args)
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n == 0:
         raise UsageError(f"the {args.split} split holds no records")
@@ -395,7 +397,8 @@ def main(argv=None) -> int:
         if args.distributed:
             jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         mesh = jax.make_mesh((jax.device_count(),), ("data",))
-        results = [evaluate_model(name, args, methods, mesh) for name in names]
+        source = data_source(args)          # first: data problems show before any model is loaded
+        results = [evaluate_model(name, args, methods, mesh, source) for name in names]
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -491,7 +491,9 @@ def reparameterize(model: FastVit) -> FastVit:
     running statistics folded into the branch convs, branches and identities summed into one `reparam_conv`).
     Pure: returns a new model in eval mode and leaves `model` unchanged."""
     cfg = dataclasses.replace(model.config, inference_mode=True)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FastVit(cfg, rngs=nnx.Rngs(0))))
+    # the same RNG streams as the model's (dropout / drop-path keys are copied over like the parameters)
+    streams = {path[-1] for path, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)} or {"default"}
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FastVit(cfg, rngs=nnx.Rngs(**dict.fromkeys(streams, 0)))))
     fused = {}
     flat = []
     for path, var in nnx.to_flat_state(abstract):
