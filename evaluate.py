@@ -190,16 +190,23 @@ def data_source(args):
 # The evaluation step: CAMs, alignment with the human maps and the metrics, on the devices
 
 
-def make_step(graphdef, methods, entry, protocol, feature_size):
+def feature_size(model, entry) -> tuple[int, int]:
+    """(h, w) of the model's CAM target activations for its input size (shape inference only)."""
+    import jax
+    s = entry.input_size
+    return jax.eval_shape(model.forward_features, jax.ShapeDtypeStruct((1, s, s, 3), "float32")).shape[1:3]
+
+
+def make_step(graphdef, methods, entry, protocol, feature_hw):
     """step(state, image, heatmap, label) -> {method: {"rho", "dice", "iou"}} per image; pure and jit-able.
 
-    As in the study, CAMs are resized once, from the feature resolution `feature_size` (h, w) to 224 x 224, by
+    As in the study, CAMs are resized once, from the feature resolution `feature_hw` (h, w) to 224 x 224, by
     data.protocols.align_cam (saliency: from the input resolution)."""
     import cam
     from cam import metrics
     from data import protocols
     features = [m for m in methods if m != "saliency"]
-    cams = [cam.make_cams_fn(graphdef, features, output_size=feature_size)] if features else []
+    cams = [cam.make_cams_fn(graphdef, features, output_size=feature_hw)] if features else []
     if "saliency" in methods:
         cams.append(cam.make_cams_fn(graphdef, ["saliency"]))
 
@@ -230,8 +237,6 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     entry = models.get_entry(name)
     model, source_name = load_model(name, args)
     model.eval()
-    s = entry.input_size
-    feature_size = jax.eval_shape(model.forward_features, jax.ShapeDtypeStruct((1, s, s, 3), "float32")).shape[1:3]
     graphdef, state = nnx.split(model)
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     batch = args.batch_size or 32 * n_dev
@@ -241,8 +246,8 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(state, replicated)
     # Each device evaluates its slice of the batch with replicated parameters: no collectives.
-    step = jax.jit(jax.shard_map(make_step(graphdef, methods, entry, args.protocol, feature_size), mesh=mesh,
-                                 in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data")))
+    fn = make_step(graphdef, methods, entry, args.protocol, feature_size(model, entry))
+    step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data")))
 
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n == 0:

@@ -487,9 +487,11 @@ def _node(model, path):
 
 
 def reparameterize(model: FastVit) -> FastVit:
-    """The inference-time form of a train-time FastViT, as timm's `reparameterize_model` computes it (BatchNorm
-    running statistics folded into the branch convs, branches and identities summed into one `reparam_conv`).
-    Pure: returns a new model in eval mode and leaves `model` unchanged."""
+    """The inference-time form of a train-time FastViT, as timm's `reparameterize_model` computes it: BatchNorm
+    running statistics folded into the branch convs, branches and identities summed into one `reparam_conv` per
+    MobileOne block, RepLK conv, RepMixer and RepCPE (DCLS: RepCPE's constructed 17x17 kernel plus the identity;
+    the ConvMlp convs, DCLS or not, and their BatchNorms stay). Pure: returns a new model in eval mode and leaves
+    `model` unchanged. The weights are fused on the host (numpy), so call it outside `jax.jit`."""
     cfg = dataclasses.replace(model.config, inference_mode=True)
     # the same RNG streams as the model's (dropout / drop-path keys are copied over like the parameters)
     streams = {path[-1] for path, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)} or {"default"}

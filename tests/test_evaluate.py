@@ -133,6 +133,7 @@ def records(reference):
     import torch
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:224, :224] / 224
+    hy, hx = np.mgrid[:256, :256] / 256
     out = []
     for i in range(N_IMAGES):
         img = np.full((224, 224, 3), 128.0)
@@ -140,7 +141,6 @@ def records(reference):
             img += rng.uniform(20, 50, 3) * np.sin(f * (xx * np.cos(t) + yy * np.sin(t)) + phase)[..., None]
         cx, cy, r = rng.uniform(0.25, 0.75, 3)
         img[((xx - cx) ** 2 + (yy - cy) ** 2) < (r / 3) ** 2] = rng.uniform(0, 255, 3)
-        hy, hx = np.mgrid[:256, :256] / 256
         heat = sum(255 * np.exp(-((hx - bx) ** 2 + (hy - by) ** 2) / (2 * s ** 2))
                    for bx, by, s in rng.uniform((0.2, 0.2, 0.05), (0.8, 0.8, 0.2), (2, 3)))
         out.append((jpeg(np.clip(img, 0, 255).astype(np.uint8)), jpeg(np.clip(heat, 0, 255).astype(np.uint8))))
@@ -195,17 +195,17 @@ def one_device(tiny, reference, clickme_url, workdir):
     return json.loads(out.read_text()), stdout.getvalue()
 
 
-def run_cli(args, devices: int, timeout: float = 300, **popen):
+def run_cli(args, devices: int) -> subprocess.Popen:
     """`python -m tests.test_evaluate ARGS` (TINY registered, then evaluate.main) with `devices` CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
                JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     return subprocess.Popen([sys.executable, "-m", "tests.test_evaluate", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc, timeout: float = 300) -> tuple[int, str, str]:
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -258,10 +258,11 @@ def reference_rhos(model, records) -> dict[str, list[float]]:
 
 
 def test_score_matches_pytorch_reference(one_device, reference, records):
+    import jax
     result, stdout = one_device
     ref = reference_rhos(reference[0], records)
     (row,) = result["results"]
-    assert row["model"] == TINY and row["images"] == N_IMAGES and row["devices"] == 1
+    assert row["model"] == TINY and row["images"] == N_IMAGES and row["devices"] == len(jax.devices())
     assert row["checkpoint"] == str(reference[1])
     assert set(row["cams"]) == {"gradcam", "threshold_gradcam"}
     for method, cam in row["cams"].items():
@@ -322,7 +323,7 @@ def test_two_processes_match_one_device(one_device, reference, clickme_url, work
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Errors: one line naming the problem and the way out, exit code 2, no output file
+# Errors: a message naming the problem (and the way out), exit code 2, no output file
 
 
 def run_failing(capsys, args, tmp_path) -> str:
