@@ -11,7 +11,7 @@ out=${OUT:-/tmp}
 nvidia-smi -L
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.txt"; }
-run dcls 70 benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 10
-[ -f benchmarks/bench_evaluate.py ] && run evaluate 120 benchmarks/bench_evaluate.py --models resnet50,convnext_tiny_dcls --batch 64 --steps 5
+run dcls 50 benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 10
+[ -f benchmarks/bench_evaluate.py ] && run evaluate 150 benchmarks/bench_evaluate.py --models resnet50,convnext_tiny_dcls --batch 64 --steps 5
 [ -f benchmarks/bench_train.py ] && run train 100 benchmarks/bench_train.py --batch 128 --size 224 --precision bf16 --steps 5
 exit 0
