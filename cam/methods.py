@@ -26,9 +26,10 @@ normalise (except where the study's definition does: threshold_gradcam): scale i
 Its GradCAM is C times our `gradcam` (sum vs mean); its EigenCAM's sign is whatever LAPACK returns; it replaces
 NaN activations by 0 where we flag the map.
 
-Every map is resized to `output_size` (default: the input's H, W) with `jax.image.resize(..., "linear")`: for
-upsampling this is bilinear with half-pixel centres, identical to torch `F.interpolate(mode="bilinear",
-align_corners=False)` (and to torchvision's Resize, which the study uses); a downsampling resize antialiases.
+Every map is resized to `output_size` (default: the input's H, W) by `resize`: upsampling is bilinear with
+half-pixel centres in TensorFlow's lerp form, equal to torch `F.interpolate(mode="bilinear", align_corners=False)`
+(and to torchvision's Resize, which the study uses), constant regions staying exactly constant; a downsampling
+resize antialiases.
 
 Use: `METHODS[name](model, images, labels, **kw)` (or `grad_cam`, `threshold_grad_cam`, `compute`) checks its
 arguments (ValueError) and compiles the network once per structure and layer for all methods; evaluation jits or
@@ -49,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from data import protocols
 
 # ---------------------------------------------------------------------------------------------------------------
 # Maps at feature resolution from activations `a` and gradients `g`, both (B, h, w, C) float32.
@@ -181,9 +184,13 @@ def input_grads(model, images, labels):
 
 
 def resize(maps, size: tuple[int, int]):
-    """(B, h, w) -> (B, *size) bilinear, half-pixel centres (torch align_corners=False when upsampling)."""
+    """(B, h, w) -> (B, *size) bilinear, half-pixel centres. Upsampling uses the lerp form of
+    data.protocols.resize (torch align_corners=False, constant regions stay exactly constant, so Threshold-Grad-CAM's
+    floor keeps its ties); downsampling antialiases (jax.image.resize)."""
     if tuple(maps.shape[1:]) == tuple(size):
         return maps
+    if size[0] >= maps.shape[1] and size[1] >= maps.shape[2]:
+        return protocols.resize(maps, tuple(size))
     return jax.image.resize(maps, (maps.shape[0], *size), "linear")
 
 

@@ -47,14 +47,16 @@ def crop_window(entry, size: int = SIZE) -> tuple[float, float]:
     return crop_offset(r, c) * size / r, c * size / r
 
 
-def resize(maps: jax.Array, size: int = SIZE) -> jax.Array:
-    """(B, h, w) -> (B, size, size), bilinear with half-pixel centres and no antialias, in TensorFlow's lerp form
-    (rows, then columns; the same float32 operations as data.preprocess.resize_bilinear)."""
+def resize(maps: jax.Array, size: int | tuple[int, int] = SIZE) -> jax.Array:
+    """(B, h, w) -> (B, *size), bilinear with half-pixel centres and no antialias, in TensorFlow's lerp form
+    (rows, then columns; the same float32 operations as data.preprocess.resize_bilinear). A constant region
+    stays exactly constant (unlike jax.image.resize), so the ties Spearman sees are those of torchvision."""
     b, h, w = maps.shape
-    if (h, w) == (size, size):
+    sh, sw = (size, size) if isinstance(size, int) else tuple(size)
+    if (h, w) == (sh, sw):
         return maps
-    y0, y1, ly = _tf_bilinear_taps(h, size)
-    x0, x1, lx = _tf_bilinear_taps(w, size)
+    y0, y1, ly = _tf_bilinear_taps(h, sh)
+    x0, x1, lx = _tf_bilinear_taps(w, sw)
     left, right = maps[:, :, x0], maps[:, :, x1]
     rows = left + (right - left) * lx
     top, bottom = rows[:, y0], rows[:, y1]

@@ -21,7 +21,7 @@ from flax import nnx
 from dcls_jax import Dcls2d
 from models.layers import (Conv2d, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu, global_avg_pool,
                            identity, share_positions, trunc_normal)
-from models.registry import Checkpoint, Entry, override, register
+from models.registry import Checkpoint, Entry, infer_kernel_count, override, register
 
 zeros = jax.nn.initializers.zeros
 
@@ -225,6 +225,7 @@ def _register(size: str, dcls: bool):
         input_size=224,
         checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]),
         remap_keys=remap_keys,
+        infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight") if dcls else None,
     ))
 
 

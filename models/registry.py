@@ -85,3 +85,13 @@ def override(config, overrides: Mapping):
         raise ValueError(f"unknown config override(s) {unknown} for {type(config).__module__}."
                          f"{type(config).__qualname__}; valid: {sorted(fields)}")
     return dataclasses.replace(config, **overrides)
+
+
+def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
+    """`Entry.infer_overrides` for a DCLS model: its `kernel_count` override, read from the last axis of the
+    DCLS weight (O, I/g, K) stored under `key` (a checkpoint without it, or with a dense 4-D kernel there,
+    implies nothing, and loading then reports the missing key or the shape mismatch)."""
+    def infer(state_dict: Mapping[str, np.ndarray]) -> dict:
+        w = state_dict.get(key)
+        return {"kernel_count": int(w.shape[-1])} if w is not None and w.ndim == 3 else {}
+    return infer

@@ -19,7 +19,7 @@ from flax import nnx
 from dcls_jax import Dcls2d
 from models.layers import (BatchNorm2d, Conv2d, DropPath, Dropout, Linear, Sequential, global_avg_pool,
                            kaiming_normal_fan_out, share_positions)
-from models.registry import Checkpoint, Entry, override, register
+from models.registry import Checkpoint, Entry, infer_kernel_count, override, register
 
 EXPANSION = 4     # bottleneck output channels / width
 STEM_WIDTH = 64   # timm's single-conv stem is always 64 wide
@@ -171,4 +171,5 @@ register(Entry(
     name="resnet50_dcls", builder=functools.partial(_build, Config.resnet50(), dcls_conv2), family="resnet",
     target_layer=ResNet.target_layer, resize_size=235, input_size=224,
     checkpoint=Checkpoint(url="https://zenodo.org/record/8373830/files/resnet_dcls_kernel_5_model_best.pth.tar",
-                          key="state_dict_ema", filename="resnet_dcls_kernel_5_model_best.pth.tar")))
+                          key="state_dict_ema", filename="resnet_dcls_kernel_5_model_best.pth.tar"),
+    infer_overrides=infer_kernel_count("layer1.0.conv2.weight")))

@@ -2,6 +2,9 @@
 
 Each reference goes through torch.save -> models.convert.read_checkpoint -> from_state_dict, in timm's and in
 FAIR's key layout; timm's own `checkpoint_filter_fn` checks our FAIR renaming independently.
+CPU time: every registered model is compared numerically with the registry's widths and kernel counts but
+fewer blocks (REDUCED), its full-depth layout strictly converted from timm's full state dict (shapes only),
+and one full model (convnext_tiny_dcls) compared numerically end to end.
 """
 from __future__ import annotations
 
@@ -21,19 +24,30 @@ from tests.torch_ref import dclsify, forward_with_activations, randomize_params,
 
 KERNEL_COUNT = {"tiny": 34, "small": 40, "base": 40}   # shared/reference/dcls.md
 LAYERS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
+NAMES = ["convnext_tiny", "convnext_tiny_dcls", "convnext_small", "convnext_small_dcls", "convnext_base",
+         "convnext_base_dcls"]
 SMALL = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
+REDUCED = dict(depths=(2, 1, 2, 1))
 TOL = 1e-4
 
 
-def reference(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """timm's ConvNeXt (DCLS: its depthwise convs -> dcls.Dcls2d, positions shared per stage) in eval mode, with
-    random layer scales, biases, norm weights and positions (timm's init leaves them trivial)."""
+def timm_model(name: str, kernel_count: int | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm's ConvNeXt; DCLS: its depthwise convs -> dcls.Dcls2d (17, kernel_count, v0), positions shared per
+    stage."""
     size = name.split("_")[1]
     torch.manual_seed(seed)
     model = timm.create_model(f"convnext_{size}", **overrides)
     if name.endswith("_dcls"):
         dclsify([[(block, "conv_dw") for block in stage.blocks] for stage in model.stages],
-                kernel_count=KERNEL_COUNT[size], dilated_kernel_size=17, version="v0", seed=seed)
+                kernel_count=kernel_count or KERNEL_COUNT[size], dilated_kernel_size=17, version="v0", seed=seed)
+    return model
+
+
+def reference(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm_model in eval mode with random layer scales, biases, norm weights and positions (timm's init leaves
+    them trivial)."""
+    model = timm_model(name, seed=seed, **overrides)
+    if name.endswith("_dcls"):
         randomize_params(model, ("P",), seed=seed + 1, scale=4.0)   # spread over the whole 17 x 17 grid
     randomize_params(model, ("gamma",), seed=seed)
     randomize_params(model, ("bias",), seed=seed + 2, scale=0.1)
@@ -113,28 +127,39 @@ def inputs(size: int, seed: int = 0):
     return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
 
 
-@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_tiny_dcls", "convnext_small", "convnext_small_dcls",
-                                  "convnext_base", "convnext_base_dcls"])
-def test_full_model_matches_timm(name, tmp_path):
-    """The registry's full architecture: logits, the CAM target (last stage, before the head's norm) and
-    forward_head(forward_features(x))."""
-    ref = reference(name)
-    model = convert(name, ref, tmp_path / "model.pth")
-    assert get_entry(name).target_layer == "stages.3"
-    check(model, ref, inputs(64), ("stages.3",))
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_timm_at_every_layer(name, tmp_path):
+    """Logits, the activations at every layer name (the default being the CAM target: the last stage, before the
+    head's norm) and forward_head from each of them; the registry's widths and kernel counts, REDUCED depth."""
+    ref = reference(name, **REDUCED)
+    model = convert(name, ref, tmp_path / "model.pth", **REDUCED)
+    assert model.layer_names == LAYERS and get_entry(name).target_layer == "stages.3"
+    check(model, ref, inputs(64), LAYERS)
 
 
-@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_tiny_dcls"])
-def test_every_layer_matches_timm(name, tmp_path):
-    ref = reference(name, **SMALL)
-    model = convert(name, ref, tmp_path / "model.pth", **SMALL)
-    assert model.layer_names == LAYERS
-    check(model, ref, inputs(64, seed=1), LAYERS)
+def test_full_model_matches_timm(tmp_path):
+    ref = reference("convnext_tiny_dcls")
+    check(convert("convnext_tiny_dcls", ref, tmp_path / "model.pth"), ref, inputs(64, seed=1), ("stages.3",))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_architecture_loads_the_original_layout(name):
+    """The registered architecture at full depth takes every tensor of the FAIR-named full state dict, each
+    with its shape (strict conversion; zero-stride arrays, timm's model on the meta device: shapes only)."""
+    ref = timm_model(name, device="meta")
+    sd = ref.state_dict()
+    fair = to_fair(sd)
+    assert checkpoint_filter_fn(fair, ref).keys() == sd.keys()   # timm's mapping inverts ours at full depth too
+    model = from_state_dict(name, {k: np.broadcast_to(np.float32(0), v.shape) for k, v in fair.items()})
+    assert sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model))) == sum(
+        p.numel() for p in ref.parameters())
 
 
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnext_small_dcls"])
 def test_fair_layout_converts_to_the_same_model(name, tmp_path):
-    ref = reference(name, **SMALL)
+    """Same parameters from FAIR's names as from timm's; a DCLS checkpoint's kernel_count (here 34, not the
+    registry's 40) is read from its weights."""
+    ref = reference(name, **SMALL, kernel_count=34)
     sd = ref.state_dict()
     fair = to_fair(sd)
     assert "head.weight" in fair and "norm.weight" in fair and "downsample_layers.0.0.weight" in fair
@@ -144,6 +169,8 @@ def test_fair_layout_converts_to_the_same_model(name, tmp_path):
     a = nnx.to_flat_state(nnx.state(convert(name, ref, tmp_path / "timm.pth", **SMALL)))
     b = nnx.to_flat_state(nnx.state(convert(name, ref, tmp_path / "fair.pth", fair=True, **SMALL)))
     assert [p for p, _ in a] == [p for p, _ in b]
+    if name.endswith("_dcls"):
+        assert {".".join(map(str, p)): v for p, v in a}["stages.0.blocks.0.conv_dw.weight"].shape == (8, 1, 34)
     for (path, va), (_, vb) in zip(a, b):
         np.testing.assert_array_equal(va.get_value(), vb.get_value(), err_msg=str(path))
 

@@ -1,7 +1,9 @@
 """ResNet-50 and ResNet-50-DCLS against timm 1.0.31 (DCLS: + dcls 0.1.1) with random weights and BatchNorm stats.
 
 Each reference goes through torch.save (or safetensors, as the resnet50.a1_in1k baseline is published) ->
-models.convert.read_checkpoint -> from_state_dict.
+models.convert.read_checkpoint -> from_state_dict. CPU time: both models are compared numerically at every
+layer with the registry's widths but fewer blocks (REDUCED), their full-depth layout strictly converted from
+timm's full state dict (shapes only), and resnet50_dcls compared numerically in full.
 """
 from __future__ import annotations
 
@@ -20,17 +22,26 @@ from tests.torch_ref import dclsify, forward_with_activations, randomize_batchno
 LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
 TORCH_LAYERS = {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}
 SMALL = dict(layers=(1, 2, 1, 1), channels=(8, 16, 24, 32), num_classes=10)
+REDUCED = dict(layers=(2, 1, 1, 1))
 TOL = 1e-4
 
 
-def reference(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """timm's resnet50 (DCLS: every bottleneck conv2 -> dcls.Dcls2d, positions shared per stage) in eval mode with
-    random BatchNorm statistics and affine parameters (bn3's weight is zero-initialised in timm)."""
+def timm_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm's resnet50; DCLS: every bottleneck conv2 -> dcls.Dcls2d (7, 5, v0, no bias), positions shared per
+    stage."""
     torch.manual_seed(seed)
     model = timm.create_model("resnet50", **overrides)
     if name.endswith("_dcls"):
         dclsify([[(block, "conv2") for block in getattr(model, f"layer{i}")] for i in range(1, 5)],
                 kernel_count=5, dilated_kernel_size=7, version="v0", bias=False, seed=seed)
+    return model
+
+
+def reference(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """timm_model in eval mode with random BatchNorm statistics and affine parameters (timm zero-initialises bn3's
+    weight) and positions."""
+    model = timm_model(name, seed=seed, **overrides)
+    if name.endswith("_dcls"):
         randomize_params(model, ("P",), seed=seed + 1, scale=2.0)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -91,21 +102,29 @@ def inputs(size: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet50_dcls"])
-def test_full_model_matches_timm(name, tmp_path):
-    """The registry's full architecture: logits, the CAM target (layer4 after its last ReLU) and
-    forward_head(forward_features(x))."""
-    ref = reference(name)
-    model = convert(name, ref, tmp_path / "model.pth.tar")
-    assert get_entry(name).target_layer == "layer4"
-    check(model, ref, inputs(64), ("layer4",))
+def test_matches_timm_at_every_layer(name, tmp_path):
+    """Logits, the activations at every layer name (the default being the CAM target: layer4 after its last
+    ReLU) and forward_head from each of them; the registry's widths, REDUCED depth."""
+    ref = reference(name, **REDUCED)
+    model = convert(name, ref, tmp_path / "model.pth.tar", **REDUCED)
+    assert model.layer_names == LAYERS and get_entry(name).target_layer == "layer4"
+    check(model, ref, inputs(64), LAYERS)
+
+
+def test_full_model_matches_timm(tmp_path):
+    ref = reference("resnet50_dcls")
+    check(convert("resnet50_dcls", ref, tmp_path / "model.pth.tar"), ref, inputs(64, seed=1), ("layer4",))
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet50_dcls"])
-def test_every_layer_matches_timm(name, tmp_path):
-    ref = reference(name, **SMALL)
-    model = convert(name, ref, tmp_path / "model.pth.tar", **SMALL)
-    assert model.layer_names == LAYERS
-    check(model, ref, inputs(64, seed=1), LAYERS)
+def test_full_architecture_loads_timm_layout(name):
+    """The registered architecture takes every tensor of timm's full state dict (num_batches_tracked included,
+    as published checkpoints carry it), each with its shape (strict; zero-stride arrays, meta device)."""
+    ref = timm_model(name, device="meta")
+    sd = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in ref.state_dict().items()}
+    model = from_state_dict(name, sd)
+    assert sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))) == sum(
+        p.numel() for p in ref.parameters())
 
 
 def test_train_mode_batchnorm_matches_timm(tmp_path):
