@@ -245,15 +245,17 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_p
 
 
 def make_eval_step(cfg: configs.Config, graphdef):
-    """jitted (params, batch_stats, rest, batch) -> (correct, count) summed over the global batch."""
+    """jitted (params, batch_stats, rest, batch) -> [correct, cross-entropy, count] summed over the global batch."""
     dtype = DTYPES[cfg.compute_dtype]
     entry = models.get_entry(cfg.model)
 
     def eval_fn(params, batch_stats, rest, batch):
         model = nnx.merge(graphdef, params, batch_stats, rest.unpack())
-        logits = model(augment.normalize(batch["image"], entry.mean, entry.std, dtype))
-        correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
-        return correct.sum(), batch["mask"].sum()
+        logits = model(augment.normalize(batch["image"], entry.mean, entry.std, dtype)).astype(jnp.float32)
+        mask = batch["mask"]
+        correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return jnp.stack([correct.sum(), jnp.where(mask, ce, 0).sum(), mask.sum()])
 
     return jax.jit(eval_fn)
 
@@ -549,16 +551,18 @@ def main(argv=None):
     eval_step = make_eval_step(cfg, eval_graphdef)
 
     def evaluate(step):
-        variants = {"top1": state}
+        variants = {"": state}
         if "ema" in state and cfg.eval_ema:
-            variants["ema_top1"] = state["ema"]
-        totals = {name: np.zeros(2) for name in variants}
+            variants["ema_"] = state["ema"]
+        totals = {prefix: np.zeros(3) for prefix in variants}
         for batch in val_data.iterate():
             batch = to_global(batch)
-            for name, v in variants.items():
-                totals[name] += np.asarray(jax.device_get(eval_step(v["params"], v["batch_stats"], rest, batch)))
-        result = {name: float(c / max(n, 1)) for name, (c, n) in totals.items()}
-        progress.write({"step": step, "eval_images": int(totals["top1"][1]), **result})
+            for prefix, v in variants.items():
+                totals[prefix] += np.asarray(jax.device_get(eval_step(v["params"], v["batch_stats"], rest, batch)))
+        result = {}
+        for prefix, (correct, ce, n) in totals.items():
+            result.update({f"{prefix}top1": float(correct / max(n, 1)), f"{prefix}val_loss": float(ce / max(n, 1))})
+        progress.write({"step": step, "eval_images": int(totals[""][2]), **result})
         return result
 
     # ==================== training loop ====================
@@ -568,6 +572,8 @@ def main(argv=None):
         print(f"{cfg.model}: {jax.device_count()} devices on {pcount} processes, batch {cfg.batch_size}, "
               f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}", flush=True)
     last_eval = {}
+    if val_data is not None and cfg.eval_at_start and step == 0:
+        last_eval = evaluate(0)
     stop = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
     batches = train_data.iterate(step, stop - step)
     for batch in batches:

@@ -79,6 +79,7 @@ class Config:
     keep_checkpoints: int = 3
     stop_at_step: int = 0                  # > 0: checkpoint and stop there (as if preempted)
     eval_every: int = -1                   # steps (-1: every epoch, 0: only at the end)
+    eval_at_start: bool = False            # also evaluate the initial model (step 0)
     eval_batch_size: int = 0               # 0: batch_size
     eval_ema: bool = True
     log_every: int = 50

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from dcls_jax import Dcls2d
-from models.layers import (Attention, BatchNorm2d, Conv2d, DropPath, Dropout, Linear, Mlp, Sequential, gelu,
+from models.layers import (Attention, BatchNorm2d, Conv2d, CutModel, DropPath, Dropout, Linear, Mlp, Sequential, gelu,
                            global_avg_pool, identity, share_positions, trunc_normal)
 from models.registry import Checkpoint, Entry, override, register
 
@@ -421,7 +421,7 @@ class ClassifierHead(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 
-class FastVit(nnx.Module):
+class FastVit(CutModel):
     """FastViT on NHWC inputs. `forward_features` defaults to the study's CAM target, the output of final_conv
     (the original code's `conv_exp`: MobileOne 3x3 depthwise, SE, GELU; 1024 x 8 x 8 at 256 x 256 input)."""
 
@@ -453,26 +453,6 @@ class FastVit(nnx.Module):
     def _parts(self):
         return (self.stem, *self.stages, self.final_conv)
 
-    def _index(self, layer: str | None) -> int:
-        layer = self.target_layer if layer is None else layer
-        if layer not in self.layer_names:
-            raise ValueError(f"unknown layer {layer!r}; valid layers: {self.layer_names}")
-        return self.layer_names.index(layer)
-
-    def forward_features(self, x, layer: str | None = None):
-        """Activations (NHWC) at `layer` (default: final_conv's output)."""
-        for part in self._parts()[:self._index(layer) + 1]:
-            x = part(x)
-        return x
-
-    def forward_head(self, x, layer: str | None = None, pre_logits: bool = False):
-        """Logits (or the pooled features) from the activations at `layer`."""
-        for part in self._parts()[self._index(layer) + 1:]:
-            x = part(x)
-        return self.head(x, pre_logits=pre_logits)
-
-    def __call__(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 _REPARAM = (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc)

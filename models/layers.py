@@ -260,3 +260,38 @@ class Attention(nnx.Module):
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, -1)
         return self.proj_drop(self.proj(y))
+
+
+class CutModel(nnx.Module):
+    """The surface every architecture shares: the network is the sequence `_parts()` (stem, stages, ...)
+    whose outputs are named `layer_names`, followed by `head`; it can be cut at any of them.
+
+    `forward_features(x, layer)` runs the parts up to `layer` (default `target_layer`, the study's CAM layer),
+    `forward_head(a, layer)` the rest and the head, so forward_head(forward_features(x, l), l) == model(x)."""
+
+    layer_names: tuple[str, ...]
+    target_layer: str
+
+    def _parts(self) -> tuple:
+        raise NotImplementedError
+
+    def _index(self, layer: str | None) -> int:
+        layer = self.target_layer if layer is None else layer
+        if layer not in self.layer_names:
+            raise ValueError(f"unknown layer {layer!r}; valid layers: {self.layer_names}")
+        return self.layer_names.index(layer)
+
+    def forward_features(self, x, layer: str | None = None):
+        """Activations (NHWC) at `layer` (default: the study's target layer)."""
+        for part in self._parts()[:self._index(layer) + 1]:
+            x = part(x)
+        return x
+
+    def forward_head(self, x, layer: str | None = None, pre_logits: bool = False):
+        """Logits (or the pooled features with pre_logits=True) from the activations at `layer`."""
+        for part in self._parts()[self._index(layer) + 1:]:
+            x = part(x)
+        return self.head(x, pre_logits=pre_logits)
+
+    def __call__(self, x):
+        return self.forward_head(self.forward_features(x))

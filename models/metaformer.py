@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from dcls_jax import Dcls2d
-from models.layers import (Conv2d, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, global_avg_pool,
+from models import layers
+from models.layers import (Conv2d, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, global_avg_pool,
                            identity, share_positions, trunc_normal)
 from models.registry import Checkpoint, Entry, override, register
 
@@ -116,25 +117,11 @@ class SepConv(nnx.Module):
         return self.pwconv2(self.dwconv(self.act1(self.pwconv1(x))))
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention over the H*W tokens, heads of `head_dim` channels, no qkv/proj biases."""
+class Attention(layers.Attention):
+    """timm MetaFormer's Attention: heads of `head_dim` channels, no qkv or proj biases."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, head_dim: int = 32, proj_drop: float = 0.0, **_):
-        self.head_dim = head_dim
-        self.num_heads = max(dim // head_dim, 1)
-        attention_dim = self.num_heads * head_dim
-        self.qkv = Linear(dim, 3 * attention_dim, bias=False, rngs=rngs, **INIT)
-        self.proj = Linear(attention_dim, dim, bias=False, rngs=rngs, **INIT)
-        self.proj_drop = Dropout(proj_drop, rngs=rngs)
-
-    def __call__(self, x):
-        b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                       # (B, N, heads, head_dim)
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim ** -0.5
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, -1)
-        return self.proj_drop(self.proj(y))
+        super().__init__(dim, head_dim, qkv_bias=False, proj_bias=False, proj_drop=proj_drop, rngs=rngs, **INIT)
 
 
 class MetaFormerBlock(nnx.Module):
@@ -228,7 +215,7 @@ class Head(nnx.Module):
         return x if pre_logits else self.fc(x)
 
 
-class MetaFormer(nnx.Module):
+class MetaFormer(CutModel):
     """MetaFormer on NHWC inputs. `conv_dw(in, out, *, groups, rngs[, P]) -> module` builds SepConv's
     depthwise convs."""
 
@@ -258,26 +245,6 @@ class MetaFormer(nnx.Module):
     def _parts(self):
         return (self.stem, *self.stages)
 
-    def _index(self, layer: str | None) -> int:
-        layer = self.target_layer if layer is None else layer
-        if layer not in self.layer_names:
-            raise ValueError(f"unknown layer {layer!r}; valid layers: {self.layer_names}")
-        return self.layer_names.index(layer)
-
-    def forward_features(self, x, layer: str | None = None):
-        """Activations (NHWC) at `layer` (default: the last stage's output, before the head's norm)."""
-        for part in self._parts()[:self._index(layer) + 1]:
-            x = part(x)
-        return x
-
-    def forward_head(self, x, layer: str | None = None, pre_logits: bool = False):
-        """Logits (or the pooled, normalised features) from the activations at `layer`."""
-        for part in self._parts()[self._index(layer) + 1:]:
-            x = part(x)
-        return self.head(x, pre_logits=pre_logits)
-
-    def __call__(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ def run(model, x, layers):
 
 
 def check(model, ref, x, layers):
+    assert isinstance(ref.norm_pre, torch.nn.Identity)   # so timm's forward_features is the stages.3 output
     logits_ref, acts_ref = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
                                                     {layer: layer for layer in layers})
     logits, default, feats, heads = run(model, jnp.asarray(x), layers)
@@ -170,6 +171,7 @@ def test_fair_layout_converts_to_the_same_model(name, tmp_path):
     b = nnx.to_flat_state(nnx.state(convert(name, ref, tmp_path / "fair.pth", fair=True, **SMALL)))
     assert [p for p, _ in a] == [p for p, _ in b]
     if name.endswith("_dcls"):
+        assert "stages.2.1.dwconv.P" in fair and "stages.2.1.dwconv.weight" in fair
         assert {".".join(map(str, p)): v for p, v in a}["stages.0.blocks.0.conv_dw.weight"].shape == (8, 1, 34)
     for (path, va), (_, vb) in zip(a, b):
         np.testing.assert_array_equal(va.get_value(), vb.get_value(), err_msg=str(path))

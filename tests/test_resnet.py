@@ -7,6 +7,8 @@ timm's full state dict (shapes only), and resnet50_dcls compared numerically in 
 """
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +60,10 @@ def convert(name: str, model: torch.nn.Module, path, **overrides):
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path.with_suffix(".safetensors")))
         path = path.with_suffix(".safetensors")
-    else:             # timm training checkpoints: {"state_dict": ..., "state_dict_ema": ..., "epoch", "args"}
-        save_state_dict(model.state_dict(), path, container=key, epoch=3, arch="resnet50")
+    else:             # a timm training checkpoint: the EMA weights beside other (here zeroed) weights and metadata
+        sd = model.state_dict()
+        save_state_dict(sd, path, container=key, state_dict={k: torch.zeros_like(v) for k, v in sd.items()},
+                        epoch=3, arch="resnet50", args=argparse.Namespace(model="resnet50", lr=0.1))
     return from_state_dict(name, read_checkpoint(path, key), **overrides)
 
 

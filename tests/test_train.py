@@ -97,17 +97,15 @@ def _args(data_dir, *sets, data="imagefolder"):
     return argv
 
 
-# The full recipe, at toy scale: every augmentation and regulariser on, positions pushed hard into the clamp.
+# The full recipe at toy scale: every augmentation and regulariser on, positions pushed hard into the clamp,
+# the validation split evaluated before and after training.
 FULL = (f"total_steps={STEPS}", "mixup_group=2", "position_lr_mult=100", "repulsive_loss=true",
-        "repulsive_after_epoch=-1", "eval_every=0")
-# No augmentation: the loss must fall within a few steps.
-PLAIN = ("total_steps=6", "rand_augment=none", "mixup=0", "cutmix=0", "random_erasing=0", "label_smoothing=0",
-         "drop_path=0", "hflip=0", "val_split=none")
+        "repulsive_after_epoch=-1", "eval_every=0", "eval_at_start=true")
 
 
-def _losses(workdir):
+def _records(workdir, key):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        return [r for r in map(json.loads, f) if key in r]
 
 
 def _host(x):
@@ -140,12 +138,18 @@ def stopped_run(folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("data", ["imagefolder", "tfds"])
-def test_loss_falls(data, folder, tfds_dir, tmp_path):
-    data_dir = folder if data == "imagefolder" else tfds_dir
-    train.main(_args(data_dir, *PLAIN, f"workdir={tmp_path}", data=data))
-    losses = _losses(tmp_path)
-    assert len(losses) == 6 and all(map(math.isfinite, losses))
-    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
+def test_loss_falls(data, full_run, tfds_dir, tmp_path):
+    """The validation loss (clean images, cross-entropy) falls over the STEPS steps of the full recipe."""
+    if data == "imagefolder":
+        workdir = full_run[2]
+    else:
+        workdir = str(tmp_path)
+        train.main(_args(tfds_dir, *FULL, f"workdir={workdir}", data="tfds"))
+    train_losses = [r["loss"] for r in _records(workdir, "loss")]
+    assert len(train_losses) == STEPS and all(map(math.isfinite, train_losses))
+    evals = _records(workdir, "val_loss")
+    assert [r["step"] for r in evals] == [0, STEPS] and evals[0]["eval_images"] == 8
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] - 0.05, evals
 
 
 def test_full_recipe_positions_clamped_and_evaluated(folder, full_run):
@@ -161,7 +165,6 @@ def test_full_recipe_positions_clamped_and_evaluated(folder, full_run):
         assert np.abs(p).max() <= bound, f"{k} escaped the clamp"
         assert np.isclose(np.abs(p), bound).any(), f"{k} never reached the clamp (test too weak)"
     assert 0.0 <= evaluation["top1"] <= 1.0 and 0.0 <= evaluation["ema_top1"] <= 1.0
-    assert len(_losses(workdir)) == STEPS and all(map(math.isfinite, _losses(workdir)))
 
 
 def test_resume_is_bit_exact(full_run, stopped_run):
@@ -173,8 +176,12 @@ def test_resume_is_bit_exact(full_run, stopped_run):
 
 
 def _subprocess_env(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+    # XLA's CPU backend at optimisation level 0 compiles the sharded train step in half the time; the results
+    # are compared with a tolerance anyway.
+    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+               JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=ROOT)
     return env
