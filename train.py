@@ -355,6 +355,61 @@ def load_init_checkpoint(cfg: configs.Config, params, batch_stats):
     return params, batch_stats
 
 
+@dataclasses.dataclass
+class Trainee:
+    """What `create` builds: graph definitions (train / eval mode), optimizer, schedule, position bounds, the
+    initial train state and its shardings, and the model's RNG streams (`Rest`)."""
+    graphdef: object
+    eval_graphdef: object
+    tx: optax.GradientTransformation
+    schedule: object
+    bounds: dict
+    state: dict
+    state_sharding: dict
+    rest: "Rest"
+
+
+def create(cfg: configs.Config, mesh, total_steps: int, steps_per_epoch: int) -> Trainee:
+    """Checks the model config on shapes (`nnx.eval_shape`), then builds the optimizer and the initial state
+    (fresh, or from `init_checkpoint`) as global arrays: parameters replicated, optimizer moments replicated
+    or sharded (`shard_opt_state`)."""
+    replicated = NamedSharding(mesh, P())
+    try:
+        abstract = nnx.eval_shape(lambda: build_model(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {cfg.model!r} with overrides {cfg.model_kwargs}: {e}") from None
+    abstract.train()
+    graphdef, abs_params, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    abstract.eval()
+    eval_graphdef = nnx.graphdef(abstract)
+    bounds = dcls_jax.position_bounds(abstract) if cfg.clamp_positions else {}
+    schedule = lr_schedule(cfg, total_steps, steps_per_epoch)
+    tx = make_optimizer(cfg, schedule, param_groups(abs_params, cfg))
+
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_sharding = (opt_state_sharding(abs_opt, mesh) if cfg.shard_opt_state
+                    else jax.tree.map(lambda _: replicated, abs_opt))
+    state_sharding = {"step": replicated, "params": replicated, "batch_stats": replicated, "opt_state": opt_sharding}
+    if cfg.ema_decay > 0:
+        state_sharding["ema"] = {"params": replicated, "batch_stats": replicated}
+
+    def init_state(params, batch_stats):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+                 "opt_state": tx.init(params)}
+        if cfg.ema_decay > 0:
+            state["ema"] = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+        return state
+
+    # Built eagerly on each host (the same values everywhere), then placed as global replicated arrays.
+    _, params, batch_stats, rest = nnx.split(build_model(cfg), nnx.Param, nnx.BatchStat, ...)
+    if cfg.init_checkpoint:
+        params, batch_stats = load_init_checkpoint(cfg, params, batch_stats)
+    params, batch_stats, rest = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        replicated, np.asarray(x)), (params, batch_stats, Rest.pack(rest)))
+    state = jax.jit(init_state, out_shardings=state_sharding)(params, batch_stats)
+    return Trainee(graphdef, eval_graphdef, tx, schedule, bounds, state, state_sharding, rest)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Logging
 
@@ -447,9 +502,9 @@ def main(argv=None):
     pidx, pcount = jax.process_index(), jax.process_count()
 
     # ==================== input ====================
-    def pipeline(split, train, batch):
+    def pipeline(split, training, batch):
         transform = imagenet.Transform(
-            train=train, image_size=cfg.image_size, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation,
+            train=training, image_size=cfg.image_size, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation,
             scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), hflip=cfg.hflip, rand_augment=cfg.rand_augment,
             erase_prob=cfg.random_erasing, mean=models.get_entry(cfg.model).mean)
         try:
@@ -481,43 +536,9 @@ def main(argv=None):
             batch.update(to_global({"mix_lam": lam, "mix_cut": cut, "mix_box": box}, replicated))
         return batch
 
-    # ==================== model (shapes first) ====================
-    try:
-        abstract = nnx.eval_shape(lambda: build_model(cfg))
-    except TypeError as e:
-        raise ConfigError(f"model {cfg.model!r} does not accept the given overrides: {e}") from None
-    abstract.train()
-    graphdef, abs_params, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
-    abstract.eval()
-    eval_graphdef = nnx.graphdef(abstract)
-    bounds = dcls_jax.position_bounds(abstract) if cfg.clamp_positions else {}
-    groups = param_groups(abs_params, cfg)
-    schedule = lr_schedule(cfg, total_steps, steps_per_epoch)
-    tx = make_optimizer(cfg, schedule, groups)
-
-    # ==================== train state, placed straight into its shardings ====================
-    abs_opt = jax.eval_shape(tx.init, abs_params)
-    opt_sharding = opt_state_sharding(abs_opt, mesh) if cfg.shard_opt_state else jax.tree.map(
-        lambda _: replicated, abs_opt)
-    state_sharding = {"step": replicated, "params": replicated, "batch_stats": replicated, "opt_state": opt_sharding}
-    if cfg.ema_decay > 0:
-        state_sharding["ema"] = {"params": replicated, "batch_stats": replicated}
-
-    def init_state(params, batch_stats):
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-                 "opt_state": tx.init(params)}
-        if cfg.ema_decay > 0:
-            state["ema"] = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
-        return state
-
-    # Built eagerly on each host (the same values everywhere), then placed as global replicated arrays.
-    _, params, batch_stats, rest = nnx.split(build_model(cfg), nnx.Param, nnx.BatchStat, ...)
-    if cfg.init_checkpoint:
-        params, batch_stats = load_init_checkpoint(cfg, params, batch_stats)
-    params, batch_stats, rest = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        replicated, np.asarray(x)), (params, batch_stats, Rest.pack(rest)))
-    state = jax.jit(init_state, out_shardings=state_sharding)(params, batch_stats)
-    del params, batch_stats
+    # ==================== model, optimizer, initial state ====================
+    t = create(cfg, mesh, total_steps, steps_per_epoch)
+    state, rest = t.state, t.rest
 
     # ==================== checkpoints: resume ====================
     manager = None
@@ -547,8 +568,8 @@ def main(argv=None):
                                                        meta=ocp.args.JsonSave(meta)))
 
     # ==================== update and evaluation steps ====================
-    train_step = make_train_step(cfg, graphdef, tx, schedule, bounds, steps_per_epoch, state_sharding)
-    eval_step = make_eval_step(cfg, eval_graphdef)
+    train_step = make_train_step(cfg, t.graphdef, t.tx, t.schedule, t.bounds, steps_per_epoch, t.state_sharding)
+    eval_step = make_eval_step(cfg, t.eval_graphdef)
 
     def evaluate(step):
         variants = {"": state}

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from dcls_jax import Dcls2d
-from models.layers import (Conv2d, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu, global_avg_pool,
-                           identity, share_positions, trunc_normal)
+from models.layers import (Conv2d, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu,
+                           global_avg_pool, identity, share_positions, trunc_normal)
 from models.registry import Checkpoint, Entry, infer_kernel_count, override, register
 
 zeros = jax.nn.initializers.zeros
@@ -92,15 +92,16 @@ class Block(nnx.Module):
 
 
 class Stage(nnx.Module):
-    """Optional downsample (LayerNorm + 2x2 stride-2 conv), then blocks whose depthwise convs share DCLS
-    positions (the first block's conv owns them)."""
+    """Downsample (LayerNorm + stride x stride conv; none in the first stage), then blocks whose depthwise convs
+    share DCLS positions (the first block's conv owns them)."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, conv_dw: Callable[..., nnx.Module], cfg: Config,
+    def __init__(self, in_dim: int, dim: int, stride: int, conv_dw: Callable[..., nnx.Module], cfg: Config,
                  drop_paths: list[float], *, rngs: nnx.Rngs):
-        if in_dim != dim:
+        if in_dim != dim or stride > 1:
             self.downsample = Sequential([
                 LayerNorm(in_dim, eps=1e-6),
-                Conv2d(in_dim, dim, 2, stride=2, rngs=rngs, weight_init=trunc_normal(0.02), bias_init=zeros)])
+                Conv2d(in_dim, dim, stride, stride=stride, rngs=rngs, weight_init=trunc_normal(0.02),
+                       bias_init=zeros)])
         else:
             self.downsample = identity
         conv_dw = share_positions(conv_dw)
@@ -126,8 +127,9 @@ class Head(nnx.Module):
         return x if pre_logits else self.fc(x)
 
 
-class ConvNeXt(nnx.Module):
-    """ConvNeXt on NHWC inputs. `conv_dw(in, out, *, groups, rngs[, P]) -> module` builds the depthwise convs."""
+class ConvNeXt(CutModel):
+    """ConvNeXt on NHWC inputs. `conv_dw(in, out, *, groups, rngs[, P]) -> module` builds the depthwise convs.
+    Cut points: the stem and each stage; the CAM target is the last stage's output, before the head's norm."""
 
     layer_names = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
     target_layer = "stages.3"
@@ -145,33 +147,13 @@ class ConvNeXt(nnx.Module):
         starts = np.cumsum((0,) + tuple(cfg.depths))
         dims_in = (cfg.dims[0],) + tuple(cfg.dims[:-1])
         self.stages = Sequential([
-            Stage(dims_in[i], cfg.dims[i], cfg.depths[i], conv_dw, cfg, rates[starts[i]:starts[i + 1]], rngs=rngs)
+            Stage(dims_in[i], cfg.dims[i], 1 if i == 0 else 2, conv_dw, cfg, rates[starts[i]:starts[i + 1]],
+                  rngs=rngs)
             for i in range(4)])
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
 
     def _parts(self):
         return (self.stem, *self.stages)
-
-    def _index(self, layer: str | None) -> int:
-        layer = self.target_layer if layer is None else layer
-        if layer not in self.layer_names:
-            raise ValueError(f"unknown layer {layer!r}; valid layers: {self.layer_names}")
-        return self.layer_names.index(layer)
-
-    def forward_features(self, x, layer: str | None = None):
-        """Activations (NHWC) at `layer` (default: the last stage's output, before the head's norm)."""
-        for part in self._parts()[:self._index(layer) + 1]:
-            x = part(x)
-        return x
-
-    def forward_head(self, x, layer: str | None = None, pre_logits: bool = False):
-        """Logits (or the pooled, normalised features) from the activations at `layer`."""
-        for part in self._parts()[self._index(layer) + 1:]:
-            x = part(x)
-        return self.head(x, pre_logits=pre_logits)
-
-    def __call__(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dcls_jax import Dcls2d
-from models.layers import (BatchNorm2d, Conv2d, DropPath, Dropout, Linear, Sequential, global_avg_pool,
-                           kaiming_normal_fan_out, share_positions)
+from models.layers import (BatchNorm2d, Conv2d, CutModel, DropPath, Dropout, Linear, Sequential,
+                           global_avg_pool, kaiming_normal_fan_out, share_positions)
 from models.registry import Checkpoint, Entry, infer_kernel_count, override, register
 
 EXPANSION = 4     # bottleneck output channels / width
@@ -94,8 +94,10 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(y + shortcut)
 
 
-class ResNet(nnx.Module):
-    """ResNet on NHWC inputs. `conv2(in, out, *, stride, rngs[, P]) -> module` builds each bottleneck's 3x3 conv."""
+class ResNet(CutModel):
+    """ResNet on NHWC inputs. `conv2(in, out, *, stride, rngs[, P]) -> module` builds each bottleneck's 3x3 conv.
+    Cut points: "stem" (after the max pool) and each layer; the CAM target is layer4's output after its last
+    ReLU (2048 channels, 7x7 at 224)."""
 
     layer_names = ("stem", "layer1", "layer2", "layer3", "layer4")
     target_layer = "layer4"
@@ -129,28 +131,9 @@ class ResNet(nnx.Module):
     def _parts(self):
         return (self.stem, self.layer1, self.layer2, self.layer3, self.layer4)
 
-    def _index(self, layer: str | None) -> int:
-        layer = self.target_layer if layer is None else layer
-        if layer not in self.layer_names:
-            raise ValueError(f"unknown layer {layer!r}; valid layers: {self.layer_names}")
-        return self.layer_names.index(layer)
-
-    def forward_features(self, x, layer: str | None = None):
-        """Activations (NHWC) at `layer`: "stem" is after the max pool; the default "layer4" is the output of
-        its last ReLU (2048 channels, 7x7 at 224)."""
-        for part in self._parts()[:self._index(layer) + 1]:
-            x = part(x)
-        return x
-
-    def forward_head(self, x, layer: str | None = None, pre_logits: bool = False):
-        """Logits (or the pooled features) from the activations at `layer`."""
-        for part in self._parts()[self._index(layer) + 1:]:
-            x = part(x)
+    def head(self, x, pre_logits: bool = False):
         x = self.drop(global_avg_pool(x))
         return x if pre_logits else self.fc(x)
-
-    def __call__(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------

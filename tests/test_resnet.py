@@ -19,7 +19,7 @@ from flax import nnx
 
 from models.convert import from_state_dict, read_checkpoint
 from models.registry import create_model, get_entry
-from tests.torch_ref import dclsify, forward_with_activations, randomize_batchnorm, randomize_params, save_state_dict
+from tests.torch_ref import dclsify, forward_with_activations, randomize_batchnorm, randomize_params
 
 LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
 TORCH_LAYERS = {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}
@@ -62,8 +62,8 @@ def convert(name: str, model: torch.nn.Module, path, **overrides):
         path = path.with_suffix(".safetensors")
     else:             # a timm training checkpoint: the EMA weights beside other (here zeroed) weights and metadata
         sd = model.state_dict()
-        save_state_dict(sd, path, container=key, state_dict={k: torch.zeros_like(v) for k, v in sd.items()},
-                        epoch=3, arch="resnet50", args=argparse.Namespace(model="resnet50", lr=0.1))
+        torch.save({"epoch": 3, "arch": "resnet50", "state_dict": {k: torch.zeros_like(v) for k, v in sd.items()},
+                    key: sd, "args": argparse.Namespace(model="resnet50", lr=0.1)}, path)
     return from_state_dict(name, read_checkpoint(path, key), **overrides)
 
 

@@ -116,8 +116,81 @@ def _flat(state):
     return {".".join(train._names(p)): _host(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def _subprocess_env(devices):
+    # XLA's CPU backend at optimisation level 0 compiles the sharded train step in half the time; the results
+    # are compared with a tolerance anyway.
+    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+               JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONPATH=ROOT)
+    return env
+
+
+_RUNNER = """
+import sys, numpy as np, jax
+jax.config.update("jax_default_matmul_precision", "highest")
+import train
+argv, out = {argv!r}, {out!r}
+if {check_batch!r}:
+    try:
+        train.main(argv + ["--set", "batch_size=6"])
+    except train.ConfigError as e:
+        print("CONFIG ERROR:", e)
+state, _ = train.main(argv)
+if jax.process_index() == 0:
+    np.savez(out, **{{".".join(train._names(p)): np.asarray(x.addressable_data(0))
+                     for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}})
+"""
+
+
+def _spawn(argv, out, devices, check_batch=False):
+    """Runs train.main(argv) in a fresh interpreter; its final state goes to `out` (.npz), its log to out.log."""
+    code = _RUNNER.format(argv=list(argv), out=str(out), check_batch=check_batch)
+    with open(f"{out}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_subprocess_env(devices),
+                                stdout=log, stderr=subprocess.STDOUT)
+    proc.log = f"{out}.log"
+    return proc
+
+
+def _wait(proc, timeout=600):
+    proc.wait(timeout=timeout)
+    with open(proc.log) as f:
+        log = f.read()
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def full_run(folder, tmp_path_factory):
+def spawned(folder, tmp_path_factory):
+    """Starts the 4-device run (STEPS steps) and the two-process run (2 processes x 2 devices joined by
+    jax.distributed.initialize, STOP steps, then a checkpoint) in the background, so that they compile while
+    this process computes the single-device references; test_devices_and_processes_match_one_device collects
+    them."""
+    out = tmp_path_factory.mktemp("spawned")
+    port = _free_port()
+    procs = {"four": [_spawn(_args(folder, *FULL, "val_split=none"), out / "four.npz", 4, check_batch=True)],
+             "multi": [_spawn(_args(folder, *FULL, "val_split=none", f"workdir={out / 'multi'}",
+                                    f"stop_at_step={STOP}")
+                              + ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                              out / "multi.npz", 2) for i in range(2)]}
+    yield out, procs
+    for proc in procs["four"] + procs["multi"]:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def full_run(folder, spawned, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
     state, evaluation = train.main(_args(folder, *FULL, f"workdir={workdir}"))
     return _flat(state), evaluation, workdir
@@ -175,69 +248,17 @@ def test_resume_is_bit_exact(full_run, stopped_run):
         np.testing.assert_array_equal(resumed[k], final[k], err_msg=k)
 
 
-def _subprocess_env(devices):
-    # XLA's CPU backend at optimisation level 0 compiles the sharded train step in half the time; the results
-    # are compared with a tolerance anyway.
-    flags = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
-               JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=ROOT)
-    return env
-
-
-_RUNNER = """
-import sys, numpy as np, jax
-jax.config.update("jax_default_matmul_precision", "highest")
-import train
-argv, out = {argv!r}, {out!r}
-if {check_batch!r}:
-    try:
-        train.main(argv + ["--set", "batch_size=6"])
-    except train.ConfigError as e:
-        print("CONFIG ERROR:", e)
-state, _ = train.main(argv)
-if jax.process_index() == 0:
-    np.savez(out, **{{".".join(train._names(p)): np.asarray(x.addressable_data(0))
-                     for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}})
-"""
-
-
-def _spawn(argv, out, devices, check_batch=False):
-    code = _RUNNER.format(argv=list(argv), out=str(out), check_batch=check_batch)
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_subprocess_env(devices),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait(proc, timeout=600):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_devices_and_processes_match_one_device(full_run, stopped_run, folder, tmp_path):
-    """4 simulated devices in one process (STEPS steps), and 2 processes x 2 devices joined by
-    jax.distributed.initialize (STOP steps, then a checkpoint), against the single-device runs."""
+def test_devices_and_processes_match_one_device(full_run, stopped_run, spawned):
+    """4 simulated devices give the single-device parameters after STEPS steps; two processes after STOP steps."""
     final, _, _ = full_run
     at_stop, _ = stopped_run
-    port = _free_port()
-    four = _spawn(_args(folder, *FULL, "val_split=none"), tmp_path / "four.npz", 4, check_batch=True)
-    multi = [_spawn(_args(folder, *FULL, "val_split=none", f"workdir={tmp_path / 'multi'}", f"stop_at_step={STOP}")
-                    + ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
-                    tmp_path / "multi.npz", 2) for i in range(2)]
-    out = _wait(four)
-    assert "CONFIG ERROR: batch_size 6 is not divisible by the 4 devices" in out, out[-2000:]
-    for proc in multi:
+    out, procs = spawned
+    log = _wait(procs["four"][0])
+    assert "CONFIG ERROR: batch_size 6 is not divisible by the 4 devices" in log, log[-2000:]
+    for proc in procs["multi"]:
         _wait(proc)
     for name, expected in (("four", final), ("multi", at_stop)):
-        got = dict(np.load(tmp_path / f"{name}.npz"))
+        got = dict(np.load(out / f"{name}.npz"))
         assert got.keys() == expected.keys()
         for k in expected:
             np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=2e-5, err_msg=f"{name} {k}")
@@ -255,7 +276,7 @@ def test_devices_and_processes_match_one_device(full_run, stopped_run, folder, t
     (["optimizer=sgd"], "optimizer 'sgd' is not one of"),
     (["rand_augment=rand-q9"], "unknown RandAugment section 'q9'"),
     (["num_classes=10"], "has 4 classes but num_classes=10"),
-    (["model_kwargs={'depthz': (1, 1, 1, 1)}"], "does not accept the given overrides"),
+    (["model_kwargs={'depthz': (1, 1, 1, 1)}"], "unknown config override"),
 ])
 def test_bad_config_fails_before_compute(folder, sets, message):
     before = len(jax.live_arrays())
