@@ -8,7 +8,6 @@ blobs placed by hand on the salient objects, not ClickMe data. Labels are the ne
     python scripts/make_sample.py /tmp/sk/skimage/data
 """
 import io
-import struct
 import sys
 from pathlib import Path
 

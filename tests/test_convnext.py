@@ -8,7 +8,6 @@ and one full model (convnext_tiny_dcls) compared numerically end to end.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +19,8 @@ from timm.models.convnext import checkpoint_filter_fn
 from models import convnext
 from models.convert import from_state_dict, read_checkpoint
 from models.registry import create_model, get_entry
-from tests.torch_ref import dclsify, forward_with_activations, randomize_params, save_state_dict
+from tests.torch_ref import (check_cut_points, dclsify, initial_values, random_images, randomize_params,
+                             save_state_dict)
 
 KERNEL_COUNT = {"tiny": 34, "small": 40, "base": 40}   # shared/reference/dcls.md
 LAYERS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
@@ -28,7 +28,6 @@ NAMES = ["convnext_tiny", "convnext_tiny_dcls", "convnext_small", "convnext_smal
          "convnext_base_dcls"]
 SMALL = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
 REDUCED = dict(depths=(2, 1, 2, 1))
-TOL = 1e-4
 
 
 def timm_model(name: str, kernel_count: int | None = None, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -89,43 +88,7 @@ def to_fair(sd):
     return out
 
 
-def run(model, x, layers):
-    """One jitted call: logits, the default forward_features, and per layer its activations and the logits
-    forward_head computes from them."""
-    graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def f(state, x):
-        m = nnx.merge(graphdef, state)
-        feats = {layer: m.forward_features(x, layer) for layer in layers}
-        return m(x), m.forward_features(x), feats, {layer: m.forward_head(feats[layer], layer) for layer in layers}
-
-    return jax.device_get(f(state, x))
-
-
-def check(model, ref, x, layers):
-    assert isinstance(ref.norm_pre, torch.nn.Identity)   # so timm's forward_features is the stages.3 output
-    logits_ref, acts_ref = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
-                                                    {layer: layer for layer in layers})
-    logits, default, feats, heads = run(model, jnp.asarray(x), layers)
-    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
-    np.testing.assert_array_equal(default, feats["stages.3"])
-    for layer in layers:
-        scale = np.abs(acts_ref[layer]).max()
-        np.testing.assert_allclose(feats[layer], acts_ref[layer], rtol=0, atol=TOL * max(1.0, scale), err_msg=layer)
-        np.testing.assert_allclose(heads[layer], logits_ref, rtol=0, atol=TOL, err_msg=layer)
-
-
-def initial_values(name: str, keys: tuple[str, ...], **overrides) -> dict[str, np.ndarray]:
-    """Some parameters of create_model(name), initialised in one jitted call that computes only those."""
-    def init():
-        flat = nnx.to_flat_state(nnx.state(create_model(name, **overrides)))
-        return {k: v.get_value() for p, v in flat if (k := ".".join(map(str, p))) in keys}
-    return jax.device_get(jax.jit(init)())
-
-
-def inputs(size: int, seed: int = 0):
-    return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -135,12 +98,14 @@ def test_matches_timm_at_every_layer(name, tmp_path):
     ref = reference(name, **REDUCED)
     model = convert(name, ref, tmp_path / "model.pth", **REDUCED)
     assert model.layer_names == LAYERS and get_entry(name).target_layer == "stages.3"
-    check(model, ref, inputs(64), LAYERS)
+    assert isinstance(ref.norm_pre, torch.nn.Identity)   # so timm's forward_features is the stages.3 output
+    check_cut_points(model, ref, random_images(64), {layer: layer for layer in LAYERS}, "stages.3")
 
 
 def test_full_model_matches_timm(tmp_path):
     ref = reference("convnext_tiny_dcls")
-    check(convert("convnext_tiny_dcls", ref, tmp_path / "model.pth"), ref, inputs(64, seed=1), ("stages.3",))
+    check_cut_points(convert("convnext_tiny_dcls", ref, tmp_path / "model.pth"), ref, random_images(64, seed=1),
+                     {"stages.3": "stages.3"}, "stages.3")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -19,7 +19,8 @@ from flax import nnx
 
 from models.convert import from_state_dict, read_checkpoint
 from models.registry import create_model, get_entry
-from tests.torch_ref import dclsify, forward_with_activations, randomize_batchnorm, randomize_params
+from tests.torch_ref import (check_cut_points, dclsify, initial_values, random_images, randomize_batchnorm,
+                             randomize_params)
 
 LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
 TORCH_LAYERS = {"stem": "maxpool", **{f"layer{i}": f"layer{i}" for i in range(1, 5)}}
@@ -67,42 +68,7 @@ def convert(name: str, model: torch.nn.Module, path, **overrides):
     return from_state_dict(name, read_checkpoint(path, key), **overrides)
 
 
-def run(model, x, layers):
-    """One jitted call: logits, the default forward_features, and per layer its activations and the logits
-    forward_head computes from them."""
-    graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def f(state, x):
-        m = nnx.merge(graphdef, state)
-        feats = {layer: m.forward_features(x, layer) for layer in layers}
-        return m(x), m.forward_features(x), feats, {layer: m.forward_head(feats[layer], layer) for layer in layers}
-
-    return jax.device_get(f(state, x))
-
-
-def check(model, ref, x, layers):
-    logits_ref, acts_ref = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2),
-                                                    {layer: TORCH_LAYERS[layer] for layer in layers})
-    logits, default, feats, heads = run(model, jnp.asarray(x), layers)
-    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=TOL)
-    np.testing.assert_array_equal(default, feats["layer4"])
-    for layer in layers:
-        scale = np.abs(acts_ref[layer]).max()
-        np.testing.assert_allclose(feats[layer], acts_ref[layer], rtol=0, atol=TOL * max(1.0, scale), err_msg=layer)
-        np.testing.assert_allclose(heads[layer], logits_ref, rtol=0, atol=TOL, err_msg=layer)
-
-
-def initial_values(name: str, keys: tuple[str, ...], **overrides) -> dict[str, np.ndarray]:
-    """Some parameters of create_model(name), initialised in one jitted call that computes only those."""
-    def init():
-        flat = nnx.to_flat_state(nnx.state(create_model(name, **overrides)))
-        return {k: v.get_value() for p, v in flat if (k := ".".join(map(str, p))) in keys}
-    return jax.device_get(jax.jit(init)())
-
-
-def inputs(size: int, seed: int = 0):
-    return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet50_dcls"])
@@ -112,12 +78,13 @@ def test_matches_timm_at_every_layer(name, tmp_path):
     ref = reference(name, **REDUCED)
     model = convert(name, ref, tmp_path / "model.pth.tar", **REDUCED)
     assert model.layer_names == LAYERS and get_entry(name).target_layer == "layer4"
-    check(model, ref, inputs(64), LAYERS)
+    check_cut_points(model, ref, random_images(64), {layer: TORCH_LAYERS[layer] for layer in LAYERS}, "layer4")
 
 
 def test_full_model_matches_timm(tmp_path):
     ref = reference("resnet50_dcls")
-    check(convert("resnet50_dcls", ref, tmp_path / "model.pth.tar"), ref, inputs(64, seed=1), ("layer4",))
+    check_cut_points(convert("resnet50_dcls", ref, tmp_path / "model.pth.tar"), ref, random_images(64, seed=1),
+                     {"layer4": "layer4"}, "layer4")
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet50_dcls"])
@@ -135,7 +102,7 @@ def test_train_mode_batchnorm_matches_timm(tmp_path):
     """Train mode: BatchNorm normalises with batch statistics and updates the running ones as PyTorch does."""
     ref = reference("resnet50_dcls", **SMALL)
     model = convert("resnet50_dcls", ref, tmp_path / "model.pth.tar", **SMALL)
-    x = inputs(32, seed=2)
+    x = random_images(32, seed=2)
     ref.train()
     with torch.no_grad():
         logits_ref = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()

@@ -83,3 +83,51 @@ def forward_with_activations(model: torch.nn.Module, x: torch.Tensor, modules: d
         for h in hooks:
             h.remove()
     return logits, acts
+
+
+def run_cut_points(model, x, layers):
+    """One jitted call: logits, the default forward_features, and per layer its activations and the logits
+    forward_head computes from them."""
+    import jax
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, x):
+        m = nnx.merge(graphdef, state)
+        feats = {layer: m.forward_features(x, layer) for layer in layers}
+        return m(x), m.forward_features(x), feats, {layer: m.forward_head(feats[layer], layer) for layer in layers}
+
+    return jax.device_get(f(state, x))
+
+
+def check_cut_points(model, ref, x, torch_layers: dict[str, str], target: str, tol: float = 1e-4):
+    """The model against its PyTorch reference `ref` on NHWC `x`: logits, the activations at every layer name
+    (torch_layers maps ours to the reference's module paths; atol scaled by their magnitude), forward_head from
+    each of them, and the default forward_features == the activations at `target`."""
+    import jax.numpy as jnp
+    logits_ref, acts_ref = forward_with_activations(ref, torch.from_numpy(x).permute(0, 3, 1, 2), torch_layers)
+    logits, default, feats, heads = run_cut_points(model, jnp.asarray(x), tuple(torch_layers))
+    np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=tol)
+    np.testing.assert_array_equal(default, feats[target])
+    for layer in torch_layers:
+        scale = np.abs(acts_ref[layer]).max()
+        np.testing.assert_allclose(feats[layer], acts_ref[layer], rtol=0, atol=tol * max(1.0, scale), err_msg=layer)
+        np.testing.assert_allclose(heads[layer], logits_ref, rtol=0, atol=tol, err_msg=layer)
+
+
+def initial_values(name: str, keys: tuple[str, ...], **overrides) -> dict[str, np.ndarray]:
+    """Some parameters of create_model(name), initialised in one jitted call that computes only those."""
+    import jax
+    from flax import nnx
+
+    from models.registry import create_model
+
+    def init():
+        flat = nnx.to_flat_state(nnx.state(create_model(name, **overrides)))
+        return {k: v.get_value() for p, v in flat if (k := ".".join(map(str, p))) in keys}
+    return jax.device_get(jax.jit(init)())
+
+
+def random_images(size: int, seed: int = 0):
+    return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
