@@ -113,12 +113,13 @@ def main(argv=None):
     tiny = jax.default_backend() == "cpu" if args.tiny is None else args.tiny
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; batch {args.batch}, {args.size} px, "
           f"{args.precision}, {'tiny' if tiny else 'full-size'} models, {args.steps} timed steps")
+    common = (args.batch, args.size, args.precision, tiny, args.steps, args.warmup)
+    # PyTorch first: on CPU, XLA's idle worker threads would otherwise slow PyTorch down.
+    ref = {name: torch_step(name, *common) if args.torch else float("nan") for name in args.models}
     print(f"{'model':<22} {'JAX img/s':>10} {'PyTorch img/s':>14} {'JAX/PyTorch':>12}")
     for name in args.models:
-        common = (name, args.batch, args.size, args.precision, tiny, args.steps, args.warmup)
-        ours = jax_step(*common)
-        ref = torch_step(*common) if args.torch else float("nan")
-        print(f"{name:<22} {ours:>10.1f} {ref:>14.1f} {ours / ref:>12.2f}", flush=True)
+        ours = jax_step(name, *common)
+        print(f"{name:<22} {ours:>10.1f} {ref[name]:>14.1f} {ours / ref[name]:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":
