@@ -8,6 +8,10 @@ uint8 batch on the device, reseeding drop path); mixup, erasing and EMA are off 
     python benchmarks/bench_train.py                                   # small, CPU: tiny models, 64 px, fp32
     python benchmarks/bench_train.py --full                            # GPU: batch 128, 224 px, bf16
     python benchmarks/bench_train.py --batch 64 --size 160 --precision fp32 --models convnext_tiny
+
+One H100 (results/h100_train.txt, --full): convnext_tiny 3257 img/s vs PyTorch 2409 (1.35x), convnext_tiny_dcls
+368 vs 296 (1.24x). CPU figures only smoke-test the script: on a shared 2-core machine PyTorch's threads are
+easily starved and its numbers swing by 10x between runs.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator run: every benchmark at its GPU size, in one command (device time is scarce).
-# Expects wheels for what the accelerator image lacks in .whl/ (dcls 0.1.1; flax 0.12.8 pinned).
+# Expects wheels for what the accelerator image lacks in .whl/ (dcls 0.1.1, simplejpeg). Not flax: 0.12.8 does not
+# import under the image's jax 0.11.2; its own flax 0.12.10 does.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -656,7 +656,7 @@ def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike |
     elif meta["model"] is not None and meta["model"] != name:
         raise ValueError(f"{directory} holds a {meta['model']!r} checkpoint, not {name!r}")
     overrides = {**_tuples(meta["overrides"]), **overrides}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # addressable on every host
     checkpointer = ocp.StandardCheckpointer()
     try:
         tree = checkpointer.metadata(state_dir).item_metadata.tree

@@ -386,6 +386,9 @@ def test_hosts_read_their_rows_and_resume_position(folder):
             np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key])
     for step, batch in enumerate(one.iterate(3, 3), start=3):
         np.testing.assert_array_equal(batch["image"], whole[step]["image"])
+    workers = imagenet.Pipeline(source, transform, 8, seed=3, workers=1)   # a spawned decoding process
+    for step, batch in enumerate(workers.iterate(0, 2)):
+        np.testing.assert_array_equal(batch["image"], whole[step]["image"])
     epoch0 = np.concatenate([b["label"] for b in whole[:4]])
     assert sorted(epoch0.tolist()) == sorted(one.source.labels.tolist())   # an epoch is a permutation
     assert not np.array_equal(whole[0]["image"], whole[4]["image"])      # ... reshuffled every epoch
