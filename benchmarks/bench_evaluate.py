@@ -58,15 +58,10 @@ def torch_cams(model, layer, x, labels):
     """{method: (B, 224, 224) CAMs} as the study computes them (its GradCAM.py, thresholding_GradCAM.py)."""
     import torch
     import torchvision.transforms as T
-    acts = {}
-    hook = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
-    try:
-        logits = model(x)
-    finally:
-        hook.remove()
-    a = acts["a"]
-    (g,) = torch.autograd.grad((logits * torch.nn.functional.one_hot(labels, logits.shape[1])).sum(), a)
-    a, alpha = a.detach(), g.mean(dim=(2, 3), keepdim=True)
+
+    from tests.torch_ref import torch_activation_and_grad
+    a, g = torch_activation_and_grad(model, layer, x, labels)
+    alpha = g.mean(dim=(2, 3), keepdim=True)
     grad_cam = torch.relu((a * alpha).mean(1))
     t = torch.relu(a * alpha).mean(1)
     lo, hi = t.amin(dim=(1, 2), keepdim=True), t.amax(dim=(1, 2), keepdim=True)

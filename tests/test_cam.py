@@ -14,7 +14,7 @@ from flax import nnx
 
 import cam
 from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential, global_avg_pool
-from tests.torch_ref import randomize_batchnorm, to_nhwc
+from tests.torch_ref import randomize_batchnorm, to_nhwc, torch_activation_and_grad
 
 RTOL = 1e-4
 
@@ -30,18 +30,6 @@ def assert_close(ours, ref, rtol=RTOL):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The study's definitions, written independently in PyTorch (NCHW).
-
-def torch_activation_and_grad(model, module, x, labels):
-    store = {}
-    handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    a = store["a"]
-    score = (logits * F.one_hot(labels, logits.shape[1])).sum()
-    (g,) = torch.autograd.grad(score, a)
-    return a.detach(), g
 
 
 def torch_study_maps(a, g, size, threshold=0.3):

@@ -131,3 +131,18 @@ def initial_values(name: str, keys: tuple[str, ...], **overrides) -> dict[str, n
 
 def random_images(size: int, seed: int = 0):
     return np.random.default_rng(seed).standard_normal((2, size, size, 3), dtype=np.float32)
+
+
+def torch_activation_and_grad(model, module, x, labels):
+    """The activations A of `module` (a forward hook) and dS/dA by autograd, S = sum of the logits at `labels`:
+    the study's Grad-CAM inputs in PyTorch (NCHW)."""
+    store = {}
+    handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    a = store["a"]
+    score = (logits * torch.nn.functional.one_hot(labels, logits.shape[1])).sum()
+    (g,) = torch.autograd.grad(score, a)
+    return a.detach(), g
