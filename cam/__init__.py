@@ -20,7 +20,7 @@ __all__ = ["FEATURE_MAPS", "METHOD_NAMES", "METHODS", "activations_and_grads", "
 
 
 def __getattr__(name):
-    # Submodules on first use: cam.overlay (PIL), cam.metrics.
-    if name in ("overlay", "metrics"):
+    # Submodules on first use: cam.overlay (PIL), cam.metrics, cam.figures (matplotlib).
+    if name in ("overlay", "metrics", "figures"):
         return importlib.import_module(f"cam.{name}")
     raise AttributeError(f"module 'cam' has no attribute {name!r}")
