@@ -4,6 +4,13 @@
     python evaluate.py --model convnext_tiny_dcls --cam all --limit 2048 --output out.json
     python evaluate.py --models all --table results.md             # the study's table, 16 models x 2 CAMs
     python evaluate.py --model resnet50 --sample --random-init     # offline smoke run on the bundled sample
+    python evaluate.py --model resnet50_dcls --image cat.jpg --overlays out/   # the CAMs of any photo
+
+Each result carries the top-1 / top-5 accuracy of the evaluated images (ClickMe records hold ImageNet labels): a
+published checkpoint far below its ImageNet accuracy means a wrong key map or preprocessing, whatever the score.
+--precision sets the precision of matmuls and convolutions (default "highest": true float32, which the README's
+tolerances assume; "default" lets TPUs and recent GPUs use bfloat16 / TF32 passes; "bfloat16" computes in
+bfloat16). The JSON records it with the device, the versions, and the SHA-256 of the checkpoint evaluated.
 
 Data-parallel over all local devices (and all hosts once `jax.distributed` is initialised, see
 --distributed): one `Mesh` axis "data", the batch sharded over it, parameters replicated, CAMs and the
@@ -20,6 +27,14 @@ import time
 from pathlib import Path
 
 DEFAULT_CAMS = ("gradcam", "threshold_gradcam")
+# --precision: "highest" (the default) runs float32 matmuls/convolutions at full float32 precision on every backend,
+# the setting of the tests and of the README's tolerances (on CPU all three float32 settings compute alike, while TPUs
+# and Ampere+ GPUs otherwise use bfloat16 / TF32 passes that move per-image rho); "default" is the backend's default;
+# "bfloat16" casts the parameters and images to bfloat16 (CAMs and metrics stay float32).
+PRECISIONS = ("highest", "default", "bfloat16")
+# Below this top-1 accuracy on >= ACCURACY_MIN_IMAGES images a trained ImageNet checkpoint is suspect (published
+# ones reach 76-84 % on ImageNet validation).
+ACCURACY_WARN_TOP1, ACCURACY_MIN_IMAGES = 0.5, 20
 
 
 class UsageError(Exception):
@@ -69,6 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int, help="number of processes")
     p.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show the dataset builder's own output")
+    p.add_argument("--precision", default="highest", choices=PRECISIONS,
+                   help="matmul/convolution precision (default: %(default)s, exact float32 as the README's "
+                        "tolerances assume; 'default' lets TPUs/GPUs use bfloat16 or TF32 passes; 'bfloat16' "
+                        "computes the network in bfloat16)")
+    p.add_argument("--image", nargs="+", metavar="PATH",
+                   help="with --model: the CAMs of these image files (JPEG, PNG, ...) with the model's own "
+                        "preprocessing, written as figures to --overlays DIR (no ClickMe data)")
+    p.add_argument("--label", type=int, help="with --image: the ImageNet class to explain (default: the top "
+                   "prediction of each image)")
+    p.add_argument("--plot", help="write a plot of the results table (alignment per architecture, with and "
+                   "without DCLS) to this PNG; `python -m cam.figures table` plots saved JSONs")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
@@ -76,8 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1")
     if args.random_init and args.checkpoint:
         p.error("--random-init and --checkpoint exclude each other")
-    if args.table and not args.models:
-        p.error("--table needs --models")
+    if args.image:
+        if not args.model:
+            p.error("--image needs --model (one model)")
+        if args.sample or args.clickme_dir or args.clickme_url or args.table or args.plot or args.limit:
+            p.error("--image takes no dataset flags (--sample, --clickme-dir, --clickme-url, --limit, --table, "
+                    "--plot)")
+        if not args.overlays and not args.output:
+            p.error("--image needs --overlays DIR (the figures) and/or --output FILE (the predictions, JSON)")
+    elif args.label is not None:
+        p.error("--label goes with --image (ClickMe records carry their own labels)")
     if args.clickme_dir and args.clickme_url:
         p.error("--clickme-dir and --clickme-url exclude each other")
     args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes,
@@ -114,28 +149,86 @@ def cache_dir(args) -> Path:
 
 
 def load_model(name: str, args):
-    """Random weights, a given checkpoint (file, orbax directory or URL), or the published checkpoint,
-    converted once into an orbax directory under the cache and restored from there afterwards."""
+    """(model, source, sha256): random weights, a given checkpoint (file, orbax directory or URL), or the published
+    checkpoint, converted once into an orbax directory under the cache and restored from there afterwards.
+    `sha256` is that of the bytes evaluated (see checkpoint_sha256; None for --random-init), checked against the
+    registry's pinned hash of the published checkpoint, if any, on every load."""
     from flax import nnx
 
     import models
     from models import convert
     if args.random_init:
-        return models.create_model(name, rngs=nnx.Rngs(args.seed)), "random-init"
+        return models.create_model(name, rngs=nnx.Rngs(args.seed)), "random-init", None
     from data.download import cached_download
     if args.checkpoint:
         path = args.checkpoint
         if path.startswith(("http://", "https://")):
             path = cached_download(path, cache_dir(args))
-        return convert.load(name, path), args.checkpoint
-    ckpt = models.get_entry(name).checkpoint
+        if not Path(path).exists():
+            raise UsageError(f"--checkpoint {path} does not exist")
+        digest = checkpoint_sha256(path)
+        return convert.load(name, path), args.checkpoint, digest
+    entry = models.get_entry(name)
+    ckpt = entry.checkpoint
     if ckpt is None:
         raise UsageError(f"{name} has no published checkpoint: pass --checkpoint or --random-init")
+    pinned = pinned_sha256(entry)
     converted = cache_dir(args) / "converted" / name
-    if not converted.is_dir():
-        path = cached_download(ckpt.url, cache_dir(args), filename=ckpt.filename)
-        convert.save(convert.load(name, path, key=ckpt.key), converted, name)
-    return convert.restore(name, converted), ckpt.url
+    stamp = converted.with_name(name + ".sha256")      # the SHA-256 of the file the conversion was made from
+    raw = cached_download_path(ckpt.url, cache_dir(args), ckpt.filename)
+    if converted.is_dir() and stamp.is_file() and not raw.is_file():   # the download was deleted to save space
+        digest = stamp.read_text().strip()
+        verify_sha256(digest, pinned, f"{name}'s converted checkpoint {converted} (made from a file with this hash)")
+        return convert.restore(name, converted), ckpt.url, digest
+    path = cached_download(ckpt.url, cache_dir(args), filename=ckpt.filename)
+    digest = verify_sha256(checkpoint_sha256(path), pinned, f"{name}'s checkpoint {path} (from {ckpt.url})")
+    if not converted.is_dir() or not stamp.is_file() or stamp.read_text().strip() != digest:
+        convert.save(convert.load(name, path, key=ckpt.key), converted, name, overwrite=True)
+        write_atomic(stamp, digest + "\n")
+    return convert.restore(name, converted), ckpt.url, digest
+
+
+def cached_download_path(url: str, cache: Path, filename: str | None) -> Path:
+    """Where data.download.cached_download keeps `url` (without downloading)."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    names = [filename] if filename else [urllib.parse.unquote(p) for p in parts.path.split("/")
+                                         if p not in ("", ".", "..")]
+    return Path(cache) / (parts.hostname or "local") / Path(*names)
+
+
+def checkpoint_sha256(path) -> str:
+    """The SHA-256 of a checkpoint file; of a directory (an orbax checkpoint), the SHA-256 of the sorted lines
+    "<sha256 of the file>  <path relative to the directory>" of all its files (as `sha256sum` prints them)."""
+    import hashlib
+    path = Path(path)
+
+    def of_file(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if path.is_dir():
+        lines = sorted(f"{of_file(p)}  {p.relative_to(path).as_posix()}\n" for p in path.rglob("*") if p.is_file())
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return of_file(path)
+
+
+def pinned_sha256(entry) -> str | None:
+    """The SHA-256 a registry entry pins for its published checkpoint (Checkpoint.sha256 or Entry.sha256), if any."""
+    pinned = getattr(entry.checkpoint, "sha256", None) or getattr(entry, "sha256", None)
+    return pinned.lower() if pinned else None
+
+
+def verify_sha256(digest: str, pinned: str | None, what: str) -> str:
+    """`digest`, or a UsageError when the registry pins another hash."""
+    if pinned and digest.lower() != pinned.lower():
+        raise UsageError(f"SHA-256 mismatch for {what}: got {digest}, the registry pins {pinned}. The file is "
+                         "corrupt or not the published checkpoint; delete it to download it again, or pass the "
+                         "right file with --checkpoint")
+    return digest
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -153,7 +246,7 @@ def data_source(args):
     from jax.experimental import multihost_utils
 
     from data import clickme
-    if args.no_progress:
+    if args.no_progress or not args.verbose:
         import tensorflow_datasets as tfds
         tfds.disable_progress_bar()
     if args.sample:
@@ -167,7 +260,8 @@ def data_source(args):
 
     def prepare():
         try:
-            return clickme.data_source(args.split, **kwargs)
+            with quiet(not args.verbose):
+                return clickme.data_source(args.split, **kwargs)
         except OSError as e:
             if "clickme_dir" in kwargs or e.__cause__ is None:     # not a download failure (those are chained)
                 raise
@@ -223,6 +317,104 @@ def make_step(graphdef, methods, entry, protocol, feature_hw):
     return step
 
 
+def top_k(logits, labels, k: int = 5) -> dict:
+    """Per image: the predicted class, whether it is the label (top-1), whether the label is among the k highest
+    logits (top-k; ties broken towards the lower class index, as lax.top_k)."""
+    import jax
+    import jax.numpy as jnp
+    _, top = jax.lax.top_k(logits.astype(jnp.float32), min(k, logits.shape[-1]))
+    labels = jnp.asarray(labels)
+    return {"predicted": top[:, 0].astype(jnp.int32), "top1": top[:, 0] == labels,
+            "top5": (top == labels[:, None]).any(axis=-1)}
+
+
+def with_predictions(step, graphdef, precision: str = "highest"):
+    """step(state, image, heatmap, label) -> the step's output plus out["predictions"] (top_k of the model's logits).
+    The extra forward pass is the one inside the CAM's VJP: XLA merges the two (common subexpressions), so the
+    compiled step holds as many convolutions as without. With precision "bfloat16" the floating parameters and
+    the images are cast to bfloat16 first."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def fn(state, image, heatmap, label):
+        state, image = cast_for_precision(state, image, precision)
+        out = dict(step(state, image, heatmap, label))
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        out["predictions"] = top_k(model(image), label)
+        return out
+
+    return fn
+
+
+def cast_for_precision(state, image, precision: str):
+    """(state, image) with floating parameters and the image cast to bfloat16 for precision "bfloat16"."""
+    import jax
+    import jax.numpy as jnp
+    if precision != "bfloat16":
+        return state, image
+    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    return state, image.astype(jnp.bfloat16)
+
+
+def precision_context(precision: str):
+    """The jax.default_matmul_precision context for --precision (trace and lowering happen inside it)."""
+    import jax
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    return jax.default_matmul_precision("highest" if precision == "highest" else "default")
+
+
+class WithPrecision:
+    """A jitted function called (and lowered) under precision_context(precision)."""
+
+    def __init__(self, fn, precision: str):
+        self.fn, self.precision = fn, precision
+
+    def __call__(self, *args):
+        with precision_context(self.precision):
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with precision_context(self.precision):
+            return self.fn.lower(*args)
+
+
+def build_step(model, entry, methods, protocol: str, precision: str, mesh):
+    """The jitted, sharded evaluation step of `model` (see make_step, with_predictions) under `precision`."""
+    import jax
+    from flax import nnx
+    graphdef, _ = nnx.split(model)
+    fn = with_predictions(make_step(graphdef, methods, entry, protocol, feature_size(model, entry)), graphdef,
+                          precision)
+    return WithPrecision(jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P_(), P_("data"), P_("data"), P_("data")),
+                                               out_specs=P_("data"))), precision)
+
+
+def P_(*axes):
+    from jax.sharding import PartitionSpec
+    return PartitionSpec(*axes)
+
+
+def accuracy(predictions: dict, valid) -> dict:
+    """{"top1", "top5", "n"} over the valid rows of the gathered predictions."""
+    import numpy as np
+    valid = np.asarray(valid, bool)
+    n = int(valid.sum())
+    mean = (lambda k: float(np.asarray(predictions[k])[valid].mean()) if n else float("nan"))
+    return {"top1": mean("top1"), "top5": mean("top5"), "n": n}
+
+
+def accuracy_warning(name: str, acc: dict, source: str) -> str | None:
+    """A warning line when a trained checkpoint's top-1 is implausibly low (None for random weights)."""
+    if source == "random-init" or acc["n"] < ACCURACY_MIN_IMAGES or not acc["top1"] < ACCURACY_WARN_TOP1:
+        return None
+    return (f"{name}: top-1 accuracy {acc['top1']:.1%} on {acc['n']} images is implausibly low for a trained ImageNet "
+            f"checkpoint (published ones reach 76-84 %): check the checkpoint, its key mapping and the preprocessing "
+            f"before trusting its alignment score")
+
+
 def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     import jax
     import numpy as np
@@ -235,7 +427,7 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     from data import pipeline
 
     entry = models.get_entry(name)
-    model, source_name = load_model(name, args)
+    model, source_name, checkpoint_sha = load_model(name, args)
     model.eval()
     graphdef, state = nnx.split(model)
     n_dev, n_proc = mesh.devices.size, jax.process_count()
@@ -246,17 +438,18 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(state, replicated)
     # Each device evaluates its slice of the batch with replicated parameters: no collectives.
-    fn = make_step(graphdef, methods, entry, args.protocol, feature_size(model, entry))
-    step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data")))
+    step = build_step(model, entry, methods, args.protocol, args.precision, mesh)
 
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n == 0:
         raise UsageError(f"the {args.split} split holds no records")
     steps = pipeline.num_batches(n, local_batch, n_proc)
     results = {m: {k: [] for k in ("rho", "dice", "iou")} for m in methods}
+    predictions = {k: [] for k in ("predicted", "top1", "top5")}
     seen_index, seen_valid = [], []
     overlays_left = args.num_overlays if args.overlays and jax.process_index() == 0 else 0
-    progress = Progress(steps, n, enabled=not args.no_progress and jax.process_index() == 0)
+    shown = []
+    progress = Progress(n, enabled=not args.no_progress and jax.process_index() == 0, desc=name)
     start = time.perf_counter()
     for b in pipeline.batches(source, entry, batch_size=local_batch, limit=n, process_index=jax.process_index(),
                               process_count=n_proc, workers=args.workers):
@@ -270,10 +463,13 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
         for m in methods:
             for k in results[m]:
                 results[m][k].append(np.asarray(out[m][k]))
+        for k in predictions:
+            predictions[k].append(np.asarray(out["predictions"][k]))
         seen_index.append(np.asarray(index))
         seen_valid.append(np.asarray(valid))
         if overlays_left:
-            overlays_left = write_overlays(args, model, methods, entry, b, overlays_left)
+            overlays_left = collect_overlays(args, model, methods, entry, b, out, np.asarray(index), overlays_left,
+                                             shown)
         progress.update(int(np.asarray(valid).sum()))
     progress.close()
     elapsed = time.perf_counter() - start
@@ -282,6 +478,11 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     got = np.sort(index[valid])
     if not np.array_equal(got, np.arange(n)):
         raise RuntimeError(f"evaluated images do not match the requested {n} (lost or duplicated records)")
+    predictions = {k: np.concatenate(v) for k, v in predictions.items()}
+    acc = accuracy(predictions, valid)
+    warning = accuracy_warning(name, acc, source_name)
+    if warning and jax.process_index() == 0:
+        print(f"warning: {warning}", file=sys.stderr)
     rows = {}
     for m in methods:
         rho, dice, iou = (np.concatenate(results[m][k]) for k in ("rho", "dice", "iou"))
@@ -292,67 +493,144 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
                    "skipped_reason": "constant or non-finite map (CAM or human map)" if score["n_skipped"] else "",
                    "rho_per_image": {int(i): (float(r) if np.isfinite(r) else None)
                                      for i, r in zip(index[valid], rho[valid])}}
-    return {"model": name, "checkpoint": source_name, "images": n, "seconds": elapsed,
-            "images_per_second": n / elapsed, "devices": n_dev, "processes": n_proc, "batch_size": batch,
-            "cams": rows}
+        rows[m].update(top1=acc["top1"], top5=acc["top5"])       # next to each score, as the table shows them
+    if shown:
+        write_overlay_figures(args, name, methods, shown)
+    return {"model": name, "checkpoint": source_name, "checkpoint_sha256": checkpoint_sha, "images": n,
+            "seconds": elapsed, "images_per_second": n / elapsed, "devices": n_dev, "processes": n_proc,
+            "batch_size": batch, "precision": args.precision,
+            "accuracy": acc, "warnings": [warning] if warning else [],
+            "predicted_per_image": {int(i): int(p) for i, p in zip(index[valid], predictions["predicted"][valid])},
+            "cams": rows, "_shown": shown}
 
 
-def write_overlays(args, model, methods, entry, batch, left: int) -> int:
-    """PNGs of image | CAM | human map for the first images (process 0)."""
+def collect_overlays(args, model, methods, entry, batch, out, index, left: int, shown: list) -> int:
+    """Keeps, for the first `left` images of the batch (process 0), what the figures show: the model input back in
+    [0, 1], the human map as the metric compares it (data.protocols.align_heatmap), each method's map at 224 x 224,
+    its rho, the label and the prediction. Returns how many are still wanted."""
     import numpy as np
 
     import cam
-    from cam import overlay
+    from data import protocols
     from data.preprocess import SIZE
-    out = Path(args.overlays)
-    out.mkdir(parents=True, exist_ok=True)
     k = min(left, int(batch["valid"].sum()))
+    if k == 0:
+        return left
     images = batch["image"][:k]
-    shown = images * np.asarray(entry.std) + np.asarray(entry.mean)   # back to [0, 1] for display
-    for m in methods:
-        maps = np.asarray(cam.compute(model, images, batch["label"][:k], m, output_size=(SIZE, SIZE)))
-        for i in range(k):
-            overlay.save_overlay(out / f"{int(batch['index'][i]):06d}_{m}.png", shown[i], maps[i],
-                                 batch["heatmap"][i])
+    display = np.clip(images * np.asarray(entry.std) + np.asarray(entry.mean), 0, 1)   # back to [0, 1]
+    humans = np.asarray(protocols.align_heatmap(batch["heatmap"][:k], entry, args.protocol))
+    with precision_context(args.precision):
+        maps = {m: np.asarray(cam.compute(model, images, batch["label"][:k], m, output_size=(SIZE, SIZE)))
+                for m in methods}
+    row_of = {int(i): r for r, i in enumerate(index)}
+    for i in range(k):
+        r = row_of[int(batch["index"][i])]
+        shown.append({"index": int(batch["index"][i]), "image": display[i], "human": humans[i],
+                      "label": int(batch["label"][i]), "predicted": int(np.asarray(out["predictions"]["predicted"])[r]),
+                      "maps": {m: maps[m][i] for m in methods},
+                      "rho": {m: float(np.asarray(out[m]["rho"])[r]) for m in methods}})
     return left - k
 
 
-class Progress:
-    """A one-line progress bar with images/s, on stderr."""
+def write_overlay_figures(args, name: str, methods, shown: list) -> None:
+    """DIR/<model>_<index>_<method>.png (image | model map | human map, labelled) and DIR/<model>_grid.png
+    (the images x the methods)."""
+    from cam import figures
+    out = Path(args.overlays)
+    for s in shown:
+        for m in methods:
+            figures.save(figures.overlay_figure(s["image"], s["maps"][m], s["human"], label=s["label"],
+                                                predicted=s["predicted"], rho=s["rho"][m], method=m, model=name),
+                         out / f"{name}_{s['index']:06d}_{m}.png")
+    figures.save(figures.grid_figure([s["image"] for s in shown], {m: [s["maps"][m] for s in shown] for m in methods},
+                                     humans=[s["human"] for s in shown], labels=[s["label"] for s in shown],
+                                     predicted=[s["predicted"] for s in shown],
+                                     rhos={m: [s["rho"][m] for s in shown] for m in methods}, title=name),
+                 out / f"{name}_grid.png")
 
-    def __init__(self, steps: int, images: int, enabled: bool = True):
-        self.steps, self.images, self.enabled = steps, images, enabled and steps > 0
-        self.done, self.step, self.start = 0, 0, time.perf_counter()
+
+def write_twin_figures(args, results: list[dict], methods) -> list[Path]:
+    """DIR/<model>_vs_<model>_dcls_<method>.png for each evaluated model whose DCLS twin was evaluated too."""
+    from cam import figures
+    by_name = {r["model"]: r.get("_shown") or [] for r in results}
+    written = []
+    for name, a in by_name.items():
+        b = by_name.get(name + "_dcls")
+        if not a or not b:
+            continue
+        common = sorted({s["index"] for s in a} & {s["index"] for s in b})
+        a = [s for s in a if s["index"] in common]
+        b = {s["index"]: s for s in b}
+        b = [b[s["index"]] for s in a]
+        for m in methods:
+            fig = figures.twin_figure([s["image"] for s in a], (name, [s["maps"][m] for s in a]),
+                                      (name + "_dcls", [s["maps"][m] for s in b]), humans=[s["human"] for s in a],
+                                      labels=[s["label"] for s in a],
+                                      rhos=([s["rho"][m] for s in a], [s["rho"][m] for s in b]), method=m)
+            written.append(figures.save(fig, Path(args.overlays) / f"{name}_vs_{name}_dcls_{m}.png"))
+    return written
+
+
+class Progress:
+    """Progress through tqdm on stderr: a live bar on a terminal; in a log (stderr not a terminal) a plain line
+    every `log_every` seconds and at the end, never carriage returns."""
+
+    def __init__(self, images: int, enabled: bool = True, desc: str | None = None, log_every: float = 30.0,
+                 file=None):
+        from tqdm.auto import tqdm
+        file = file or sys.stderr
+        self.enabled = enabled and images > 0
+        tty = hasattr(file, "isatty") and file.isatty()
+        self.bar = tqdm(total=images, desc=desc, unit="img", file=file if tty else _Lines(file),
+                        disable=not self.enabled, mininterval=0.1 if tty else log_every,
+                        maxinterval=10 if tty else log_every, dynamic_ncols=tty, ascii=not tty,
+                        ncols=None if tty else 100)
 
     def update(self, images: int):
-        self.done, self.step = self.done + images, self.step + 1
-        if self.enabled:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            width = 30
-            bar = "#" * (width * self.step // self.steps)
-            print(f"\r[{bar:<{width}}] {self.done}/{self.images} images  {rate:7.1f} img/s", end="",
-                  file=sys.stderr, flush=True)
+        self.bar.update(images)
 
     def close(self):
-        if self.enabled:
-            print(file=sys.stderr)
+        self.bar.close()
+
+
+class _Lines:
+    """A file for tqdm that turns each redraw into one plain line (for logs)."""
+
+    def __init__(self, file):
+        self.file, self.last = file, None
+
+    def write(self, s: str):
+        s = s.replace("\r", "").replace("\x1b[A", "").strip()
+        if s and s != self.last:
+            self.file.write(s + "\n")
+            self.last = s
+
+    def flush(self):
+        self.file.flush()
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Reporting
 
 
-COLUMNS = ("model", "CAM", "alignment score", "mean rho", "images evaluated", "images skipped", "img/s")
+COLUMNS = ("model", "CAM", "alignment score", "mean rho", "top-1", "top-5", "images evaluated", "images skipped",
+           "img/s")
 
 
 def table_rows(results: list[dict]) -> list[tuple]:
     rows = []
     for r in results:
         for m, c in r["cams"].items():
-            rows.append((r["model"], m, f"{c['score']:.4f}", f"{c['mean_rho']:.4f}", str(c["n_evaluated"]),
+            acc = r.get("accuracy") or {}
+            rows.append((r["model"], m, f"{c['score']:.4f}", f"{c['mean_rho']:.4f}", _percent(acc.get("top1")),
+                         _percent(acc.get("top5")), str(c["n_evaluated"]),
                          f"{c['n_skipped']}" + (f" ({c['skipped_reason']})" if c["n_skipped"] else ""),
                          f"{r['images_per_second']:.1f}"))
     return rows
+
+
+def _percent(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -385,7 +663,131 @@ def write_atomic(path: str, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Single images (--image)
+
+
+def read_image(path) -> "np.ndarray":
+    """(H, W, 3) uint8 RGB of any image file PIL reads (JPEG, PNG, ...; alpha dropped, greyscale expanded)."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read the image {path}: {e}") from None
+
+
+def evaluate_images(args, methods: list[str]) -> dict:
+    """The CAMs of image files: each image through the model's own transform (data.preprocess.model_input: resize
+    the shorter side, center crop, normalise), its top-5 predictions, and the maps of `methods` for --label (else
+    its top prediction), written as labelled figures to --overlays. Returns the JSON-able record."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import cam
+    import models
+    from data.preprocess import model_input
+    entry = models.get_entry(args.model)
+    if args.label is not None and not 0 <= args.label < entry.num_classes:
+        raise UsageError(f"--label {args.label} is outside [0, {entry.num_classes})")
+    pictures = [read_image(p) for p in args.image]          # every file is readable before the model loads
+    model, source, digest = load_model(args.model, args)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    size = entry.input_size
+
+    def logits_fn(state, x):
+        state, x = cast_for_precision(state, x, args.precision)
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return jax.nn.softmax(m(x).astype(jnp.float32), axis=-1)
+
+    cams_fn = cam.make_cams_fn(graphdef, methods, output_size=(size, size))
+    predict = WithPrecision(jax.jit(logits_fn), args.precision)
+    explain = WithPrecision(jax.jit(lambda state, x, y: cams_fn(*cast_for_precision(state, x, args.precision), y)),
+                            args.precision)
+    from cam import figures
+    stems = [Path(p).stem for p in args.image]
+    records = []
+    for i, (path, rgb) in enumerate(zip(args.image, pictures)):
+        x = model_input(rgb, entry)[None]
+        probs = np.asarray(predict(state, x))[0]
+        top = np.argsort(-probs, kind="stable")[:5]
+        label = int(top[0]) if args.label is None else args.label
+        maps = {m: np.asarray(v)[0] for m, v in explain(state, x, np.array([label], np.int32)).items()}
+        display = np.clip(x[0] * np.asarray(entry.std) + np.asarray(entry.mean), 0, 1)
+        stem = stems[i] if stems.count(stems[i]) == 1 else f"{i:02d}_{stems[i]}"
+        written = []
+        if args.overlays:
+            for m in methods:
+                title = f"{args.model} - {figures.method_title(m)} of class {figures.class_name(label)}"
+                fig = figures.overlay_figure(display, maps[m], None, label=args.label, predicted=int(top[0]),
+                                             method=m, model=args.model, title=title)
+                written.append(str(figures.save(fig, Path(args.overlays) / f"{args.model}_{stem}_{m}.png")))
+        records.append({"path": str(path), "label": args.label, "explained": label,
+                        "top5": [{"class": int(c), "name": figures.class_name(c), "probability": float(probs[c])}
+                                 for c in top],
+                        "degenerate": {m: bool(np.asarray(cam.is_degenerate(maps[m][None]))[0]) for m in methods},
+                        "figures": written})
+        print(f"{path}: " + ", ".join(f"{figures.class_name(c)} {probs[c]:.1%}" for c in top)
+              + (f"; figures in {args.overlays}" if written else ""))
+    return {"model": args.model, "checkpoint": source, "checkpoint_sha256": digest, "precision": args.precision,
+            "images": records}
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Main
+
+
+def run_config(args, methods, names) -> dict:
+    """The configuration recorded in the JSON: the flags, the devices, the versions."""
+    import flax
+    import jax
+    config = {k: v for k, v in vars(args).items()}
+    config.update(cams=methods, models=names, jax_version=jax.__version__, flax_version=flax.__version__,
+                  jaxlib_version=getattr(__import__("jaxlib"), "__version__", None), backend=jax.default_backend(),
+                  device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                  device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
+                  precision=args.precision)
+    return config
+
+
+def quiet(enabled: bool = True):
+    """Silences stdout and absl/tfds logging below ERROR while preparing the dataset (the tfds builder prints
+    "Downloading and preparing dataset ..." itself); a no-op when not enabled."""
+    import contextlib
+    import io
+    import logging
+    if not enabled:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    for name in ("absl", "tensorflow_datasets"):
+        logger = logging.getLogger(name)
+        level = logger.level
+        logger.setLevel(max(level, logging.ERROR))
+        stack.callback(logger.setLevel, level)
+    return stack
+
+
+def main_images(args) -> int:
+    try:
+        methods = resolve_cams(args.cam)
+        resolve_models(args)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        record = evaluate_images(args, methods)
+    except (UsageError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        write_atomic(args.output, json.dumps({"config": run_config(args, methods, [args.model]), **record}, indent=1))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -395,6 +797,8 @@ def main(argv=None) -> int:
             import models
             print("\n".join(models.list_models()))
             return 0
+        if args.image:
+            return main_images(args)
         names, methods = resolve_models(args), resolve_cams(args.cam)
         if args.output:  # fail before any compute if the output cannot be written
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -408,10 +812,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
+        if args.overlays:
+            write_twin_figures(args, results, methods)
+        for r in results:
+            r.pop("_shown", None)
         print_table(results)
-        config = {k: v for k, v in vars(args).items()}
-        config.update(cams=methods, models=names, jax_version=jax.__version__,
-                      device=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+        config = run_config(args, methods, names)
+        if args.plot:
+            from cam import figures
+            figures.save(figures.table_figure(results, title="alignment with human maps" + (
+                " (random weights)" if args.random_init else "") + (" - bundled sample, synthetic human maps"
+                                                                    if args.sample else "")), args.plot)
         if args.output:
             write_atomic(args.output, json.dumps({"config": config, "results": results}, indent=1, allow_nan=True))
         if args.table:

@@ -135,7 +135,7 @@ def _colorbar(fig: Figure, top: int, left: int, height: int, width: int = 12) ->
     ax.yaxis.tick_right()
     ax.set_yticks([0, 0.5, 1])
     ax.set_yticklabels(["min", "", "max"], fontsize=_FONT - 1)
-    ax.set_ylabel("map value (min-max per map)", fontsize=_FONT - 1, rotation=270, labelpad=12)
+    ax.set_ylabel("map value, min-max per map", fontsize=_FONT - 1, rotation=270, labelpad=12)
     ax.yaxis.set_label_position("right")
 
 
@@ -187,7 +187,7 @@ def overlay_figure(image, model_map, human_map=None, *, label=None, predicted=No
     h, w = img.shape[:2]
     gap, left, top = 8, 8, 2 * _TEXT + 6 + _TEXT
     cols = 3 if human_map is not None else 2
-    width = left + cols * w + (cols - 1) * gap + 90
+    width = left + cols * w + (cols - 1) * gap + 100
     height = top + h + 8
     fig = _figure(width, height)
     what = [f"{model}" if model else None, method_title(method)]
