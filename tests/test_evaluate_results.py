@@ -71,24 +71,25 @@ def png(path) -> np.ndarray:
 
 def test_step_accuracy_equals_numpy_from_logits(tiny_pair):
     """The step's predictions against numpy top-k of the logits of the model called directly, with labels chosen
-    at logit ranks 0, 1, 3, 4, 5, 9, 500: top-1 and top-5 both true and false."""
+    at logit ranks 0, 1, 3, 4, 5, 9, 500, 2: top-1 and top-5 both true and false. (BASE at batch 8: the step
+    sample_run compiles too.)"""
     import jax
     from flax import nnx
 
     import evaluate
     import models
-    entry = models.get_entry(TINY)
-    model = models.create_model(TINY, rngs=nnx.Rngs(3))
+    entry = models.get_entry(BASE)
+    model = models.create_model(BASE, rngs=nnx.Rngs(3))
     model.eval()
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(7, CROP, CROP, 3)).astype(np.float32)
+    x = rng.normal(size=(8, CROP, CROP, 3)).astype(np.float32)
     logits = np.asarray(model(x))
     order = np.argsort(-logits, axis=1, kind="stable")
-    ranks = [0, 1, 3, 4, 5, 9, 500]
-    labels = order[np.arange(7), ranks].astype(np.int32)
+    ranks = [0, 1, 3, 4, 5, 9, 500, 2]
+    labels = order[np.arange(8), ranks].astype(np.int32)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    step = evaluate.build_step(model, entry, ["gradcam"], "study", "highest", mesh)
-    heat = rng.random((7, 224, 224)).astype(np.float32)
+    step = evaluate.build_step(model, entry, ["gradcam", "threshold_gradcam"], "study", "highest", mesh)
+    heat = rng.random((8, 224, 224)).astype(np.float32)
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     out = jax.device_get(step(nnx.split(model)[1], *(jax.device_put(a, data) for a in (x, heat, labels))))
     out = out["predictions"]
@@ -96,8 +97,8 @@ def test_step_accuracy_equals_numpy_from_logits(tiny_pair):
     np.testing.assert_array_equal(out["predicted"], pred)
     np.testing.assert_array_equal(out["top1"], top1)
     np.testing.assert_array_equal(out["top5"], top5)
-    assert top1.tolist() == [True] + [False] * 6 and top5.tolist() == [True] * 4 + [False] * 3
-    valid = np.array([True] * 6 + [False])          # padding rows do not count
+    assert top1.tolist() == [True] + [False] * 7 and top5.tolist() == [True] * 4 + [False] * 3 + [True]
+    valid = np.array([True] * 6 + [False] * 2)      # padding rows do not count
     acc = evaluate.accuracy(out, valid)
     assert acc == {"top1": top1[:6].mean(), "top5": top5[:6].mean(), "n": 6}
 
