@@ -820,9 +820,10 @@ def main(argv=None) -> int:
         config = run_config(args, methods, names)
         if args.plot:
             from cam import figures
-            figures.save(figures.table_figure(results, title="alignment with human maps" + (
-                " (random weights)" if args.random_init else "") + (" - bundled sample, synthetic human maps"
-                                                                    if args.sample else "")), args.plot)
+            caveats = [c for c, on in (("random weights", args.random_init),
+                                       ("bundled sample: SYNTHETIC human maps", args.sample)) if on]
+            figures.save(figures.table_figure(results, title="Alignment with human maps" + (
+                "\n(" + "; ".join(caveats) + ")" if caveats else "")), args.plot)
         if args.output:
             write_atomic(args.output, json.dumps({"config": config, "results": results}, indent=1, allow_nan=True))
         if args.table:

@@ -306,7 +306,7 @@ def table_figure(results: Sequence[Mapping], *, title: str | None = None, size: 
     archs = sorted({k[0] for k in data}, key=lambda a: (STUDY_ARCHITECTURES.index(a) if a in STUDY_ARCHITECTURES
                                                          else len(STUDY_ARCHITECTURES), a))
     methods = list(dict.fromkeys(k[2] for k in data))
-    width, height = size or (max(560, 100 * len(archs) + 120), 100 + 230 * len(methods))
+    width, height = size or (max(560, 100 * len(archs) + 120), 100 + 15 * (len(title.splitlines()) if title else 0) + 230 * len(methods))
     fig = _figure(width, height)
     axes = fig.subplots(len(methods), 1, squeeze=False)[:, 0]
     x = np.arange(len(archs))
@@ -337,9 +337,10 @@ def table_figure(results: Sequence[Mapping], *, title: str | None = None, size: 
         ax.set_title(f"{method_title(m)} (numbers: images evaluated)", fontsize=_FONT + 1)
         ax.tick_params(axis="y", labelsize=_FONT - 1)
         ax.legend(fontsize=_FONT - 1, loc="upper left", ncols=2, frameon=False)
+    lines = len(title.splitlines()) if title else 0
     if title:
-        fig.suptitle(title, fontsize=_FONT + 2)
-    fig.subplots_adjust(left=70 / width, right=1 - 20 / width, top=1 - (50 if title else 30) / height,
+        _text(fig, width / 2, 6, title, fontsize=_FONT + 1, va="top")
+    fig.subplots_adjust(left=70 / width, right=1 - 20 / width, top=1 - (40 + 15 * lines) / height,
                         bottom=(55 if len(archs) > 4 else 40) / height, hspace=0.5)
     return fig
 

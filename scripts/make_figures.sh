@@ -22,4 +22,5 @@ mkdir -p docs
 cp "$OUT/overlays/${FIRST}_000000_threshold_gradcam.png" docs/sample_overlay.png
 cp "$OUT/table.png" docs/sample_table.png
 cp "$OUT/results.json" docs/sample_results.json
+chmod 644 docs/sample_overlay.png docs/sample_table.png docs/sample_results.json
 ls -l docs/sample_overlay.png docs/sample_table.png docs/sample_results.json

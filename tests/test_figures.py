@@ -142,7 +142,7 @@ def test_table_figure_from_jsons(tmp_path):
     assert figures.main(["table", str(out), *map(str, paths), "--title", "t"]) == 0
     fig = figures.table_figure(figures.load_results(paths), title="t")
     img = read_png(out)
-    assert (img.shape[1], img.shape[0]) == fig.layout.size == (560, 100 + 2 * 230)
+    assert (img.shape[1], img.shape[0]) == fig.layout.size == (560, 100 + 15 + 2 * 230)   # one title line
     assert fig.layout.values == {("resnet50", False, "gradcam"): 0.31, ("resnet50", True, "gradcam"): 0.35,
                                  ("resnet50", False, "threshold_gradcam"): 0.52,
                                  ("resnet50", True, "threshold_gradcam"): 0.6,
