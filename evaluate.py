@@ -176,7 +176,12 @@ def load_model(name: str, args):
     converted = cache_dir(args) / "converted" / name
     stamp = converted.with_name(name + ".sha256")      # the SHA-256 of the file the conversion was made from
     raw = cached_download_path(ckpt.url, cache_dir(args), ckpt.filename)
-    if converted.is_dir() and stamp.is_file() and not raw.is_file():   # the download was deleted to save space
+    if converted.is_dir() and not raw.is_file():       # the download was deleted to save space
+        if not stamp.is_file():                         # converted before hashes were recorded
+            if pinned:
+                raise UsageError(f"cannot check {converted} against the pinned SHA-256 (its source file is gone): "
+                                 "delete it to download and convert the checkpoint again")
+            return convert.restore(name, converted), ckpt.url, None
         digest = stamp.read_text().strip()
         verify_sha256(digest, pinned, f"{name}'s converted checkpoint {converted} (made from a file with this hash)")
         return convert.restore(name, converted), ckpt.url, digest
@@ -330,9 +335,9 @@ def top_k(logits, labels, k: int = 5) -> dict:
 
 def with_predictions(step, graphdef, precision: str = "highest"):
     """step(state, image, heatmap, label) -> the step's output plus out["predictions"] (top_k of the model's logits).
-    The extra forward pass is the one inside the CAM's VJP: XLA merges the two (common subexpressions), so the
-    compiled step holds as many convolutions as without. With precision "bfloat16" the floating parameters and
-    the images are cast to bfloat16 first."""
+    The extra forward pass is the one inside the CAM's VJP: XLA merges the two (common subexpressions; the
+    compiled step of the reduced test ResNet held as many convolutions and dots as without, CPU). With precision
+    "bfloat16" the floating parameters and the images are cast to bfloat16 first."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -385,16 +390,12 @@ def build_step(model, entry, methods, protocol: str, precision: str, mesh):
     """The jitted, sharded evaluation step of `model` (see make_step, with_predictions) under `precision`."""
     import jax
     from flax import nnx
+    from jax.sharding import PartitionSpec as P
     graphdef, _ = nnx.split(model)
     fn = with_predictions(make_step(graphdef, methods, entry, protocol, feature_size(model, entry)), graphdef,
                           precision)
-    return WithPrecision(jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P_(), P_("data"), P_("data"), P_("data")),
-                                               out_specs=P_("data"))), precision)
-
-
-def P_(*axes):
-    from jax.sharding import PartitionSpec
-    return PartitionSpec(*axes)
+    return WithPrecision(jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+                                               out_specs=P("data"))), precision)
 
 
 def accuracy(predictions: dict, valid) -> dict:

@@ -1,5 +1,6 @@
 """Figures a researcher can show: labelled CAM overlays, image x method grids, a model next to its DCLS twin, and a
-plot of the study's table (matplotlib, Agg backend; nothing here reads ClickMe data).
+plot of the study's table (matplotlib Figures rendered by Agg, no pyplot, no display; nothing here reads
+ClickMe data).
 
     from cam import figures
     fig = figures.overlay_figure(image, model_map, human_map, label=281, predicted=285, rho=0.41, method="gradcam")
@@ -27,15 +28,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # pyplot-free: PNGs render through Agg, the global backend is left alone
+from PIL import Image
 
-matplotlib.use("Agg")  # before pyplot: files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from cam import overlay as _overlay  # noqa: E402
+from cam import overlay as _overlay
 
 DPI = 100
 # The study's eight architectures, each with and without DCLS (registry names; the DCLS twin adds "_dcls").
@@ -306,7 +303,8 @@ def table_figure(results: Sequence[Mapping], *, title: str | None = None, size: 
     archs = sorted({k[0] for k in data}, key=lambda a: (STUDY_ARCHITECTURES.index(a) if a in STUDY_ARCHITECTURES
                                                          else len(STUDY_ARCHITECTURES), a))
     methods = list(dict.fromkeys(k[2] for k in data))
-    width, height = size or (max(560, 100 * len(archs) + 120), 100 + 15 * (len(title.splitlines()) if title else 0) + 230 * len(methods))
+    lines = len(title.splitlines()) if title else 0
+    width, height = size or (max(560, 100 * len(archs) + 120), 100 + 15 * lines + 230 * len(methods))
     fig = _figure(width, height)
     axes = fig.subplots(len(methods), 1, squeeze=False)[:, 0]
     x = np.arange(len(archs))
@@ -337,7 +335,6 @@ def table_figure(results: Sequence[Mapping], *, title: str | None = None, size: 
         ax.set_title(f"{method_title(m)} (numbers: images evaluated)", fontsize=_FONT + 1)
         ax.tick_params(axis="y", labelsize=_FONT - 1)
         ax.legend(fontsize=_FONT - 1, loc="upper left", ncols=2, frameon=False)
-    lines = len(title.splitlines()) if title else 0
     if title:
         _text(fig, width / 2, 6, title, fontsize=_FONT + 1, va="top")
     fig.subplots_adjust(left=70 / width, right=1 - 20 / width, top=1 - (40 + 15 * lines) / height,

@@ -45,8 +45,8 @@ def sample_run(tiny_pair, tmp_path_factory):
     d = tmp_path_factory.mktemp("sample_run")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = evaluate.main(["--models", f"{BASE},{TINY}", "--sample", "--random-init", "--cache-dir", str(d / "cache"),
-                              "--output", str(d / "out.json"), "--table", str(d / "table.md"), "--plot",
+        code = evaluate.main(["--models", f"{BASE},{TINY}", "--sample", "--random-init", "--cache-dir",
+                              str(d / "cache"), "--output", str(d / "out.json"), "--table", str(d / "table.md"), "--plot",
                               str(d / "plot.png"), "--overlays", str(d / "overlays"), "--num-overlays", "2",
                               "--batch-size", "8", "--workers", "2"])
     assert code == 0, stderr.getvalue()[-3000:]
@@ -314,7 +314,6 @@ def test_image_mode(tiny_pair, photos, tmp_path, label, capsys):
     import cam
     import evaluate
     import models
-    from cam import overlay
     from flax import nnx
     args = ["--model", BASE, "--random-init", "--image", *map(str, photos), "--overlays", str(tmp_path / "fig"),
             "--output", str(tmp_path / "out.json"), "--cam", "gradcam,threshold_gradcam"]
