@@ -1,6 +1,9 @@
 """PNG overlays of heatmaps on images (numpy + PIL; no matplotlib).
 
     cam.overlay.save_overlay("cam.png", image, model_map, human_map)   # image | image+model map | image+human map
+
+The bare strip, without text. Labelled figures (class, prediction, rho, colour bar), grids, model-vs-twin and the
+table plot are in cam.figures, which draws these overlays.
 """
 from __future__ import annotations
 
