@@ -25,7 +25,7 @@ import pytest
 import torch
 from flax import nnx
 
-from data.download import cached_download, download
+from data.download import cache_path, cached_download, download
 from dcls_jax import Dcls2d
 from models import convert, registry
 from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential
@@ -558,7 +558,9 @@ def test_download_verification_and_errors(tmp_path, server, monkeypatch):
         download(f"http://127.0.0.1:{port}/file.bin", tmp_path / "u.bin", retries=1, timeout=5)
     monkeypatch.setenv("DCLS_JAX_CACHE", str(tmp_path / "cache"))
     path = cached_download(url)
-    assert path == tmp_path / "cache" / "127.0.0.1" / "file.bin" and path.read_bytes() == PAYLOAD
+    # the cache key is the whole URL: cache / host / hash of the URL / name
+    assert path == cache_path(url, tmp_path / "cache") and path.read_bytes() == PAYLOAD
+    assert path.parent.parent == tmp_path / "cache" / "127.0.0.1" and path.name == "file.bin"
 
 
 def test_load_from_url_and_published_checkpoint(tmp_path, server, torch_toy, monkeypatch):
@@ -570,4 +572,4 @@ def test_load_from_url_and_published_checkpoint(tmp_path, server, torch_toy, mon
                              checkpoint=registry.Checkpoint(f"{server.url}/toy.pth", "model", "toy_published.pth"),
                              infer_overrides=registry.get_entry(TOY).infer_overrides))
     _assert_params_equal(convert.load("test_convert_published"), torch_toy.state_dict())
-    assert (tmp_path / "cache" / "127.0.0.1" / "toy_published.pth").exists()
+    assert cache_path(f"{server.url}/toy.pth", tmp_path / "cache", filename="toy_published.pth").exists()
