@@ -25,6 +25,7 @@ import numpy as np
 _POLY = np.uint32(0x82F63B78)
 _CHUNK = 1024                      # bytes per chunk of the vectorised CRC
 _LANES = _CHUNK // 4               # 4-byte words per chunk
+_BATCH = 64 << 20                  # padded bytes per batch of the vectorised CRC
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -92,18 +93,33 @@ def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequenc
     if not len(idx):
         return out
     idx = idx[np.argsort(lengths[idx], kind="stable")]         # equal chunk counts become adjacent
-    nchunks = -(-lengths[idx] // _CHUNK)
+    # Batches of at most _BATCH padded bytes: many tiny messages (each padded to 1 KiB) cost no more memory
+    # than a bounded multiple of the file.
+    padded = np.cumsum(-(-lengths[idx] // _CHUNK)) * _CHUNK
+    first = 0
+    while first < len(idx):
+        base = padded[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(padded, base + _BATCH, side="right")))
+        sel = idx[first:last]
+        out[sel] = _crc_sorted(buf, starts[sel], lengths[sel])
+        first = last
+    return out
+
+
+def _crc_sorted(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """CRC32C of messages of >= 4 bytes, sorted by length."""
+    nchunks = -(-lengths // _CHUNK)
     end = np.cumsum(nchunks) * _CHUNK
-    begin = end - lengths[idx]                                 # left-padded: each ends on a chunk boundary
+    begin = end - lengths                                      # left-padded: each ends on a chunk boundary
     flat = np.zeros(int(end[-1]), np.uint8)
-    for b, s, n in zip(begin.tolist(), starts[idx].tolist(), lengths[idx].tolist()):
+    for b, s, n in zip(begin.tolist(), starts.tolist(), lengths.tolist()):
         flat[b:b + n] = buf[s:s + n]
     for k in range(4):                                         # init 0xFFFFFFFF == first 4 bytes XOR 0xFF
         flat[begin + k] ^= 0xFF
     words = flat.view("<u4").reshape(-1, _LANES)
     lo, hi, lanes = _tables()
     lane = np.arange(_LANES)[None] * (4 * 256)                # offsets of the lanes' tables
-    res, row, m = np.empty(len(idx), np.uint32), 0, 0
+    res, row, m = np.empty(len(starts), np.uint32), 0, 0
     for n, g in zip(*(u.tolist() for u in np.unique(nchunks, return_counts=True))):
         block = words[row:row + g * n].reshape(g, n, _LANES)   # g messages of n chunks each
         s = block[:, 0].copy()
@@ -117,8 +133,7 @@ def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequenc
         r ^= lanes[lane + 768 + (s >> 24)]
         res[m:m + g] = np.bitwise_xor.reduce(r, axis=1)
         row, m = row + g * n, m + g
-    out[idx] = res ^ np.uint32(0xFFFFFFFF)
-    return out
+    return res ^ np.uint32(0xFFFFFFFF)
 
 
 def crc32c(data: bytes) -> int:

@@ -333,8 +333,9 @@ class _Archive:
         try:
             with self.zf.open(info) as f:
                 data = f.read(nbytes)
-                if info.file_size == nbytes:
-                    f.read(1)  # reaches the end: the entry's CRC is checked
+                if info.file_size == nbytes and f.read(1):  # else at the end: the entry's CRC is checked
+                    raise ValueError(f"{self.path}: {what} is longer than its declared {nbytes} bytes; the file "
+                                     "is corrupt")
         except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as e:
             raise ValueError(f"{self.path}: cannot read {what} ({e}); the file is truncated or corrupt") from e
         if len(data) < nbytes:
