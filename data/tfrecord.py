@@ -25,7 +25,8 @@ import numpy as np
 _POLY = np.uint32(0x82F63B78)
 _CHUNK = 1024                      # bytes per chunk of the vectorised CRC
 _LANES = _CHUNK // 4               # 4-byte words per chunk
-_BATCH = 64 << 20                  # padded bytes per batch of the vectorised CRC
+_BATCH = 16 << 20                  # padded bytes per batch of the vectorised CRC
+_SMALL = 64                        # messages shorter than this are computed byte by byte
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -86,9 +87,16 @@ def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequenc
     buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
     starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
     out = np.zeros(len(starts), np.uint32)
-    short = lengths < 4
-    for i in np.flatnonzero(short):                            # too short for the initial-value trick
-        out[i] = _crc32c_scalar(buf[starts[i]:starts[i] + lengths[i]].tobytes())
+    short = lengths < _SMALL
+    for n in np.unique(lengths[short]).tolist():               # short messages (TFRecord length fields):
+        sel = np.flatnonzero(short & (lengths == n))           # byte by byte, vectorised over messages
+        for b in range(0, len(sel), 1 << 16):
+            part = sel[b:b + (1 << 16)]
+            data = buf[starts[part][:, None] + np.arange(n)]
+            r = np.full(len(part), 0xFFFFFFFF, np.uint32)
+            for k in range(n):
+                r = _T8[(r ^ data[:, k]) & 0xFF] ^ (r >> np.uint32(8))
+            out[part] = r ^ np.uint32(0xFFFFFFFF)
     idx = np.flatnonzero(~short)
     if not len(idx):
         return out
