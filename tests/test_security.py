@@ -6,7 +6,7 @@
   entries, servers whose file changed;
 - memory: stride-0 / overlapping views, DEFLATE bombs (storage and data.pkl), pickle opcodes that allocate,
   a JPEG header declaring 30000 x 30000 and a flood of tiny TFRecords, each read in a child process whose
-  peak resident memory (ru_maxrss) must stay under 1 GB, with a clear error;
+  peak resident memory (VmHWM, else ru_maxrss) must stay under 1 GB, with a clear error;
 - malformed safetensors headers;
 - concurrency and stale state: two first runs on one fresh cache / data directory (subprocesses, repeated),
   a prepared dataset whose source changed, empty shards, temporary directories of killed conversions.
@@ -306,6 +306,15 @@ _CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from models import convert
     from data import clickme, preprocess, tfrecord
+    def peak():
+        # this process's peak resident memory: VmHWM (ru_maxrss would include the parent's before exec)
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = []
     for kind, path in json.loads(sys.argv[2]):
         try:
@@ -325,7 +334,7 @@ _CHILD = textwrap.dedent("""
             msg = f"{type(e).__name__}: {e}"
         except BaseException as e:
             msg = "RAW " + "".join(traceback.format_exception(e))[-500:]
-        out.append([kind, path, msg, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+        out.append([kind, path, msg, peak()])
     print(json.dumps(out))
 """)
 
