@@ -360,9 +360,10 @@ def _jpeg_with_size(height: int, width: int, gray=False) -> bytes:
 def bombs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bombs")
     cases = []
-    # 1. a stride-0 view of 2 floats claiming 2**30 elements (4 GiB); 2. an overlapping view
+    # 1. a stride-0 view of 2 floats claiming 2**30 elements (4 GiB); 2. an overlapping view (strides 1, 1)
     _storage_zip(d / "stride0.pth", _global_pickle({"w": (0, (1 << 30,), (0,))}, 2), {"0": bytes(8)})
-    _storage_zip(d / "overlap.pth", _global_pickle({"w": (0, (1 << 15, 1 << 15), (1, 1))}, 4), {"0": bytes(16)})
+    _storage_zip(d / "overlap.pth", _global_pickle({"w": (0, (1 << 15, 1 << 15), (1, 1))}, 1 << 16),
+                 {"0": bytes(1 << 18)})                                  # 4 GiB from 256 KiB, inside the storage
     # 3. many small stride-0 views, each under 64 MiB, together 1.6 GiB
     _storage_zip(d / "stride0_many.pth",
                  _global_pickle({f"w{i}": (0, (1 << 22,), (0,)) for i in range(100)}, 1), {"0": bytes(4)})
