@@ -376,27 +376,29 @@ def bombs(tmp_path_factory):
     # 6. a DEFLATE bomb under the data.pkl size limit but over the compression ratio: 30 MB of MARKs
     with zipfile.ZipFile(d / "deflate_pkl_small.pth", "w") as zf:
         zf.writestr("archive/data.pkl", b"\x80\x02" + b"(" * (30 << 20) + b".", zipfile.ZIP_DEFLATED)
-    # 7-10. counted opcodes larger than the file: BINBYTES8, BINUNICODE8, BYTEARRAY8, LONG4
+    # 7-11. counted opcodes larger than the file: BINBYTES8, BINUNICODE8, BYTEARRAY8, LONG4, FRAME
     for name, op in (("binbytes8", b"\x8e" + struct.pack("<Q", 1 << 40)),
                      ("binunicode8", b"\x8d" + struct.pack("<Q", 1 << 40)),
                      ("bytearray8", b"\x96" + struct.pack("<Q", 1 << 40)),
-                     ("long4", b"\x8b" + struct.pack("<i", (1 << 31) - 1))):
-        _storage_zip(d / f"{name}.pth", b"\x80\x05" + op + b"abc.", {})
-    # 11. an opcode flood: 3 M EMPTY_LIST (3 MB stored: each makes a list)
+                     ("long4", b"\x8b" + struct.pack("<i", (1 << 31) - 1)),
+                     ("frame", b"\x95" + struct.pack("<Q", 1 << 40))):
+        # FRAME passes the opcode scan (its size is not an argument read) and reaches the unpickler
+        _storage_zip(d / f"{name}.pth", b"\x80\x05" + op + (b"N." if name == "frame" else b"abc."), {})
+    # 12. an opcode flood: 3 M EMPTY_LIST (3 MB stored: each makes a list)
     _storage_zip(d / "flood.pth", b"\x80\x02" + b"]" * (3 << 20) + b".", {})
-    # 12. a storage declaring 2**40 elements with an 8-byte entry
+    # 13. a storage declaring 2**40 elements with an 8-byte entry
     _storage_zip(d / "numel.pth", _global_pickle({"w": (0, (2,), (1,))}, 1 << 40), {"0": bytes(8)})
     for name in ("stride0", "overlap", "stride0_many", "deflate_storage", "deflate_pkl", "deflate_pkl_small",
-                 "binbytes8", "binunicode8", "bytearray8", "long4", "flood", "numel"):
+                 "binbytes8", "binunicode8", "bytearray8", "long4", "frame", "flood", "numel"):
         cases.append(("checkpoint", d / f"{name}.pth"))
-    # 13. a ClickMe record whose image JPEG declares 30000 x 30000; 14. the same JPEG given to preprocessing
+    # 14. a ClickMe record whose image JPEG declares 30000 x 30000;     15. the same JPEG given to preprocessing
     from tests.test_data import example, frame
     huge = _jpeg_with_size(30000, 30000)
     (d / "huge.jpg").write_bytes(huge)
     (d / "huge.tfrecords").write_bytes(frame(example({"image": huge, "heatmap": _jpeg_with_size(64, 64, True),
                                                      "label": 1})))
     cases += [("record", d / "huge.tfrecords"), ("jpeg", d / "huge.jpg")]
-    # 15. a flood of 500 000 empty records (8 MB): each 8-byte length CRC once padded to 1 KiB
+    # 16. a flood of 500 000 empty records (8 MB): each 8-byte length CRC once padded to 1 KiB
     (d / "tiny.tfrecords").write_bytes(frame(b"") * 500_000)
     cases.append(("records", d / "tiny.tfrecords"))
     return cases
@@ -410,6 +412,7 @@ def test_bombs_fail_clearly_under_1_gb(bombs):
         "deflate_pkl": "data.pkl declares", "deflate_pkl_small": "decompression bomb",
         "binbytes8": "cannot parse the checkpoint's pickle", "binunicode8": "cannot parse the checkpoint's pickle",
         "bytearray8": "cannot parse the checkpoint's pickle", "long4": "cannot parse the checkpoint's pickle",
+        "frame": "cannot parse the checkpoint's pickle",
         "flood": "opcodes", "numel": "holds 8 bytes, expected", "huge": "30000 x 30000 pixels",
         "tiny": "500000 records"}
     report = []
