@@ -499,7 +499,8 @@ def test_prepared_dataset_follows_its_source(tmp_path, shards, caplog):
     assert _labels(clickme.data_source(data_dir=tmp_path / "d")) == [5]         # no source named: as prepared
 
 
-def test_empty_shard_is_an_error(tmp_path):
+def test_empty_shard_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv(clickme.ALLOW_EMPTY_ENV, raising=False)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "val-0.tfrecords").write_bytes(b"")
     with pytest.raises(RecordError, match="holds no records"):
