@@ -21,8 +21,9 @@ Safety:
 - completeness: a body whose length the server does not announce is only accepted when the end is
   confirmed (chunked transfer completed, a Range request past the end answered 416, or a second full read
   with the same SHA-256); a pinned size or SHA-256 is always checked.
-- time: every socket read has `timeout` seconds; a transfer that delivers less than `min_rate` bytes/s over
-  any `timeout`-second window (a trickling server), or exceeds `deadline` seconds in all, fails.
+- time and size: every socket read has `timeout` seconds; a transfer that delivers less than `min_rate`
+  bytes/s over any `timeout`-second window (a trickling server), exceeds `deadline` seconds in all, or
+  `max_size` bytes, fails.
 - concurrency: processes downloading the same `dest` serialise on an fcntl lock (`<dest>.lock`); the second
   one finds the finished file.
 """
@@ -45,6 +46,7 @@ from pathlib import Path
 CHUNK = 1 << 20
 MIN_RATE = 1024          # bytes/s averaged over each `timeout`-second window
 DEFAULT_DEADLINE = 6 * 3600.0
+MAX_SIZE = 16 << 30      # bytes: no checkpoint or shard comes close; a server cannot fill the disk
 
 
 def default_cache_dir() -> Path:
@@ -150,7 +152,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = None, sha256: str | None = None,
              retries: int = 3, timeout: float = 60, deadline: float | None = DEFAULT_DEADLINE,
-             min_rate: float = MIN_RATE) -> Path:
+             min_rate: float = MIN_RATE, max_size: int = MAX_SIZE) -> Path:
     """Downloads `url` to `dest` (resuming, verified, atomic) and returns `dest`; no-op if already complete."""
     dest = Path(dest)
     if sha256 is not None:
@@ -172,7 +174,8 @@ def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = N
             warnings.warn(f"{dest} does not match its recorded size/SHA-256 (corrupt or replaced); "
                           f"downloading it again from {url}", stacklevel=2)
             dest.unlink()
-        _download(url, dest, want_size, want_sha, sha256 is not None, retries, timeout, deadline, min_rate)
+        _download(url, dest, want_size, want_sha, sha256 is not None, retries, timeout, deadline, min_rate,
+                  max_size)
         _write_record(dest, url, sha256_file(dest))
     return dest
 
@@ -183,7 +186,8 @@ def _write_record(dest: Path, url: str, digest: str) -> None:
     os.replace(tmp, _record_path(dest))
 
 
-def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries, timeout, deadline, min_rate):
+def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries, timeout, deadline, min_rate,
+              max_size):
     part = dest.with_name(dest.name + ".part")
     failures = 0
     start = time.monotonic()
@@ -192,7 +196,7 @@ def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries, tim
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
-            total, confirmed = _fetch(url, part, timeout, start, deadline, min_rate)
+            total, confirmed = _fetch(url, part, timeout, start, deadline, min_rate, max_size)
             if confirmed or expected_size is not None or sha256 is not None:
                 break
             # The server announced no length and closed the connection: that may be the end, or a drop.
@@ -248,11 +252,11 @@ class _Short(Exception):
 
 
 class _TooSlow(Exception):
-    """The transfer is slower than the minimum rate or past the deadline."""
+    """The transfer is slower than the minimum rate, past the deadline or over the size limit: not retried."""
 
 
 def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float | None,
-           min_rate: float) -> tuple[int | None, bool]:
+           min_rate: float, max_size: int) -> tuple[int | None, bool]:
     """One request: appends to `part` from its current size (Range) or rewrites it. Returns the total size
     (None if unknown) and whether the body's end is confirmed (announced length reached, or chunked transfer
     completed)."""
@@ -271,11 +275,15 @@ def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float |
             total = int(length) if length is not None and length.isdigit() else None
             mode = "wb"
         chunked = getattr(response, "chunked", False)
+        if total is not None and total > max_size:
+            raise _TooSlow(f"the server announces {total} bytes, more than the limit of {max_size}")
         with open(part, mode) as f:
             window_start, window_bytes = time.monotonic(), 0
             try:
                 while chunk := response.read1(CHUNK):
                     f.write(chunk)
+                    if f.tell() > max_size:
+                        raise _TooSlow(f"more than the limit of {max_size} bytes")
                     now = time.monotonic()
                     window_bytes += len(chunk)
                     if deadline is not None and now - start > deadline:

@@ -2,8 +2,8 @@
 
 - paths from URLs stay inside the cache (percent-encoded slashes, dot segments, absolute paths), and the
   cache key is the whole URL (port, query): checked against an HTTP server on 127.0.0.1 and the files on disk;
-- downloads: unannounced lengths that end early, chunked bodies cut short, trickling servers, corrupt cache
-  entries, servers whose file changed;
+- downloads: unannounced lengths that end early, chunked bodies cut short, trickling servers, oversized
+  bodies, corrupt cache entries, servers whose file changed;
 - memory: stride-0 / overlapping views, DEFLATE bombs (storage and data.pkl), pickle opcodes that allocate,
   a JPEG header declaring 30000 x 30000 and a flood of tiny TFRecords, each read in a child process whose
   peak resident memory (VmHWM, else ru_maxrss) must stay under 1 GB, with a clear error;
@@ -223,6 +223,16 @@ def test_trickling_server_times_out(tmp_path, server):
         download(server.url + "/t.bin", tmp_path / "t.bin", timeout=5, min_rate=0, deadline=0.5)
     assert time.monotonic() - start < 10
     assert not list(tmp_path.iterdir())           # nothing partial kept
+
+
+def test_oversized_downloads_are_refused(tmp_path, server):
+    server.files["/big.bin"] = BODY
+    with pytest.raises(OSError, match="announces 10240 bytes, more than the limit of 1000"):
+        download(server.url + "/big.bin", tmp_path / "big.bin", max_size=1000)
+    server.files["/endless.bin"], server.modes["/endless.bin"] = BODY, "nolength"     # no length announced
+    with pytest.raises(OSError, match="more than the limit of 1000 bytes"):
+        download(server.url + "/endless.bin", tmp_path / "endless.bin", max_size=1000)
+    assert not list(tmp_path.iterdir())
 
 
 def test_recorded_sha256_catches_corruption_and_changed_files(tmp_path, server):
