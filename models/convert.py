@@ -4,6 +4,7 @@
     model = from_state_dict("convnext_tiny_dcls", sd)                # timm or original key names
     model = load("convnext_tiny_dcls", "ckpt.pth")                   # both steps; also an orbax dir or a URL
     save(model, "out/convnext_tiny_dcls"); model = restore("out/convnext_tiny_dcls")
+    model = load_published("convnext_tiny_dcls", cache_dir)         # downloaded and converted once, verified
 
     python -m models.convert --model convnext_tiny_dcls --checkpoint FILE_OR_URL [--key model] --out DIR
 
@@ -15,6 +16,19 @@ placeholder (calling it, or restoring its state, only makes more placeholders). 
 requested weights (optimizer state, args, metrics) are dropped; one inside them is an error naming it.
 `.safetensors` files are parsed directly. A container is unwrapped with `key` if given, else with the first
 of CONTAINER_KEYS that holds a dict (a flat state dict is used as is); "module." prefixes are stripped.
+
+Limits (hostile files fail with a ValueError before anything large is allocated): zip entries are read with
+a cap (their declared sizes checked against the file, compressed entries at most MAX_RATIO times their
+compressed size, streamed); data.pkl is at most MAX_PICKLE_BYTES and its opcodes are scanned first
+(pickletools: a counted BINBYTES8/BINUNICODE8/LONG4 larger than the rest of the file is an error, at most
+MAX_PICKLE_OPS opcodes); a tensor view holding more elements than its storage (stride 0, overlapping) counts
+against MAX_EXPANDED_BYTES for the whole file; safetensors headers are validated completely (types, shapes,
+in-range and non-overlapping offsets).
+
+Integrity: NaN or infinite parameters are an error naming the tensors (allow_nonfinite=True /
+--allow-nonfinite to load them anyway); save() writes a SHA-256 manifest of its files and restore() checks
+it (CorruptCheckpointError); load_published() downloads, converts and restores the published checkpoint
+under a lock shared by the runs using one cache, converting again when the cached copy is corrupt.
 
 Conversion. Our parameters keep PyTorch's names and layouts, so keys match one to one: the entry's
 `remap_keys` turns original-repository names into timm names, the model is built abstractly
