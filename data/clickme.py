@@ -14,19 +14,29 @@ tf.train.Example and writes array_record files, keeping the JPEG bytes exactly a
 their reading order (shard by shard, record by record: `index`), not the interleaved order of Harmonization's
 tf.data loader, which is irrelevant to the mean score. Configs: "default" builds the validation split only
 (17 shards, the study's data); "with_train" also builds the 318 training shards.
+
+data_source() prepares under a lock (`<data_dir>/.clickme-<config>.lock`), so runs sharing a data directory
+prepare it once, and records what the dataset was built from in `<dataset dir>/source.json` (the shards'
+directory, sizes, modification times and SHA-256, or the download URL and the shards' SHA-256). A prepared
+dataset whose source no longer matches (another --clickme-dir with other shards, another URL, another
+subset) is rebuilt; a call that names no source (no clickme_dir, base_url or num_shards) uses whatever is
+prepared. A shard without records is an error (unless allow_empty_shards / $DCLS_JAX_ALLOW_EMPTY_SHARDS=1).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data.download import cached_download, file_lock, read_record, sha256_file
+from data.preprocess import jpeg_header
 from data.tfrecord import RecordError, parse_example, read_records
 
 BASE_URL = "https://storage.googleapis.com/serrelab/prj_harmonization/dataset/click-me"
@@ -35,6 +45,13 @@ BASE_URL = "https://storage.googleapis.com/serrelab/prj_harmonization/dataset/cl
 SHARDS = {"validation": ("val", 17), "train": ("train", 318)}
 NUM_VALIDATION = 52_224                 # images the study assumes in the 17 validation shards
 NUM_CLASSES = 1000
+SOURCE_FILE = "source.json"
+# A shard without records is an error (a real ClickMe shard is never empty); tests that imitate the 17-shard
+# layout with a few records set this variable to "1" (or pass allow_empty_shards=True) to accept them.
+ALLOW_EMPTY_ENV = "DCLS_JAX_ALLOW_EMPTY_SHARDS"
+# SHA-256 of the official shards, {(split, index): hex}, checked on download where known; the bucket publishes
+# none, so each shard's hash is recorded at its first download (data.download) and checked afterwards.
+SHARD_SHA256: dict[tuple[str, int], str] = {}
 
 _log = logging.getLogger(__name__)
 
@@ -78,9 +95,9 @@ def parse_clickme(record: bytes, where: str) -> dict:
         out[name] = v[0]
     for name, want in (("image", ("YCbCr", "RGB")), ("heatmap", ("Gray",))):
         try:
-            colorspace = simplejpeg.decode_jpeg_header(out[name])[2]
+            colorspace = jpeg_header(out[name], f"feature {name!r}")[2]
         except ValueError as e:
-            raise RecordError(f"{where}: feature {name!r} is not a readable JPEG ({e})") from None
+            raise RecordError(f"{where}: {e}") from None
         if colorspace not in want:
             channels = {"Gray": 1, "YCbCr": 3, "RGB": 3}.get(colorspace, 4)
             raise RecordError(f"{where}: feature {name!r} is a {channels}-channel ({colorspace}) JPEG, expected "
@@ -105,13 +122,16 @@ class Clickme(tfds.core.GeneratorBasedBuilder):
     code_path = epath.Path(__file__)
 
     def __init__(self, *, clickme_dir: str | os.PathLike | None = None, base_url: str = BASE_URL,
-                 num_shards: Mapping[str, int] | None = None, **kwargs):
+                 num_shards: Mapping[str, int] | None = None, allow_empty_shards: bool | None = None, **kwargs):
         """clickme_dir: local directory with the shards (no download); base_url: where to download them;
-        num_shards: {split: n} to read only shards 0..n-1 (tests, samples). They matter only when the
-        dataset is prepared: a prepared dataset in data_dir is reused as it is, so keep subsets apart."""
+        num_shards: {split: n} to read only shards 0..n-1 (tests, samples). Through data_source() a
+        prepared dataset built from another source than the one named is rebuilt (see the module's docstring)."""
         self._clickme_dir = clickme_dir
         self._base_url = base_url
         self._num_shards = {s: n for s, (_, n) in SHARDS.items()} | dict(num_shards or {})
+        self._shard_sha256: dict[tuple[str, int], str] = {}   # of the shards read by the last preparation
+        self._allow_empty = (os.environ.get(ALLOW_EMPTY_ENV) == "1" if allow_empty_shards is None
+                             else allow_empty_shards)
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
 
@@ -134,22 +154,51 @@ class Clickme(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
+    def _splits(self) -> list[str]:
+        return ["validation"] + (["train"] if self.builder_config.name == "with_train" else [])
+
     def _shard_paths(self, split: str, dl_manager) -> list[Path]:
         n = self._num_shards[split]
         if self._clickme_dir is not None:
-            return [find_local_shard(self._clickme_dir, split, i) for i in range(n)]
-        from data.download import cached_download
+            paths = [find_local_shard(self._clickme_dir, split, i) for i in range(n)]
+            self._shard_sha256 |= {(split, i): sha256_file(p) for i, p in enumerate(paths)}
+            return paths
         cache = Path(os.fspath(dl_manager.download_dir)) / "clickme"
-        return [Path(cached_download(shard_url(split, i, self._base_url), cache_dir=cache)) for i in range(n)]
+        paths = []
+        for i in range(n):
+            url = shard_url(split, i, self._base_url)
+            pinned = SHARD_SHA256.get((split, i)) if self._base_url == BASE_URL else None
+            paths.append(Path(cached_download(url, cache_dir=cache, sha256=pinned)))
+            self._shard_sha256[split, i] = (read_record(paths[-1]) or {}).get("sha256") or sha256_file(paths[-1])
+        return paths
 
     def _split_generators(self, dl_manager):
-        splits = ["validation"] + (["train"] if self.builder_config.name == "with_train" else [])
-        return {s: self._generate_examples(s, self._shard_paths(s, dl_manager)) for s in splits}
+        return {s: self._generate_examples(s, self._shard_paths(s, dl_manager)) for s in self._splits()}
+
+    def source(self) -> dict:
+        """What the dataset would be built from now (no hashes: those are computed while preparing)."""
+        splits = self._splits()
+        if self._clickme_dir is None:
+            return {"kind": "url", "base_url": self._base_url, "num_shards": {s: self._num_shards[s] for s in splits}}
+        shards = []
+        for s in splits:
+            for i in range(self._num_shards[s]):
+                p = find_local_shard(self._clickme_dir, s, i)
+                st = p.stat()
+                shards.append({"split": s, "shard": i, "path": str(p.resolve()), "size": st.st_size,
+                               "mtime_ns": st.st_mtime_ns})
+        return {"kind": "dir", "dir": str(Path(self._clickme_dir).resolve()), "shards": shards}
 
     def _generate_examples(self, split: str, paths: list[Path]):
         index = 0
         for shard, path in enumerate(paths):
-            for record, data in enumerate(read_records(path)):
+            records = read_records(path)
+            if not records and self._allow_empty:
+                _log.warning("%s: the shard holds no records", path)
+            elif not records:
+                raise RecordError(f"{path}: the shard holds no records (an empty or truncated download?); "
+                                  f"a ClickMe shard is never empty (set {ALLOW_EMPTY_ENV}=1 to accept empty shards)")
+            for record, data in enumerate(records):
                 ex = parse_clickme(data, f"{path}: record {record}")
                 yield index, dict(ex, index=index, shard=shard, record=record)
                 index += 1
@@ -159,8 +208,99 @@ class Clickme(tfds.core.GeneratorBasedBuilder):
 
 def data_source(split: str = "validation", *, data_dir: str | os.PathLike | None = None, config: str | None = None,
                 decode: bool = False, **builder_kwargs):
-    """The split as a random-access tfds data source (prepared on first use). With decode=False (default)
-    "image" and "heatmap" are the original JPEG bytes, to be decoded with data.preprocess."""
+    """The split as a random-access tfds data source (prepared on first use, rebuilt when its source changed;
+    see the module's docstring). With decode=False (default) "image" and "heatmap" are the original JPEG
+    bytes, to be decoded with data.preprocess."""
     decoders = None if decode else {"image": tfds.decode.SkipDecoding(), "heatmap": tfds.decode.SkipDecoding()}
-    return tfds.data_source("clickme" + (f"/{config}" if config else ""), split=split, data_dir=data_dir,
-                            decoders=decoders, builder_kwargs=builder_kwargs)
+    name = "clickme" + (f"/{config}" if config else "")
+    builder = prepare(name, data_dir, **builder_kwargs)
+    return builder.as_data_source(split=split, decoders=decoders)
+
+
+def prepare(name: str = "clickme", data_dir: str | os.PathLike | None = None, **builder_kwargs) -> Clickme:
+    """The prepared builder: under a lock shared by the runs using `data_dir`, reused if it was built from
+    the same source, else (re)built, and its source recorded. The source is compared only when the caller
+    names one (clickme_dir, base_url or num_shards): without, a prepared dataset is used as it is."""
+    builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+    version_dir = Path(os.fspath(builder.data_dir))
+    root = version_dir.parents[2]
+    with file_lock(root / f".clickme-{builder.builder_config.name}.lock"):
+        for stale in version_dir.parent.glob(f"incomplete.*_{version_dir.name}"):   # killed preparations
+            shutil.rmtree(stale, ignore_errors=True)
+        builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)    # sees what another run prepared
+        explicit = any(k in builder_kwargs for k in ("clickme_dir", "base_url", "num_shards"))
+        if builder.is_prepared() and not explicit:
+            return builder                         # no source named: whatever was prepared
+        current = builder.source()
+        if builder.is_prepared():
+            recorded = _read_source(version_dir)
+            verdict = _compare(recorded, current)
+            if verdict is True:
+                return builder
+            if isinstance(verdict, dict):          # same shards, touched: refresh the times
+                _write_source(version_dir, verdict)
+                return builder
+            _log.warning("the ClickMe dataset prepared in %s was built from %s; now from %s: rebuilding it",
+                         version_dir, _describe(recorded), _describe(current))
+            trash = version_dir.with_name(f"incomplete.stale{os.getpid()}_{version_dir.name}")
+            os.rename(version_dir, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+        builder.download_and_prepare()
+        record = dict(current)
+        hashes = builder._shard_sha256
+        if record["kind"] == "dir":
+            record["shards"] = [dict(sh, sha256=hashes[sh["split"], sh["shard"]]) for sh in record["shards"]]
+        else:
+            record["sha256"] = {f"{s}-{i}": h for (s, i), h in sorted(hashes.items())}
+        _write_source(version_dir, record)
+    return builder
+
+
+def _read_source(version_dir: Path) -> dict | None:
+    try:
+        rec = json.loads((version_dir / SOURCE_FILE).read_text())
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_source(version_dir: Path, record: dict) -> None:
+    tmp = version_dir / f".{SOURCE_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, version_dir / SOURCE_FILE)
+
+
+def _describe(source: dict | None) -> str:
+    if source is None:
+        return "an unrecorded source"
+    if source.get("kind") == "url":
+        return f"{source.get('base_url')} ({source.get('num_shards')} shards)"
+    return f"{source.get('dir')} ({len(source.get('shards', []))} shards)"
+
+
+def _compare(recorded: dict | None, current: dict) -> bool | dict:
+    """True if the dataset built from `recorded` is the one `current` would build; for a directory whose
+    shards were touched but hold the same bytes, the updated record; else False."""
+    if recorded is None or recorded.get("kind") not in ("dir", "url"):
+        return False
+    if current["kind"] == "url":
+        return (recorded["kind"] == "url" and recorded.get("base_url") == current["base_url"]
+                and recorded.get("num_shards") == current["num_shards"])
+    if recorded["kind"] != "dir":
+        return False
+    old, new = recorded.get("shards"), current["shards"]
+    if not isinstance(old, list) or len(old) != len(new):
+        return False
+    key = ("split", "shard", "path", "size", "mtime_ns")
+    try:
+        if all(tuple(o[k] for k in key) == tuple(n[k] for k in key) for o, n in zip(old, new)):
+            return True
+        if any((o["split"], o["shard"], o["size"]) != (n["split"], n["shard"], n["size"]) for o, n in zip(old, new)):
+            return False
+        updated = [dict(n, sha256=sha256_file(n["path"])) for n in new]
+        if all(o.get("sha256") == u["sha256"] for o, u in zip(old, updated)):
+            return dict(current, shards=updated)
+    except (KeyError, TypeError, OSError):
+        pass
+    return False

@@ -7,58 +7,212 @@ A download goes to `dest + ".part"`; after a dropped connection it resumes with 
 the server honours it (206) and starts over otherwise. The size is checked against the server's length and
 `expected_size`, the SHA-256 against `sha256` if given; only a complete, verified file is renamed to `dest`,
 so an existing `dest` is complete and later calls return it at once.
+
+Safety:
+- cache paths: `cache_dir / host / <16 hex digits of the SHA-256 of the whole URL> / name`, so the whole URL
+  (scheme, host, port, path, query) is the key, and `name` (the URL's last path segment, percent-decoded,
+  or `filename=`) is checked to be one plain file name. URLs whose decoded path has dot segments, empty
+  segments, slashes, backslashes or NUL inside a segment are refused, and the final path is resolved and
+  checked to lie inside the cache.
+- integrity: a completed download records its size and SHA-256 beside it (`<dest>.sha256`, JSON). Later calls
+  check the file against that record (or against the `sha256` the caller pins, which wins) and download it
+  again when it does not match; a fresh download that differs from the recorded hash is an error (the
+  server's file changed since it was first fetched).
+- completeness: a body whose length the server does not announce is only accepted when the end is
+  confirmed (chunked transfer completed, a Range request past the end answered 416, or a second full read
+  with the same SHA-256); a pinned size or SHA-256 is always checked.
+- time and size: every socket read has `timeout` seconds; a transfer that delivers less than `min_rate`
+  bytes/s over any `timeout`-second window (a trickling server), exceeds `deadline` seconds in all, or
+  `max_size` bytes, fails.
+- concurrency: processes downloading the same `dest` serialise on an fcntl lock (`<dest>.lock`); the second
+  one finds the finished file.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
+import json
 import os
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 
 CHUNK = 1 << 20
+MIN_RATE = 1024          # bytes/s averaged over each `timeout`-second window
+DEFAULT_DEADLINE = 6 * 3600.0
+MAX_SIZE = 16 << 30      # bytes: no checkpoint or shard comes close; a server cannot fill the disk
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DCLS_JAX_CACHE") or Path.home() / ".cache" / "dcls_jax")
 
 
+def _check_name(name: str, what: str) -> str:
+    if (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+            or len(name.encode("utf-8", "surrogateescape")) > 255):
+        raise ValueError(f"unsafe {what} {name!r}: a cache file name must be one plain path segment")
+    return name
+
+
+def cache_path(url: str, cache_dir: str | os.PathLike | None = None, *, filename: str | None = None) -> Path:
+    """Where cached_download(url, cache_dir, filename=...) keeps the file. Raises ValueError for URLs that
+    could name a path outside the cache (percent-encoded slashes, dot segments...)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"cannot download {url!r}: only http:// and https:// URLs are supported")
+    host = parts.hostname or ""
+    if not re.fullmatch(r"[a-z0-9_.\-]+|\[?[0-9a-f:.]+\]?", host) or set(host) <= {"."}:
+        raise ValueError(f"cannot download {url!r}: unusable host name {host!r}")
+    path = parts.path.removeprefix("/")
+    segments = path.removesuffix("/").split("/") if path else []   # a trailing slash names the directory
+    decoded = []
+    for raw in segments:
+        try:
+            seg = urllib.parse.unquote(raw, errors="strict")  # decoded before the checks: %2e%2e is ".."
+        except UnicodeDecodeError:
+            raise ValueError(f"refusing to download {url!r}: its path segment {raw!r} is not UTF-8 once "
+                             "percent-decoded") from None
+        if seg in ("", ".", "..") or any(c in seg for c in "/\\\0"):
+            raise ValueError(f"refusing to download {url!r}: its path has an unsafe segment {raw!r} "
+                             f"(decoded {seg!r}): dot segments, empty segments and encoded slashes or "
+                             "backslashes are not accepted")
+        decoded.append(seg)
+    name = filename if filename is not None else (decoded[-1] if decoded else None)
+    if name is None:
+        raise ValueError(f"cannot derive a file name from {url!r}; pass filename=")
+    _check_name(name, "file name" if filename is not None else f"file name from {url!r}")
+    key = hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    root = Path(cache_dir or default_cache_dir())
+    dest = root / host.strip("[]").replace(":", "_") / key / name
+    real_root, real_dest = root.resolve(), dest.resolve()
+    if not real_dest.is_relative_to(real_root) or real_dest == real_root:
+        raise ValueError(f"refusing to download {url!r}: its cache path {dest} resolves outside {root}")
+    return dest
+
+
 def cached_download(url: str, cache_dir: str | os.PathLike | None = None, *, filename: str | None = None,
                     expected_size: int | None = None, sha256: str | None = None, **kwargs) -> Path:
-    """download() into the cache: `cache_dir / host / url path` (or `cache_dir / host / filename`)."""
-    parts = urllib.parse.urlsplit(url)
-    names = [urllib.parse.unquote(p) for p in parts.path.split("/") if p not in ("", ".", "..")]
-    if filename is not None:
-        names = [filename]
-    if not names:
-        raise ValueError(f"cannot derive a file name from {url!r}; pass filename=")
-    dest = Path(cache_dir or default_cache_dir()) / (parts.hostname or "local") / Path(*names)
+    """download() into the cache, at cache_path(url, cache_dir, filename=filename)."""
+    dest = cache_path(url, cache_dir, filename=filename)
     return download(url, dest, expected_size=expected_size, sha256=sha256, **kwargs)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive fcntl lock on `path` for the duration of the block, so that runs sharing a cache or data
+    directory do not race; released when the process dies. The lock file is removed on release (a waiter
+    that locked the removed file notices and locks the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _record_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def read_record(dest: str | os.PathLike) -> dict | None:
+    """The {"url", "size", "sha256"} recorded when `dest` was downloaded, or None."""
+    try:
+        rec = json.loads(_record_path(Path(dest)).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(rec, dict) and isinstance(rec.get("size"), int)
+          and isinstance(rec.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", rec["sha256"]))
+    return rec if ok else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = None, sha256: str | None = None,
-             retries: int = 3, timeout: float = 60) -> Path:
+             retries: int = 3, timeout: float = 60, deadline: float | None = DEFAULT_DEADLINE,
+             min_rate: float = MIN_RATE, max_size: int = MAX_SIZE) -> Path:
     """Downloads `url` to `dest` (resuming, verified, atomic) and returns `dest`; no-op if already complete."""
     dest = Path(dest)
-    if dest.exists():
-        if _complete(dest, expected_size, sha256):
-            return dest
-        dest.unlink()  # a wrong file from elsewhere: fetch it again
+    if sha256 is not None:
+        sha256 = sha256.lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"sha256 {sha256!r} is not 64 hex digits")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(dest.with_name(dest.name + ".lock")):
+        record = read_record(dest)
+        want_sha = sha256 or (record["sha256"] if record else None)
+        want_size = expected_size if expected_size is not None else (
+            record["size"] if record and (sha256 is None or record["sha256"] == sha256) else None)
+        if dest.exists():
+            got = sha256_file(dest) if want_sha is not None else None
+            if (want_size is None or dest.stat().st_size == want_size) and got == want_sha:
+                if record is None or record["sha256"] != got:
+                    _write_record(dest, url, got or sha256_file(dest))
+                return dest
+            warnings.warn(f"{dest} does not match its recorded size/SHA-256 (corrupt or replaced); "
+                          f"downloading it again from {url}", stacklevel=2)
+            dest.unlink()
+        _download(url, dest, want_size, want_sha, sha256 is not None, retries, timeout, deadline, min_rate,
+                  max_size)
+        _write_record(dest, url, sha256_file(dest))
+    return dest
+
+
+def _write_record(dest: Path, url: str, digest: str) -> None:
+    tmp = _record_path(dest).with_name(f".{dest.name}.sha256.{os.getpid()}")
+    tmp.write_text(json.dumps({"url": url, "size": dest.stat().st_size, "sha256": digest}) + "\n")
+    os.replace(tmp, _record_path(dest))
+
+
+def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries, timeout, deadline, min_rate,
+              max_size):
     part = dest.with_name(dest.name + ".part")
     failures = 0
+    start = time.monotonic()
+    unconfirmed: str | None = None   # SHA-256 of a previous full body of unannounced length
+    reads = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
-            total = _fetch(url, part, timeout)
-            break
+            total, confirmed = _fetch(url, part, timeout, start, deadline, min_rate, max_size)
+            if confirmed or expected_size is not None or sha256 is not None:
+                break
+            # The server announced no length and closed the connection: that may be the end, or a drop.
+            digest = sha256_file(part)
+            if unconfirmed == digest:
+                break                     # two full reads agree
+            reads += 1
+            if reads > retries + 1:
+                part.unlink()
+                raise OSError(f"could not download {url}: the server announces no length and {reads} reads "
+                              "gave different bodies; pass expected_size= or sha256=")
+            unconfirmed = digest
+            continue                      # the next request asks for the bytes past the end (416 = complete)
         except urllib.error.HTTPError as e:
             if e.code == 416 and before:  # nothing past our offset: the .part is complete or stale
-                if expected_size is not None and before == expected_size:
+                if unconfirmed is not None or (expected_size is not None and before == expected_size):
                     total = before
                     break
                 part.unlink()
@@ -66,8 +220,14 @@ def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = N
             if e.code < 500:
                 raise OSError(f"could not download {url}: HTTP {e.code} {e.reason}. {_offline_hint(dest)}") from e
             error = e
+        except _TooSlow as e:
+            part.unlink(missing_ok=True)
+            raise OSError(f"could not download {url}: {e}. {_offline_hint(dest)}") from e
         except (urllib.error.URLError, http.client.HTTPException, OSError, _Short) as e:
             error = e
+        if deadline is not None and time.monotonic() - start > deadline:
+            part.unlink(missing_ok=True)
+            raise OSError(f"could not download {url} within the {deadline:g} s deadline. {_offline_hint(dest)}")
         after = part.stat().st_size if part.exists() else 0
         failures = 0 if after > before else failures + 1  # progress resets the retry budget
         if failures > retries:
@@ -79,19 +239,27 @@ def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = N
         if want is not None and size != want:
             part.unlink()
             raise ValueError(f"download of {url} has {size} bytes but {what} is {want}; removed {part}")
-    if sha256 is not None and (got := _sha256(part)) != sha256.lower():
+    if sha256 is not None and (got := sha256_file(part)) != sha256:
         part.unlink()
-        raise ValueError(f"download of {url} has SHA-256 {got}, expected {sha256}; removed {part}")
+        origin = "expected" if pinned else f"recorded in {_record_path(dest)} when it was first downloaded"
+        raise ValueError(f"download of {url} has SHA-256 {got}, {origin} {sha256}; removed {part}"
+                         + ("" if pinned else ". The server's file changed: delete the record to accept it"))
     os.replace(part, dest)
-    return dest
 
 
 class _Short(Exception):
     """The connection ended before the announced length."""
 
 
-def _fetch(url: str, part: Path, timeout: float) -> int | None:
-    """One request: appends to `part` from its current size (Range) or rewrites it. Returns the total size."""
+class _TooSlow(Exception):
+    """The transfer is slower than the minimum rate, past the deadline or over the size limit: not retried."""
+
+
+def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float | None,
+           min_rate: float, max_size: int) -> tuple[int | None, bool]:
+    """One request: appends to `part` from its current size (Range) or rewrites it. Returns the total size
+    (None if unknown) and whether the body's end is confirmed (announced length reached, or chunked transfer
+    completed)."""
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -104,32 +272,34 @@ def _fetch(url: str, part: Path, timeout: float) -> int | None:
             mode = "ab"
         else:  # 200: the server ignored the Range header, start over
             length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
+            total = int(length) if length is not None and length.isdigit() else None
             mode = "wb"
+        chunked = getattr(response, "chunked", False)
+        if total is not None and total > max_size:
+            raise _TooSlow(f"the server announces {total} bytes, more than the limit of {max_size}")
         with open(part, mode) as f:
+            window_start, window_bytes = time.monotonic(), 0
             try:
                 while chunk := response.read1(CHUNK):
                     f.write(chunk)
+                    if f.tell() > max_size:
+                        raise _TooSlow(f"more than the limit of {max_size} bytes")
+                    now = time.monotonic()
+                    window_bytes += len(chunk)
+                    if deadline is not None and now - start > deadline:
+                        raise _TooSlow(f"not finished within the {deadline:g} s deadline")
+                    if now - window_start >= timeout:
+                        if window_bytes < min_rate * (now - window_start):
+                            raise _TooSlow(f"the server sends {window_bytes / (now - window_start):.0f} bytes/s, "
+                                           f"under the minimum of {min_rate:g} bytes/s")
+                        window_start, window_bytes = now, 0
             except http.client.IncompleteRead as e:
                 f.write(e.partial)
+                raise _Short(f"connection closed early ({e})") from None
     got = part.stat().st_size
     if total is not None and got < total:
         raise _Short(f"connection closed after {got} of {total} bytes")
-    return total
-
-
-def _complete(path: Path, expected_size: int | None, sha256: str | None) -> bool:
-    if expected_size is not None and path.stat().st_size != expected_size:
-        return False
-    return sha256 is None or _sha256(path) == sha256.lower()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return total, total is not None or chunked
 
 
 def _offline_hint(dest: Path) -> str:

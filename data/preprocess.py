@@ -25,14 +25,33 @@ BLUR_SIZE, BLUR_SIGMA = 10, 10
 HEATMAP_BLUR_SIZE = 64       # the heatmap is blurred at 64 x 64
 
 
+# Images are decoded whole: their size is read from the JPEG header and capped before anything is allocated
+# (ClickMe's images are about 256 x 256; 4096 x 4096 RGB is 48 MiB decoded, 192 MiB as float32).
+MAX_JPEG_PIXELS = 4096 * 4096
+
+
+def jpeg_header(data: bytes, what: str = "JPEG") -> tuple[int, int, str]:
+    """(height, width, colour space) from a JPEG's header; ValueError for an unreadable header or an image
+    over MAX_JPEG_PIXELS."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as e:
+        raise ValueError(f"{what} is not a readable JPEG ({e})") from None
+    if height * width > MAX_JPEG_PIXELS or not (height and width):
+        raise ValueError(f"{what} declares {width} x {height} pixels; images over {MAX_JPEG_PIXELS} pixels "
+                         "(4096 x 4096) are refused before decoding")
+    return height, width, colorspace
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """JPEG -> (H, W, 3) uint8, as tf.io.decode_jpeg."""
+    jpeg_header(data, "image")
     return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
 
 
 def decode_heatmap(data: bytes) -> np.ndarray:
     """Grayscale JPEG -> (H, W) uint8, as tf.io.decode_jpeg; a colour JPEG is an error, not converted."""
-    colorspace = simplejpeg.decode_jpeg_header(data)[2]
+    colorspace = jpeg_header(data, "heatmap")[2]
     if colorspace != "Gray":
         raise ValueError(f"heatmap JPEG has colour space {colorspace}; expected a 1-channel grayscale JPEG")
     return simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, fastupsample=False)[..., 0]

@@ -25,6 +25,8 @@ import numpy as np
 _POLY = np.uint32(0x82F63B78)
 _CHUNK = 1024                      # bytes per chunk of the vectorised CRC
 _LANES = _CHUNK // 4               # 4-byte words per chunk
+_BATCH = 16 << 20                  # padded bytes per batch of the vectorised CRC
+_SMALL = 64                        # messages shorter than this are computed byte by byte
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -85,25 +87,47 @@ def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequenc
     buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
     starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
     out = np.zeros(len(starts), np.uint32)
-    short = lengths < 4
-    for i in np.flatnonzero(short):                            # too short for the initial-value trick
-        out[i] = _crc32c_scalar(buf[starts[i]:starts[i] + lengths[i]].tobytes())
+    short = lengths < _SMALL
+    for n in np.unique(lengths[short]).tolist():               # short messages (TFRecord length fields):
+        sel = np.flatnonzero(short & (lengths == n))           # byte by byte, vectorised over messages
+        for b in range(0, len(sel), 1 << 16):
+            part = sel[b:b + (1 << 16)]
+            data = buf[starts[part][:, None] + np.arange(n)]
+            r = np.full(len(part), 0xFFFFFFFF, np.uint32)
+            for k in range(n):
+                r = _T8[(r ^ data[:, k]) & 0xFF] ^ (r >> np.uint32(8))
+            out[part] = r ^ np.uint32(0xFFFFFFFF)
     idx = np.flatnonzero(~short)
     if not len(idx):
         return out
     idx = idx[np.argsort(lengths[idx], kind="stable")]         # equal chunk counts become adjacent
-    nchunks = -(-lengths[idx] // _CHUNK)
+    # Batches of at most _BATCH padded bytes: many tiny messages (each padded to 1 KiB) cost no more memory
+    # than a bounded multiple of the file.
+    padded = np.cumsum(-(-lengths[idx] // _CHUNK)) * _CHUNK
+    first = 0
+    while first < len(idx):
+        base = padded[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(padded, base + _BATCH, side="right")))
+        sel = idx[first:last]
+        out[sel] = _crc_sorted(buf, starts[sel], lengths[sel])
+        first = last
+    return out
+
+
+def _crc_sorted(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """CRC32C of messages of >= 4 bytes, sorted by length."""
+    nchunks = -(-lengths // _CHUNK)
     end = np.cumsum(nchunks) * _CHUNK
-    begin = end - lengths[idx]                                 # left-padded: each ends on a chunk boundary
+    begin = end - lengths                                      # left-padded: each ends on a chunk boundary
     flat = np.zeros(int(end[-1]), np.uint8)
-    for b, s, n in zip(begin.tolist(), starts[idx].tolist(), lengths[idx].tolist()):
+    for b, s, n in zip(begin.tolist(), starts.tolist(), lengths.tolist()):
         flat[b:b + n] = buf[s:s + n]
     for k in range(4):                                         # init 0xFFFFFFFF == first 4 bytes XOR 0xFF
         flat[begin + k] ^= 0xFF
     words = flat.view("<u4").reshape(-1, _LANES)
     lo, hi, lanes = _tables()
     lane = np.arange(_LANES)[None] * (4 * 256)                # offsets of the lanes' tables
-    res, row, m = np.empty(len(idx), np.uint32), 0, 0
+    res, row, m = np.empty(len(starts), np.uint32), 0, 0
     for n, g in zip(*(u.tolist() for u in np.unique(nchunks, return_counts=True))):
         block = words[row:row + g * n].reshape(g, n, _LANES)   # g messages of n chunks each
         s = block[:, 0].copy()
@@ -117,8 +141,7 @@ def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequenc
         r ^= lanes[lane + 768 + (s >> 24)]
         res[m:m + g] = np.bitwise_xor.reduce(r, axis=1)
         row, m = row + g * n, m + g
-    out[idx] = res ^ np.uint32(0xFFFFFFFF)
-    return out
+    return res ^ np.uint32(0xFFFFFFFF)
 
 
 def crc32c(data: bytes) -> int:

@@ -4,6 +4,7 @@
     model = from_state_dict("convnext_tiny_dcls", sd)                # timm or original key names
     model = load("convnext_tiny_dcls", "ckpt.pth")                   # both steps; also an orbax dir or a URL
     save(model, "out/convnext_tiny_dcls"); model = restore("out/convnext_tiny_dcls")
+    model = load_published("convnext_tiny_dcls", cache_dir)         # downloaded and converted once, verified
 
     python -m models.convert --model convnext_tiny_dcls --checkpoint FILE_OR_URL [--key model] --out DIR
 
@@ -16,6 +17,19 @@ requested weights (optimizer state, args, metrics) are dropped; one inside them 
 `.safetensors` files are parsed directly. A container is unwrapped with `key` if given, else with the first
 of CONTAINER_KEYS that holds a dict (a flat state dict is used as is); "module." prefixes are stripped.
 
+Limits (hostile files fail with a ValueError before anything large is allocated): zip entries are read with
+a cap (their declared sizes checked against the file, compressed entries at most MAX_RATIO times their
+compressed size, streamed); data.pkl is at most MAX_PICKLE_BYTES and its opcodes are scanned first
+(pickletools: a counted BINBYTES8/BINUNICODE8/LONG4 larger than the rest of the file is an error, at most
+MAX_PICKLE_OPS opcodes); a tensor view holding more elements than its storage (stride 0, overlapping) counts
+against MAX_EXPANDED_BYTES for the whole file; safetensors headers are validated completely (types, shapes,
+in-range and non-overlapping offsets).
+
+Integrity: NaN or infinite parameters are an error naming the tensors (allow_nonfinite=True /
+--allow-nonfinite to load them anyway); save() writes a SHA-256 manifest of its files and restore() checks
+it (CorruptCheckpointError); load_published() downloads, converts and restores the published checkpoint
+under a lock shared by the runs using one cache, converting again when the cached copy is corrupt.
+
 Conversion. Our parameters keep PyTorch's names and layouts, so keys match one to one: the entry's
 `remap_keys` turns original-repository names into timm names, the model is built abstractly
 (`nnx.eval_shape`), every parameter and batch statistic is filled from the key of the same path, and all
@@ -27,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import shutil
 import sys
 import tempfile
@@ -46,13 +63,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from data.download import cached_download
+from data.download import cached_download, default_cache_dir, file_lock
 from models import registry
 
 # Tried in this order when no key is given and the file is not itself a flat state dict: EMA weights first
 # (timm's training checkpoints carry both "state_dict" and "state_dict_ema"; FAIR's "model" and "model_ema").
 CONTAINER_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
 MAX_LISTED = 20  # problems listed per kind in an error message
+# Resource limits, checked before anything is allocated. torch stores its zip entries uncompressed; a
+# compressed entry may expand at most MAX_RATIO times (+ 1 MiB), so memory stays proportional to the file.
+MAX_RATIO = 32
+MAX_PICKLE_BYTES = 32 << 20     # data.pkl: real checkpoints (with optimizer state) hold well under 10 MiB
+MAX_EXPANDED_BYTES = 64 << 20  # all views larger than their storage (expanded buffers), together
+MAX_PICKLE_OPS = 2_000_000      # opcodes in data.pkl (each may allocate one object); real files: < 100 000
 
 # ---------------------------------------------------------------------------------------------------------
 # The restricted unpickler
@@ -153,11 +176,8 @@ class _Storage(_Inert):
     def array(self, dtype: np.dtype) -> np.ndarray:
         """The storage's bytes as a 1-D native-order array of `dtype` (read-only, cached)."""
         if dtype not in self._arrays:
-            raw = self.archive.raw(self.key)
             nbytes = self.numel * self.dtype.itemsize
-            if len(raw) < nbytes:
-                raise ValueError(f"{self.archive.path}: storage {self.key!r} holds {len(raw)} bytes, expected "
-                                 f"{nbytes}; the file is truncated or corrupt")
+            raw = self.archive.raw(self.key, nbytes)
             raw = memoryview(raw)[:nbytes - nbytes % dtype.itemsize]
             if self.archive.big_endian and dtype.itemsize > 1:
                 unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
@@ -182,6 +202,17 @@ class _Tensor(_Inert):
                 or not all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
             raise ValueError(f"checkpoint entry {name!r}: invalid tensor (dtype {self.dtype!r}, offset {offset!r}, "
                              f"size {size!r}, stride {stride!r}); the file is corrupt")
+        numel = int(np.prod(size, dtype=object)) if size else 1
+        if numel > self.storage.numel * self.storage.dtype.itemsize // dtype.itemsize:
+            # A stride-0 (expanded) or overlapping view repeats its storage's elements: its copy costs memory
+            # the file does not hold, so all such copies together are capped.
+            archive = self.storage.archive
+            archive.expanded += numel * dtype.itemsize
+            if archive.expanded > MAX_EXPANDED_BYTES:
+                raise ValueError(f"checkpoint entry {name!r}: a view of {numel} elements (size {size}, stride "
+                                 f"{stride}) of a storage of {self.storage.numel} elements: views that repeat their "
+                                 f"storage's elements (stride 0 or overlapping) would take more than "
+                                 f"{MAX_EXPANDED_BYTES >> 20} MiB in all; refusing it, the file is corrupt or hostile")
         buf = self.storage.array(dtype)
         if 0 in size:
             return np.zeros(size, dtype)
@@ -286,27 +317,70 @@ class _Archive:
             raise ValueError(f"{path}: unknown byteorder {order!r}")
         self.big_endian = order == "big"
         self._raw: dict[str, bytes] = {}
+        self.expanded = 0  # bytes of views larger than their storage, read so far
 
-    def raw(self, key: str) -> bytes:
-        if key not in self._raw:
+    def raw(self, key: str, nbytes: int) -> bytes:
+        """The first `nbytes` bytes of storage `key`: the entry's declared sizes are checked first, and it is
+        read with that cap (a compressed entry is streamed, never expanded past what the tensors need)."""
+        if key not in self._raw or len(self._raw[key]) < nbytes:
+            name = f"{self.prefix}/data/{key}"
             try:
-                self._raw[key] = self.zf.read(f"{self.prefix}/data/{key}")
+                info = self.zf.getinfo(name)
             except KeyError:
                 raise ValueError(f"{self.path}: storage {key!r} is missing from the archive; the file is "
                                  "truncated or corrupt") from None
-            except (zipfile.BadZipFile, EOFError, OSError) as e:
-                raise ValueError(f"{self.path}: cannot read storage {key!r} ({e}); the file is truncated or "
-                                 "corrupt") from e
+            self._raw[key] = self._read(info, nbytes, f"storage {key!r}")
         return self._raw[key]
 
-    def load(self):
+    def _read(self, info: zipfile.ZipInfo, nbytes: int, what: str) -> bytes:
+        size = self.path.stat().st_size
+        if info.file_size < nbytes:
+            raise ValueError(f"{self.path}: {what} holds {info.file_size} bytes, expected {nbytes}; the file is "
+                             "truncated or corrupt")
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.compress_size < nbytes or info.header_offset + info.compress_size > size:
+                raise ValueError(f"{self.path}: {what} ({nbytes} bytes) runs past the end of the file of {size} "
+                                 "bytes; the file is truncated or corrupt")
+        elif nbytes > MAX_RATIO * info.compress_size + (1 << 20):
+            raise ValueError(f"{self.path}: {what} would expand {info.compress_size} compressed bytes to {nbytes} "
+                             f"(more than {MAX_RATIO}x: a decompression bomb?); refusing it")
         try:
-            with self.zf.open(f"{self.prefix}/data.pkl") as f:
-                return _Unpickler(f, self).load()
+            with self.zf.open(info) as f:
+                data = f.read(nbytes)
+                if info.file_size == nbytes and f.read(1):  # else at the end: the entry's CRC is checked
+                    raise ValueError(f"{self.path}: {what} is longer than its declared {nbytes} bytes; the file "
+                                     "is corrupt")
+        except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"{self.path}: cannot read {what} ({e}); the file is truncated or corrupt") from e
+        if len(data) < nbytes:
+            raise ValueError(f"{self.path}: {what} holds {len(data)} bytes, expected {nbytes}; the file is "
+                             "truncated or corrupt")
+        return data
+
+    def load(self):
+        info = self.zf.getinfo(f"{self.prefix}/data.pkl")
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise ValueError(f"{self.path}: data.pkl declares {info.file_size} bytes, more than the "
+                             f"{MAX_PICKLE_BYTES} a checkpoint's pickle may have; refusing it")
+        try:
+            data = self._read(info, info.file_size, "data.pkl")
+            _scan_pickle(data)
+            return _Unpickler(io.BytesIO(data), self).load()
         except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, TypeError, ValueError, AttributeError,
-                IndexError, KeyError, OSError) as e:
+                IndexError, KeyError, OSError, MemoryError, RecursionError, OverflowError) as e:
+            if isinstance(e, ValueError) and str(e).startswith(str(self.path)):
+                raise
             raise ValueError(f"{self.path}: cannot parse the checkpoint's pickle ({type(e).__name__}: {e}); "
                              "the file is truncated or corrupt") from e
+
+
+def _scan_pickle(data: bytes) -> None:
+    """Walks the pickle's opcodes without building anything (pickletools reads each counted argument from the
+    bytes present, so a BINBYTES8/BINUNICODE8/LONG4 larger than the rest of the file is an error, not an
+    allocation) and bounds their number."""
+    for n, _ in enumerate(pickletools.genops(data)):
+        if n >= MAX_PICKLE_OPS:
+            raise ValueError(f"data.pkl has more than {MAX_PICKLE_OPS} opcodes; refusing it")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,32 +492,60 @@ def _find_opaque(value) -> str | None:
     return None
 
 
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """A .safetensors file: the JSON header is checked completely (types, shapes, in-range and non-overlapping
+    offsets) before any tensor is allocated."""
     size = path.stat().st_size
+
+    def corrupt(why: str) -> ValueError:
+        return ValueError(f"{path}: malformed safetensors header: {why}; the file is truncated or corrupt")
+
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise ValueError(f"{path}: safetensors header of {n} bytes exceeds the file; truncated or corrupt")
+        if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"{path}: safetensors header of {n} bytes exceeds the file or the "
+                             f"{MAX_SAFETENSORS_HEADER}-byte limit; truncated or corrupt")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: unreadable safetensors header ({e})") from e
-        out = {}
+        if not isinstance(header, dict):
+            raise corrupt(f"a {type(header).__name__}, not a JSON object")
+        data_size, spans = size - 8 - n, []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if not isinstance(info, dict):
+                raise corrupt(f"tensor {name!r} is described by a {type(info).__name__}")
             if info.get("dtype") not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            if end - begin != int(np.prod(shape)) * dtype.itemsize or 8 + n + end > size:
-                raise ValueError(f"{path}: tensor {name!r} (bytes {begin}..{end} of the data) does not fit the "
-                                 f"file of {size} bytes; truncated or corrupt")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                raise corrupt(f"tensor {name!r} has shape {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+                raise corrupt(f"tensor {name!r} has data_offsets {offsets!r}")
+            dtype, (begin, end) = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), offsets
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize if shape else dtype.itemsize
+            if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+                raise ValueError(f"{path}: tensor {name!r} (bytes {begin}..{end} of the data, {nbytes} needed for "
+                                 f"shape {shape}) does not fit the {data_size} data bytes of the file of {size} "
+                                 "bytes; truncated or corrupt")
+            spans.append((begin, end, name, dtype, tuple(shape)))
+        spans.sort(key=lambda t: t[:2])
+        for (b0, e0, n0, *_), (b1, e1, n1, *_) in zip(spans, spans[1:]):
+            if b1 < e0 and e1 > b1:
+                raise corrupt(f"tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} (bytes {b1}..{e1}) overlap")
+        out = {}
+        for begin, end, name, dtype, shape in spans:
             array = np.empty(shape, dtype)
             f.seek(8 + n + begin)
-            f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
+                raise ValueError(f"{path}: tensor {name!r} is truncated")
             out[name] = array
-    return out
+    return {name: out[name] for name in header if name in out}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,12 +557,13 @@ _ORIGIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (na
 
 
 def from_state_dict(name: str, state_dict: Mapping[str, np.ndarray], *, strict: bool = True,
-                    **overrides) -> nnx.Module:
+                    allow_nonfinite: bool = False, **overrides) -> nnx.Module:
     """The registered model `name` with the weights of `state_dict` (timm or original key names), in eval mode.
 
     overrides: builder config overrides; they take precedence over those the entry infers from the keys.
     strict=False fills missing parameters with their random initialisation and ignores unexpected keys
-    (shape mismatches remain errors). Raises ValueError listing every problem.
+    (shape mismatches remain errors). Raises ValueError listing every problem; NaN or infinite values in the
+    loaded parameters are an error naming the tensors unless allow_nonfinite=True.
     """
     entry = registry.get_entry(name)
     sd = dict(state_dict)
@@ -473,7 +576,8 @@ def from_state_dict(name: str, state_dict: Mapping[str, np.ndarray], *, strict: 
     def build():
         return entry.builder(rngs=nnx.Rngs(0), **overrides)
 
-    model = _assign(nnx.eval_shape(build), sd, build, strict=strict, what=repr(name))
+    model = _assign(nnx.eval_shape(build), sd, build, strict=strict, what=repr(name),
+                    allow_nonfinite=allow_nonfinite)
     model.eval()
     _ORIGIN[model] = (name, overrides)
     return model
@@ -499,7 +603,8 @@ def _aliases(model) -> dict[str, list[str]]:
     return {k: group for group in paths.values() for k in group}
 
 
-def _assign(abstract, sd: Mapping, build: Callable[[], nnx.Module], *, strict: bool, what: str) -> nnx.Module:
+def _assign(abstract, sd: Mapping, build: Callable[[], nnx.Module], *, strict: bool, what: str,
+            allow_nonfinite: bool = False) -> nnx.Module:
     """Fills an abstract model's parameters and batch stats from `sd` (keys = '.'-joined paths)."""
     graphdef, params, rest = nnx.split(abstract, _STATE, ...)
     aliases = _aliases(abstract)
@@ -542,6 +647,8 @@ def _assign(abstract, sd: Mapping, build: Callable[[], nnx.Module], *, strict: b
             text.append("hint: mismatched shapes mean another configuration (pass the matching overrides, e.g. "
                         "num_classes=) or another architecture")
         raise ValueError("\n".join(text))
+    if not allow_nonfinite:
+        check_finite({k: sd[k] for k in sd if k in known}, what=f"the checkpoint for {what}")
 
     if missing or unexpected:  # strict=False
         warnings.warn(f"loading into {what}: {len(missing)} parameters missing from the checkpoint keep their "
@@ -555,6 +662,23 @@ def _assign(abstract, sd: Mapping, build: Callable[[], nnx.Module], *, strict: b
         return nnx.from_flat_state([(p, v.copy(_cast(values[_key(p)], v.get_value().dtype))) for p, v in flat_state])
 
     return nnx.merge(graphdef, fill(flat), fill(rest_flat))
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], *, what: str = "the checkpoint") -> None:
+    """ValueError naming every floating tensor of `arrays` that holds NaN or infinite values."""
+    bad = []
+    for key, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype.kind in "fc" or (a.dtype.kind == "V" and a.dtype.itemsize <= 2):  # ml_dtypes floats are "V"
+            finite = np.isfinite(a)
+            if not finite.all():
+                nan = int(np.isnan(a).sum())
+                bad.append(f"   {key}: {nan} NaN, {a.size - int(finite.sum()) - nan} infinite of {a.size}")
+    if bad:
+        raise ValueError(f"{what} has non-finite values in {len(bad)} tensor(s) (a corrupt or diverged "
+                         "checkpoint):\n" + "\n".join(bad[:MAX_LISTED])
+                         + (f"\n   ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
+                         + "\nrefusing to convert it (pass allow_nonfinite=True / --allow-nonfinite to load it anyway)")
 
 
 def _cast(value, dtype) -> jax.Array:
@@ -576,22 +700,91 @@ def _fresh(build: Callable[[], nnx.Module], keys: tuple[str, ...]) -> dict[str, 
 # load, save, restore
 # ---------------------------------------------------------------------------------------------------------
 
-_STATE_DIR, _META_FILE = "state", "model.json"
+_STATE_DIR, _META_FILE, _MANIFEST = "state", "model.json", "manifest.json"
 
 
-def load(name: str, path: str | os.PathLike | None = None, key: str | None = None, **overrides) -> nnx.Module:
+def _hash_tree(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under `directory` (but the manifest), by relative path."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel != _MANIFEST:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            out[rel] = h.hexdigest()
+    return out
+
+
+def verify(directory: str | os.PathLike) -> bool:
+    """Checks a directory written by save() against its manifest: raises CorruptCheckpointError naming the
+    files that changed, are missing or were added; returns False (with nothing checked) for directories
+    written before manifests existed."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / _MANIFEST).read_text())["sha256"]
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"converted checkpoint {directory} is corrupt: unreadable manifest ({e}); "
+                                     "delete it to convert again") from e
+    actual = _hash_tree(directory)
+    problems = [f"{k} changed" for k in sorted(set(manifest) & set(actual)) if manifest[k] != actual[k]]
+    problems += [f"{k} missing" for k in sorted(set(manifest) - set(actual))]
+    problems += [f"{k} added" for k in sorted(set(actual) - set(manifest))]
+    if problems:
+        raise CorruptCheckpointError(f"converted checkpoint {directory} is corrupt ({', '.join(problems[:5])}"
+                                     f"{', ...' if len(problems) > 5 else ''}); delete it to convert again")
+    return True
+
+
+def load(name: str, path: str | os.PathLike | None = None, key: str | None = None, *,
+         allow_nonfinite: bool = False, **overrides) -> nnx.Module:
     """from_state_dict(name, read_checkpoint(path, key)). `path` may also be a URL (downloaded to the cache),
-    an orbax directory written by save(), or None for the entry's published checkpoint."""
+    an orbax directory written by save(), or None for the entry's published checkpoint (its SHA-256 checked
+    when the registry knows it, else the one recorded at its first download)."""
     if path is None:
         ckpt = registry.get_entry(name).checkpoint
         if ckpt is None:
             raise ValueError(f"model {name!r} has no published checkpoint; pass a path")
-        path, key = cached_download(ckpt.url, filename=ckpt.filename), key or ckpt.key
+        path, key = cached_download(ckpt.url, filename=ckpt.filename, sha256=ckpt.sha256), key or ckpt.key
     elif str(path).startswith(("http://", "https://")):
         path = cached_download(str(path))
     if Path(path).is_dir():
-        return restore(name, path, **overrides)
-    return from_state_dict(name, read_checkpoint(path, key), **overrides)
+        return restore(name, path, allow_nonfinite=allow_nonfinite, **overrides)
+    return from_state_dict(name, read_checkpoint(path, key), allow_nonfinite=allow_nonfinite, **overrides)
+
+
+def load_published(name: str, cache_dir: str | os.PathLike | None = None, *, allow_nonfinite: bool = False,
+                   **overrides) -> nnx.Module:
+    """The entry's published checkpoint, downloaded (SHA-256 verified) and converted once into
+    `cache_dir/converted/<name>`, and restored (manifest verified) from there. Runs sharing the cache
+    serialise on a lock: the first converts, the others wait and restore what it wrote. A converted directory
+    that fails verification is converted again; temporary directories of killed runs are removed."""
+    ckpt = registry.get_entry(name).checkpoint
+    if ckpt is None:
+        raise ValueError(f"model {name!r} has no published checkpoint; pass a path")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    converted = root / "converted" / name
+    with file_lock(converted.with_name(f".{name}.lock")):
+        for stale in converted.parent.glob(f".{name}.*"):   # only a holder of the lock writes these
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        if converted.is_dir():
+            try:
+                return restore(name, converted, allow_nonfinite=allow_nonfinite, **overrides)
+            except CorruptCheckpointError as e:
+                warnings.warn(f"{e}; converting it again", stacklevel=2)
+        path = cached_download(ckpt.url, root, filename=ckpt.filename, sha256=ckpt.sha256)
+        model = from_state_dict(name, read_checkpoint(path, ckpt.key), allow_nonfinite=allow_nonfinite)
+        save(model, converted, name, overwrite=True)
+        del model
+        return restore(name, converted, allow_nonfinite=allow_nonfinite, **overrides)
+
+
+class CorruptCheckpointError(ValueError):
+    """A directory written by save() whose files no longer match its manifest."""
 
 
 def save(model: nnx.Module, directory: str | os.PathLike, name: str | None = None, *,
@@ -625,6 +818,7 @@ def save(model: nnx.Module, directory: str | os.PathLike, name: str | None = Non
         finally:
             checkpointer.close()
         (tmp / _META_FILE).write_text(meta)
+        (tmp / _MANIFEST).write_text(json.dumps({"sha256": _hash_tree(tmp)}, indent=1, sort_keys=True))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.rename(directory, old)
@@ -638,9 +832,10 @@ def save(model: nnx.Module, directory: str | os.PathLike, name: str | None = Non
     return directory
 
 
-def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike | None = None,
-            **overrides) -> nnx.Module:
-    """restore(directory) or restore(name, directory): the model save() wrote, in eval mode."""
+def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike | None = None, *,
+            allow_nonfinite: bool = False, **overrides) -> nnx.Module:
+    """restore(directory) or restore(name, directory): the model save() wrote, in eval mode. Its files are
+    checked against the manifest save() wrote (CorruptCheckpointError when they differ)."""
     if directory is None:
         name, directory = None, Path(name_or_directory)
     else:
@@ -648,7 +843,13 @@ def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike |
     state_dir, meta_file = directory.absolute() / _STATE_DIR, directory / _META_FILE
     if not state_dir.is_dir():
         raise FileNotFoundError(f"{directory} is not a checkpoint written by models.convert.save (no {_STATE_DIR}/)")
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"model": None, "overrides": {}}
+    if not verify(directory):
+        warnings.warn(f"{directory} has no {_MANIFEST} (written by an older version): its files are not verified",
+                      stacklevel=2)
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"model": None, "overrides": {}}
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{meta_file} is unreadable ({e})") from e
     if name is None:
         name = meta["model"]
         if name is None:
@@ -666,7 +867,7 @@ def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike |
         checkpointer.close()
     flat = {_key(tuple(getattr(k, "key", k) for k in path)): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    return from_state_dict(name, flat, **overrides)
+    return from_state_dict(name, flat, allow_nonfinite=allow_nonfinite, **overrides)
 
 
 def _json_scalar(value):
@@ -697,13 +898,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"container key (default: the first of {', '.join(CONTAINER_KEYS)})")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="convert even if weights hold NaN or infinite values (an error by default)")
     args = parser.parse_args(argv)
     if args.model not in registry.list_models():
         parser.error(f"unknown model {args.model!r}; valid names: {', '.join(registry.list_models())}")
     if Path(args.out).exists() and not args.force:
         parser.error(f"{args.out} already exists (pass --force to replace it)")
     try:
-        model = load(args.model, args.checkpoint, args.key)
+        model = load(args.model, args.checkpoint, args.key, allow_nonfinite=args.allow_nonfinite)
         out = save(model, args.out, args.model, overwrite=args.force)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,6 +21,9 @@ class Checkpoint:
     url: str
     key: str | None          # container key inside the file ("model", "state_dict_ema"), None for raw state dicts
     filename: str
+    # SHA-256 of the published file, checked on download. None where not published by the authors: the hash
+    # is then recorded at the first download (data.download, `<file>.sha256`) and checked afterwards.
+    sha256: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,13 @@ import collections
 import functools
 import hashlib
 import http.server
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import zipfile
 
@@ -25,7 +27,7 @@ import pytest
 import torch
 from flax import nnx
 
-from data.download import cached_download, download
+from data.download import cache_path, cached_download, download
 from dcls_jax import Dcls2d
 from models import convert, registry
 from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential
@@ -558,7 +560,9 @@ def test_download_verification_and_errors(tmp_path, server, monkeypatch):
         download(f"http://127.0.0.1:{port}/file.bin", tmp_path / "u.bin", retries=1, timeout=5)
     monkeypatch.setenv("DCLS_JAX_CACHE", str(tmp_path / "cache"))
     path = cached_download(url)
-    assert path == tmp_path / "cache" / "127.0.0.1" / "file.bin" and path.read_bytes() == PAYLOAD
+    # the cache key is the whole URL: cache / host / hash of the URL / name
+    assert path == cache_path(url, tmp_path / "cache") and path.read_bytes() == PAYLOAD
+    assert path.parent.parent == tmp_path / "cache" / "127.0.0.1" and path.name == "file.bin"
 
 
 def test_load_from_url_and_published_checkpoint(tmp_path, server, torch_toy, monkeypatch):
@@ -570,4 +574,140 @@ def test_load_from_url_and_published_checkpoint(tmp_path, server, torch_toy, mon
                              checkpoint=registry.Checkpoint(f"{server.url}/toy.pth", "model", "toy_published.pth"),
                              infer_overrides=registry.get_entry(TOY).infer_overrides))
     _assert_params_equal(convert.load("test_convert_published"), torch_toy.state_dict())
-    assert (tmp_path / "cache" / "127.0.0.1" / "toy_published.pth").exists()
+    assert cache_path(f"{server.url}/toy.pth", tmp_path / "cache", filename="toy_published.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 18: non-finite weights, corrupt converted caches, concurrent first conversions, temporary directories
+# ---------------------------------------------------------------------------------------------------------
+
+def test_nonfinite_weights_are_refused(tmp_path, torch_toy):
+    sd = {k: v.numpy().copy() for k, v in _torch_sd(torch_toy).items()}
+    sd["head.weight"][0, 1] = np.nan
+    sd["stem.bias"][2] = -np.inf
+    with pytest.raises(ValueError, match=r"non-finite values in 2 tensor\(s\)(.|\n)*stem.bias: 0 NaN, 1 infinite"
+                                         r"(.|\n)*head.weight: 1 NaN, 0 infinite(.|\n)*--allow-nonfinite"):
+        convert.from_state_dict(TOY, sd)
+    model = convert.from_state_dict(TOY, sd, allow_nonfinite=True)           # explicit opt-out
+    assert np.isnan(np.asarray(model.head.weight.get_value())[0, 1])
+    bf = {k: (v.astype(ml_dtypes.bfloat16) if k == "stem.weight" else v) for k, v in sd.items()}
+    bf["stem.weight"][0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="stem.weight: 1 NaN"):               # bfloat16 too
+        convert.from_state_dict(TOY, {**bf, "head.weight": sd["head.weight"] * 0})
+    # through the CLI: exit code 1 and the message; --allow-nonfinite converts
+    torch.save({"weight": torch.tensor([[1.0, float("nan")], [0, 0], [0, 0]]), "bias": torch.zeros(3)},
+               tmp_path / "nan.pth")
+    argv = ["--model", "test_convert_cli", "--checkpoint", tmp_path / "nan.pth", "--out", tmp_path / "out"]
+    bad = subprocess.run([sys.executable, "-c", CLI_TOY, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "weight: 1 NaN" in bad.stderr and not (tmp_path / "out").exists()
+    ok = subprocess.run([sys.executable, "-c", CLI_TOY, *map(str, argv), "--allow-nonfinite"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_corrupt_converted_checkpoint_is_refused(tmp_path, torch_toy):
+    model = convert.from_state_dict(TOY, {k: v.numpy() for k, v in _torch_sd(torch_toy).items()})
+    out = convert.save(model, tmp_path / "ck")
+    manifest = json.loads((out / "manifest.json").read_text())["sha256"]
+    assert "model.json" in manifest and any(k.startswith("state/") for k in manifest)
+    biggest = max((p for p in (out / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0x10                                               # one flipped bit
+    biggest.write_bytes(bytes(data))
+    with pytest.raises(convert.CorruptCheckpointError, match=r"is corrupt \(state/.* changed\); delete it"):
+        convert.restore(out)
+    data[len(data) // 2] ^= 0x10
+    biggest.write_bytes(bytes(data))
+    (out / "state" / "extra").write_bytes(b"x")
+    with pytest.raises(convert.CorruptCheckpointError, match="extra added"):
+        convert.restore(out)
+    (out / "state" / "extra").unlink()
+    (out / "model.json").write_text('{"model": "test_convert_dcls", "overrides": {}}')
+    with pytest.raises(convert.CorruptCheckpointError, match="model.json changed"):
+        convert.restore(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(convert.CorruptCheckpointError, match="unreadable manifest"):
+        convert.restore(out)
+
+
+def test_save_cleans_up_after_a_failure(tmp_path, torch_toy, monkeypatch):
+    model = convert.from_state_dict(TOY, {k: v.numpy() for k, v in _torch_sd(torch_toy).items()})
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "_hash_tree", fail)                           # fails after orbax wrote
+    with pytest.raises(OSError, match="disk full"):
+        convert.save(model, tmp_path / "ck")
+    assert os.listdir(tmp_path) == []
+
+
+PUBLISHED_TOY = textwrap.dedent("""
+    import hashlib, json, sys, warnings
+    import numpy as np
+    from flax import nnx
+    import jax
+    import jax.numpy as jnp
+    from models import convert, registry
+    from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential
+
+    class ToyBlock(nnx.Module):  # tests.test_convert's Toy, without importing torch
+        def __init__(self, width, P, *, rngs):
+            self.conv = Conv2d(width, width, 3, padding=1, rngs=rngs)
+            self.P = P
+            self.bn = BatchNorm2d(width)
+
+    class Toy(nnx.Module):
+        def __init__(self, *, rngs, width=4, num_classes=3, drop_rate=0.0):
+            self.stem = Conv2d(3, width, 3, padding=1, rngs=rngs)
+            P = nnx.Param(jnp.zeros((width,)))
+            self.blocks = Sequential([ToyBlock(width, P, rngs=rngs) for _ in range(2)])
+            self.drop = Dropout(drop_rate, rngs=rngs)
+            self.head = Linear(width, num_classes, rngs=rngs)
+
+    registry.register(registry.Entry("test_convert_race", Toy, "test", "blocks", 8, 8,
+        checkpoint=registry.Checkpoint(sys.argv[1], "model", "race.pth"),
+        infer_overrides=lambda sd: {"num_classes": sd["head.weight"].shape[0]}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = convert.load_published("test_convert_race", sys.argv[2])
+    flat = sorted((convert._key(p), np.asarray(v.get_value()).tobytes())
+                  for p, v in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+    h = hashlib.sha256(b"".join(k.encode() + v for k, v in flat)).hexdigest()
+    print(json.dumps({"hash": h, "warnings": [str(w.message) for w in caught]}))
+""")
+
+
+def _published(url, cache, n=2):
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHED_TOY, url, str(cache)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}) for _ in range(n)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
+def test_concurrent_first_conversions_and_corrupt_cache(tmp_path, server, torch_toy):
+    torch.save({"model": torch_toy.state_dict()}, tmp_path / "toy.pth")
+    server.files["/race.pth"] = (tmp_path / "toy.pth").read_bytes()
+    url = f"{server.url}/race.pth"
+    flat = sorted((k, v.float().numpy().tobytes()) for k, v in torch_toy.state_dict().items()
+                  if not k.endswith("num_batches_tracked") and k != "blocks.1.P")
+    want = hashlib.sha256(b"".join(k.encode() + v for k, v in flat)).hexdigest()
+    for attempt in range(3):                                 # two first runs on one fresh cache, three times
+        results = _published(url, tmp_path / f"cache{attempt}")
+        assert [r["hash"] for r in results] == [want, want]
+        converted = tmp_path / f"cache{attempt}" / "converted"
+        assert sorted(os.listdir(converted)) == ["test_convert_race"]      # no temporaries, no lock left
+    assert sum(1 for r in server.requests if r[0] == "/race.pth") == 3       # one download per cache
+    # a killed conversion's temporary directory is removed; a corrupted cache is converted again
+    cache = tmp_path / "cache0"
+    (cache / "converted" / ".test_convert_race.abc123").mkdir()
+    state = cache / "converted" / "test_convert_race" / "state"
+    victim = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
+    (result,) = _published(url, cache, n=1)
+    assert result["hash"] == want and any("is corrupt" in w and "converting it again" in w for w in result["warnings"])
+    assert sorted(os.listdir(cache / "converted")) == ["test_convert_race"]

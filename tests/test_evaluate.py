@@ -54,6 +54,15 @@ def free_port() -> int:
 # Fixtures: the tiny model, its PyTorch reference and checkpoint, shards on a local HTTP server
 
 
+@pytest.fixture(scope="module", autouse=True)
+def allow_empty_shards():
+    """SHARDS imitates ClickMe's 17 shards with 7 records: most are empty, an error for real data."""
+    from data.clickme import ALLOW_EMPTY_ENV
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ALLOW_EMPTY_ENV, "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from models import registry
