@@ -159,11 +159,11 @@ def load_model(name: str, args):
     from models import convert
     if args.random_init:
         return models.create_model(name, rngs=nnx.Rngs(args.seed)), "random-init", None
-    from data.download import cached_download
+    from data import download
     if args.checkpoint:
         path = args.checkpoint
         if path.startswith(("http://", "https://")):
-            path = cached_download(path, cache_dir(args))
+            path = download.cached_download(path, cache_dir(args))
         if not Path(path).exists():
             raise UsageError(f"--checkpoint {path} does not exist")
         digest = checkpoint_sha256(path)
@@ -173,33 +173,13 @@ def load_model(name: str, args):
     if ckpt is None:
         raise UsageError(f"{name} has no published checkpoint: pass --checkpoint or --random-init")
     pinned = pinned_sha256(entry)
-    converted = cache_dir(args) / "converted" / name
-    stamp = converted.with_name(name + ".sha256")      # the SHA-256 of the file the conversion was made from
-    raw = cached_download_path(ckpt.url, cache_dir(args), ckpt.filename)
-    if converted.is_dir() and not raw.is_file():       # the download was deleted to save space
-        if not stamp.is_file():                         # converted before hashes were recorded
-            if pinned:
-                raise UsageError(f"cannot check {converted} against the pinned SHA-256 (its source file is gone): "
-                                 "delete it to download and convert the checkpoint again")
-            return convert.restore(name, converted), ckpt.url, None
-        digest = stamp.read_text().strip()
-        verify_sha256(digest, pinned, f"{name}'s converted checkpoint {converted} (made from a file with this hash)")
-        return convert.restore(name, converted), ckpt.url, digest
-    path = cached_download(ckpt.url, cache_dir(args), filename=ckpt.filename)
-    digest = verify_sha256(checkpoint_sha256(path), pinned, f"{name}'s checkpoint {path} (from {ckpt.url})")
-    if not converted.is_dir() or not stamp.is_file() or stamp.read_text().strip() != digest:
-        convert.save(convert.load(name, path, key=ckpt.key), converted, name, overwrite=True)
-        write_atomic(stamp, digest + "\n")
-    return convert.restore(name, converted), ckpt.url, digest
-
-
-def cached_download_path(url: str, cache: Path, filename: str | None) -> Path:
-    """Where data.download.cached_download keeps `url` (without downloading)."""
-    import urllib.parse
-    parts = urllib.parse.urlsplit(url)
-    names = [filename] if filename else [urllib.parse.unquote(p) for p in parts.path.split("/")
-                                         if p not in ("", ".", "..")]
-    return Path(cache) / (parts.hostname or "local") / Path(*names)
+    raw = download.cache_path(ckpt.url, cache_dir(args), filename=ckpt.filename)
+    if raw.is_file():   # bytes already cached: a pinned hash they fail is refused before any conversion
+        verify_sha256(download.sha256_file(raw), pinned, f"{name}'s checkpoint {raw} (from {ckpt.url})")
+    # downloads (pinned hash checked), converts once under a lock shared by concurrent runs, verifies the cache
+    model = convert.load_published(name, cache_dir(args))
+    record = download.read_record(raw)   # the SHA-256 of the bytes the conversion was made from
+    return model, ckpt.url, record["sha256"] if record else None
 
 
 def checkpoint_sha256(path) -> str:
@@ -208,13 +188,7 @@ def checkpoint_sha256(path) -> str:
     import hashlib
     path = Path(path)
 
-    def of_file(p: Path) -> str:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
+    from data.download import sha256_file as of_file
     if path.is_dir():
         lines = sorted(f"{of_file(p)}  {p.relative_to(path).as_posix()}\n" for p in path.rglob("*") if p.is_file())
         return hashlib.sha256("".join(lines).encode()).hexdigest()

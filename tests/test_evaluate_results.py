@@ -17,6 +17,8 @@ import types
 
 import numpy as np
 import pytest
+
+from data import download
 from PIL import Image
 
 from tests.test_evaluate import CROP, RESIZE, TINY, TINY_CONFIG, register_tiny
@@ -226,7 +228,7 @@ def test_wrong_pinned_hash_is_refused(tiny_pair, tmp_path, monkeypatch, capsys):
     data = b"not the published checkpoint"
     # already in the download cache: no network is needed (the URL's port is closed)
     url = "http://127.0.0.1:9/files/tiny.safetensors"
-    raw = evaluate.cached_download_path(url, cache, "tiny.safetensors")
+    raw = download.cache_path(url, cache, filename="tiny.safetensors")
     raw.parent.mkdir(parents=True)
     raw.write_bytes(data)
     good = hashlib.sha256(data).hexdigest()
