@@ -194,7 +194,7 @@ def to_dense_conv(layer: _DclsNd, factory: Callable | None = None):
     if layer.padding_mode != "zeros":
         raise ValueError(f"nnx.Conv has no padding_mode {layer.padding_mode!r}; pass a factory")
     padding = layer.padding if isinstance(layer.padding, str) else (
-        list(layer.padding) if isinstance(layer.padding[0], tuple) else [(p, p) for p in layer.padding])
+        tuple(layer.padding) if isinstance(layer.padding[0], tuple) else tuple((p, p) for p in layer.padding))
     nd = layer.nd
     ksize = layer.kernel_size
     conv = nnx.eval_shape(lambda: nnx.Conv(
