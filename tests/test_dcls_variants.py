@@ -265,3 +265,30 @@ def test_bf16_dtype_and_param_dtype():
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# docs/DCLS.md: its examples run as written
+
+
+def _guide_blocks():
+    import os
+    import re
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "DCLS.md")
+    with open(path) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def test_guide_examples_run(capsys):
+    blocks = _guide_blocks()
+    assert len(blocks) == 4
+    spaces = []
+    for code in blocks:
+        ns = {"__name__": "guide"}
+        exec(compile(code, "docs/DCLS.md", "exec"), ns)
+        spaces.append(ns)
+    assert abs(spaces[1]["delay"] - 6) < 0.5                  # the 1-D example learns its delay
+    assert spaces[2]["delays"](spaces[2]["spikes"]).shape == (2, 3, 3, 50, 4)
+    ns = spaces[3]
+    y = np.asarray(ns["dcls"](ns["x"]))
+    np.testing.assert_allclose(np.asarray(ns["frozen"](ns["x"])), y, rtol=0, atol=1e-5 * np.abs(y).max())
