@@ -4,7 +4,8 @@ Attribute names follow timm's state-dict paths (`stem.0`, `stages.1.downsample.1
 `stages.2.blocks.5.conv_dw`, `head.norm`, `head.fc`), so a timm state dict maps one to one onto
 `nnx.state(model)`. The depthwise convolution of every block is an injected factory: the plain models use a 7x7
 Conv2d; the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v0") whose positions are shared
-within each stage. `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
+within each stage; `convnext_tiny_dcls_gauss` a Dcls2d "gauss" (23 / 26) sharing P and SIG per stage (arXiv
+2306.00817). `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
 """
 from __future__ import annotations
 
