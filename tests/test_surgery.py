@@ -132,6 +132,22 @@ def _random_model(name, seed):
     return model
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: dcls_jax.Dcls2dK1d(4, 4, 3, padding="SAME", dilated_kernel_size=7, flat_dim=1, version="gauss",
+                                rngs=nnx.Rngs(0)), (2, 6, 9, 4)),
+    (lambda: dcls_jax.Dcls3_1d(2, 4, 2, stride=(1, 1, 2), padding=(1, 0, 3), dense_kernel_size=(3, 2),
+                               dilated_kernel_size=7, version="max", rngs=nnx.Rngs(0)), (2, 4, 5, 9, 2)),
+])
+def test_dense_export_of_the_n_md_layers(make, shape):
+    layer = make()
+    _randomize(layer, seed=4)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    y = run(layer, x)
+    conv = dcls_jax.to_dense(layer)
+    assert conv.kernel.shape == (*layer.kernel_size, layer.in_channels // layer.groups, layer.out_channels)
+    np.testing.assert_allclose(run(conv, x), y, rtol=0, atol=1e-5 * np.abs(y).max())
+
+
 @pytest.fixture(scope="module")
 def convnext_tiny():
     return _random_model("convnext_tiny", 5)
