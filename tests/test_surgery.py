@@ -205,3 +205,21 @@ def test_errors():
         dcls_jax.replace_convs(net, dcls_jax.depthwise(7), kernel_count=3, dilated_kernel_size=9)
     with pytest.raises(ValueError, match="no DCLS layer"):
         dcls_jax.to_dense(Net(plain_dw, rngs=nnx.Rngs(0)))
+
+
+def test_1d_and_3d_convs_become_dcls1d_and_dcls3d():
+    """An audio-style 1-D model and a video-style 3-D one: the layer class follows the kernel's rank; the output
+    shapes stay those of the original (padding d // 2 at stride 1, the conv's stride kept)."""
+    rngs = nnx.Rngs(0)
+    audio = nnx.Sequential(nnx.Conv(2, 6, (9,), feature_group_count=2, strides=2, rngs=rngs),
+                           nnx.Conv(6, 6, (3,), rngs=rngs))
+    video = nnx.Sequential(nnx.Conv(3, 3, (3, 7, 7), feature_group_count=3, rngs=rngs))
+    for model, shape, cls in ((audio, (2, 20, 2), dcls_jax.Dcls1d), (video, (1, 4, 9, 9, 3), dcls_jax.Dcls3d)):
+        out = dcls_jax.replace_convs(model, dcls_jax.depthwise(min_kernel=3), kernel_count=4,
+                                     dilated_kernel_size=11, version="v1")
+        assert isinstance(out.layers[0], cls) and out.layers[0].groups == model.layers[0].feature_group_count
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)   # shapes only: no compile
+        assert nnx.eval_shape(lambda m, x: m(x), out, x).shape == nnx.eval_shape(lambda m, x: m(x), model, x).shape
+    assert isinstance(out.layers[0], dcls_jax.Dcls3d) and out.layers[0].dilated_kernel_size == (11, 11, 11)
+    assert isinstance(dcls_jax.replace_convs(audio, lambda i: i.nd == 1 and i.groups == 1, kernel_count=2,
+                                             dilated_kernel_size=5).layers[1], dcls_jax.Dcls1d)
