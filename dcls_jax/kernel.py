@@ -73,14 +73,17 @@ def _profiles(P, SIG, d, version):
 
 
 def construct_kernel(weight, P, SIG, dilated_kernel_size, version: str):
-    """Dense kernel (O, I/groups, *dilated_kernel_size) from weight (O, I/g, K), P and SIG (nd, O, I/g, K).
+    """Dense kernel (O, I/groups, *dense, *dilated_kernel_size) from weight (O, I/g, *dense, K), P and SIG
+    (nd, O, I/g, *dense, K).
 
-    SIG is used by "gauss" and "max" only (pass None otherwise). Same numbers as dcls 0.1.1."""
+    `dense` is empty for Dcls1d/2d/3d; Dcls3_1d (dcls 0.1.1's N_Md design) has two dense (fixed-tap) axes before
+    its one learnable axis: each of its dense taps is a 1-D DCLS kernel. SIG is used by "gauss" and "max" only
+    (pass None otherwise). Same numbers as dcls 0.1.1."""
     if version not in VERSIONS:
         raise ValueError(f"unknown DCLS version {version!r}; expected one of {VERSIONS}")
     nd = P.shape[0]
-    if nd not in (1, 2, 3):
-        raise ValueError(f"P must have shape (nd, O, I/g, K) with nd in 1..3, got {P.shape}")
+    if nd not in (1, 2, 3) or weight.ndim < 3:
+        raise ValueError(f"P must have shape (nd, O, I/g, [*dense,] K) with nd in 1..3, got {P.shape}")
     d = _sizes(dilated_kernel_size, nd)
     if P.shape[1:] != weight.shape:
         raise ValueError(f"P shape {P.shape} does not match weight shape {weight.shape}")
@@ -90,8 +93,9 @@ def construct_kernel(weight, P, SIG, dilated_kernel_size, version: str):
                              f"{None if SIG is None else SIG.shape}")
     profiles, norm = _profiles(P, SIG, d, version)
     w = weight if norm is None else weight / norm
-    letters = "xyz"
+    letters, dense = "xyz", "abcdefgh"[:weight.ndim - 3]
     by_axis = dict(profiles)
     operands = [w] + [by_axis[a] for a in range(nd)]
-    spec = "oik," + ",".join(f"oik{letters[a]}" for a in range(nd)) + "->oi" + letters[:nd]
+    lead = "oi" + dense
+    spec = f"{lead}k," + ",".join(f"{lead}k{letters[a]}" for a in range(nd)) + f"->{lead}" + letters[:nd]
     return jnp.einsum(spec, *operands, precision=lax.Precision.HIGHEST)

@@ -4,7 +4,8 @@ Attribute names follow timm's state-dict paths (`stem.0`, `stages.1.downsample.1
 `stages.2.blocks.5.conv_dw`, `head.norm`, `head.fc`), so a timm state dict maps one to one onto
 `nnx.state(model)`. The depthwise convolution of every block is an injected factory: the plain models use a 7x7
 Conv2d; the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v0") whose positions are shared
-within each stage. `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
+within each stage; `convnext_tiny_dcls_gauss` a Dcls2d "gauss" (23 / 26) sharing P and SIG per stage (arXiv
+2306.00817). `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
 """
 from __future__ import annotations
 
@@ -59,13 +60,14 @@ def dense_conv_dw(cfg: Config) -> Callable[..., nnx.Module]:
                              weight_init=trunc_normal(0.02), bias_init=zeros)
 
 
-def dcls_conv_dw(cfg: Config) -> Callable[..., nnx.Module]:
-    """The DCLS depthwise conv factory of ConvNeXt-dcls: Dcls2d v0, weight trunc_normal(.02), zero bias (as that
-    repository's `_init_weights`); its positions keep Dcls2d's own init N(0, 0.5) clamped to +-d//2."""
-    def build(in_channels, out_channels, *, groups, rngs, P=None):
+def dcls_conv_dw(cfg: Config, version: str = "v0") -> Callable[..., nnx.Module]:
+    """The DCLS depthwise conv factory of ConvNeXt-dcls: Dcls2d (v0; "gauss" for the Gaussian models), weight
+    trunc_normal(.02), zero bias (as that repository's `_init_weights`); its positions keep Dcls2d's own init
+    N(0, 0.5) clamped to +-d//2 (and SIG 0.23 for gauss)."""
+    def build(in_channels, out_channels, *, groups, rngs, P=None, SIG=None):
         layer = Dcls2d(in_channels, out_channels, kernel_count=cfg.kernel_count,
                        dilated_kernel_size=cfg.dilated_kernel_size, padding=cfg.dilated_kernel_size // 2,
-                       groups=groups, bias=True, version="v0", rngs=rngs, P=P)
+                       groups=groups, bias=True, version=version, rngs=rngs, P=P, SIG=SIG)
         layer.weight.set_value(trunc_normal(0.02)(rngs.params(), layer.weight.get_value().shape))
         layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
         return layer
@@ -214,3 +216,28 @@ def _register(size: str, dcls: bool):
 for _size in ("tiny", "small", "base"):
     _register(_size, dcls=False)
     _register(_size, dcls=True)
+
+
+# Gaussian-interpolation ConvNeXt-dcls (arXiv 2306.00817): every depthwise conv -> Dcls2d "gauss", 23 x 23 with 26
+# taps, P and SIG shared per stage. Only the tiny model is published (FAIR key layout, inside "model"); small and
+# base would have no checkpoint (`evaluate.py --models all` needs one per name), so only tiny is registered.
+_GAUSS_URL = "https://zenodo.org/record/8029747/files/convnext_dcls_gauss_{}_1k_224_ema.pth"
+
+
+def _register_gauss(size: str):
+    url = _GAUSS_URL.format(size)
+    register(Entry(
+        name=f"convnext_{size}_dcls_gauss",
+        builder=functools.partial(_build, getattr(Config, size)(kernel_count=26, dilated_kernel_size=23),
+                                  functools.partial(dcls_conv_dw, version="gauss")),
+        family="convnext",
+        target_layer=ConvNeXt.target_layer,
+        resize_size=256,
+        input_size=224,
+        checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]),
+        remap_keys=remap_keys,
+        infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight"),
+    ))
+
+
+_register_gauss("tiny")
