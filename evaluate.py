@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_models(args) -> list[str]:
     import models
-    names = models.list_models() if args.models == "all" else [n.strip() for n in (args.model or args.models).split(",")]
+    names = models.list_models(study_only=True) if args.models == "all" else [n.strip() for n in (args.model or args.models).split(",")]
     for n in names:
         models.get_entry(n)  # raises ValueError listing the valid names
     return names

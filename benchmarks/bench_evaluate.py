@@ -220,7 +220,7 @@ def main(argv=None):
     import torch
 
     import models
-    names = models.list_models() if args.models == "all" else [n.strip() for n in args.models.split(",")]
+    names = models.list_models(study_only=True) if args.models == "all" else [n.strip() for n in args.models.split(",")]
     for n in names:
         models.get_entry(n)
     cuda = torch.cuda.is_available()

@@ -220,7 +220,7 @@ for _size in ("tiny", "small", "base"):
 
 # Gaussian-interpolation ConvNeXt-dcls (arXiv 2306.00817): every depthwise conv -> Dcls2d "gauss", 23 x 23 with 26
 # taps, P and SIG shared per stage. Only the tiny model is published (FAIR key layout, inside "model"); small and
-# base would have no checkpoint (`evaluate.py --models all` needs one per name), so only tiny is registered.
+# base would have no checkpoint, so only tiny is registered. Not one of the study's 16 (`--models all`).
 _GAUSS_URL = "https://zenodo.org/record/8029747/files/convnext_dcls_gauss_{}_1k_224_ema.pth"
 
 
@@ -237,6 +237,7 @@ def _register_gauss(size: str):
         checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]),
         remap_keys=remap_keys,
         infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight"),
+        in_study=False,
     ))
 
 

@@ -44,6 +44,7 @@ class Entry:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     num_classes: int = 1000
+    in_study: bool = True                # one of the study's 16 models (`evaluate.py --models all`)
 
 
 MODELS: dict[str, Entry] = {}
@@ -64,9 +65,10 @@ def get_entry(name: str) -> Entry:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}") from None
 
 
-def list_models() -> list[str]:
+def list_models(*, study_only: bool = False) -> list[str]:
+    """Every registered name, or only the study's 16 models."""
     _load_families()
-    return sorted(MODELS)
+    return sorted(n for n, e in MODELS.items() if e.in_study or not study_only)
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
