@@ -60,17 +60,23 @@ def installed(name):
     dist = dists.get(canonicalize_name(name))
     return dist.version if dist is not None else None
 
-# An installed accelerator plugin keeps its jax extra, so an upgrade of jax takes the plugin along.
-for plugin, extra in (("jax-cuda12-plugin", "cuda12"), ("jax-cuda13-plugin", "cuda13"), ("libtpu", "tpu")):
-    if installed(plugin) and extra not in extras:
-        extras.append(extra)
-wanted = list(project["dependencies"])
-for extra in extras:
-    if extra not in optional:
-        sys.exit(f"setup.sh: pyproject.toml has no extra '{extra}' (it has: {', '.join(optional)})")
-    wanted += optional[extra]
-wanted = [Requirement(r) for r in wanted]
-wanted = [r for r in wanted if r.marker is None or r.marker.evaluate({"extra": ""})]
+def requirements(extras):
+    reqs = list(project["dependencies"])
+    for extra in extras:
+        if extra not in optional:
+            sys.exit(f"setup.sh: pyproject.toml has no extra '{extra}' (it has: {', '.join(optional)})")
+        reqs += optional[extra]
+    reqs = [Requirement(r) for r in reqs]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+# A jax outside the supported range gets replaced: an installed CUDA/TPU plugin then comes along through
+# its jax extra, so it is not left mismatched. A jax inside the range is held below, its plugin with it.
+jax_range = next(r.specifier for r in requirements([]) if canonicalize_name(r.name) == "jax")
+if installed("jax") is None or not jax_range.contains(installed("jax"), prereleases=True):
+    for plugin, extra in (("jax-cuda12-plugin", "cuda12"), ("jax-cuda13-plugin", "cuda13"), ("libtpu", "tpu")):
+        if installed(plugin) and extra not in extras:
+            extras.append(extra)
+wanted = requirements(extras)
 
 problems, seen = [], set()
 def check(req, parent_extras=("",)):
@@ -108,7 +114,7 @@ open(f"{work}/reqs.txt", "w").write("\n".join(map(str, wanted)) + "\n")
 open(f"{work}/hold.txt", "w").write("\n".join(hold) + "\n")
 print("setup.sh: to install or update: " + "; ".join(problems), file=sys.stderr)
 if hold:
-    print("setup.sh: holding the installed " + ", ".join(hold), file=sys.stderr)
+    print("setup.sh: pip constraints (installed versions kept; torch 2.13.0 where none): " + ", ".join(hold), file=sys.stderr)
 sys.exit(1)
 PY
 
