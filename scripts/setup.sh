@@ -33,6 +33,8 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "setup.sh: creating $venv with $("$py" -V 2>&1)" >&2
   "$py" -m venv "$venv" || fail "could not create the virtual environment $venv"
 fi
+"$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || fail "$venv runs $("$venv/bin/python" -V 2>&1); the project needs Python >= 3.11"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -121,7 +123,7 @@ PY
 if ! "$venv/bin/python" "$work/check.py" "$root/pyproject.toml" "$extras" "$work"; then
   [ -f "$work/reqs.txt" ] || fail "cannot read the requirements (see above)"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$work/hold.txt" -r "$work/reqs.txt" >&2 \
-    || fail "pip could not install the requirements into $venv (see its message above); nothing was run"
+    || fail "pip could not install the requirements into $venv (see its message above)"
   "$venv/bin/python" "$work/check.py" "$root/pyproject.toml" "$extras" "$work" \
     || fail "after pip install, $venv still misses the requirements listed above"
 fi

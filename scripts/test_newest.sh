@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # A quick subset of the tests against the NEWEST jax, jaxlib, flax and optax on the package index, whatever
-# pyproject.toml's upper bounds say: run it before widening those bounds (then record the versions it printed
-# there). Its own environment, so the main one keeps its tested versions: $DCLS_JAX_NEWEST_VENV, default
-# ~/.cache/dcls-jax/venv-newest, made with $DCLS_JAX_PYTHON or the newest python3.1x >= 3.12 on PATH (or pyenv's)
-# (jax >= 0.11 needs Python >= 3.12). Each run upgrades those four packages, adds what the study and test
-# extras need without touching them, and runs the subset (or the pytest arguments given instead).
-# On Python >= 3.12 the test extra's torch comes from the index as it is (a CUDA build on Linux x86_64, several GB
-# the first time).
+# pyproject.toml's upper bounds say: run it before widening those bounds (and record there the versions it
+# prints). It keeps its own environment, so the main one stays on tested versions: $DCLS_JAX_NEWEST_VENV,
+# default ~/.cache/dcls-jax/venv-newest, made with $DCLS_JAX_PYTHON, else the newest Python >= 3.12 on PATH or
+# in pyenv (jax >= 0.11 needs 3.12). Each run upgrades those four packages, adds what the study and test extras
+# need without touching them, and runs the subset below (or the pytest arguments given).
+# On Python >= 3.12 the test extra's torch is the index's own build: a CUDA one of several GB on Linux x86_64.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${DCLS_JAX_NEWEST_VENV:-$HOME/.cache/dcls-jax/venv-newest}"
