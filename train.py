@@ -916,6 +916,10 @@ def main(argv=None):
             step += 1
             pending_check = (step, metrics["loss"], metrics["grad_norm"])
             progress.step(step, step / steps_per_epoch, metrics)
+            if unsealed and not manager.is_saving_in_progress():   # finalised in the background: hash it now
+                if pidx == 0:                                         # (no collective call: hosts may differ here)
+                    hashes.write(unsealed)
+                unsealed.clear()
             if val_data is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
                 check_finite()
                 last_eval = evaluate(step)
