@@ -74,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--limit must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.batch_size is not None and hasattr(os, "sysconf"):
+        need = args.batch_size * 224 * 224 * 4 * 4 * 3   # image + human map, float32, ~3 batches in flight
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > memory:
+            p.error(f"--batch-size {args.batch_size} needs about {need / 2**30:.0f} GiB of host memory for its "
+                    f"input batches; this host has {memory / 2**30:.0f} GiB")
     if args.num_overlays < 0:
         p.error(f"--num-overlays must be >= 0, got {args.num_overlays}")
     if args.workers < 1:

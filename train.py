@@ -16,6 +16,7 @@ batch statistics, optimizer state, EMA) is restored, and the data order and ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -55,7 +56,7 @@ class TrainingError(RuntimeError):
 
 # Ranges of the numeric config keys: (low, high, low inclusive, high inclusive); None: unbounded.
 RANGES = {
-    "num_classes": (1, None, True, None), "image_size": (1, None, True, None),
+    "num_classes": (1, None, True, None), "image_size": (1, 4096, True, True), "seed": (0, 2**31 - 1, True, True),
     "eval_crop_pct": (0, 1, False, True), "data_workers": (0, None, True, None), "prefetch": (0, None, True, None),
     "hflip": (0, 1, True, True), "random_erasing": (0, 1, True, True), "mixup_prob": (0, 1, True, True),
     "mixup_switch_prob": (0, 1, True, True), "mixup_group": (0, None, True, None),
@@ -448,6 +449,12 @@ def create(cfg: configs.Config, mesh, total_steps: int, steps_per_epoch: int) ->
         raise ConfigError(f"model {cfg.model!r} with overrides {cfg.model_kwargs}: {e}") from None
     abstract.train()
     graphdef, abs_params, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abs_params))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if memory and 4 * param_bytes > memory:   # parameters, 2 Adam moments, EMA: refused before allocating
+        raise ConfigError(f"model {cfg.model!r} with overrides {cfg.model_kwargs} has {param_bytes / 2**30:.1f} GiB "
+                          f"of parameters; with its optimizer state that exceeds this host's "
+                          f"{memory / 2**30:.0f} GiB of memory")
     abstract.eval()
     eval_graphdef = nnx.graphdef(abstract)
     bounds = dcls_jax.position_bounds(abstract) if cfg.clamp_positions else {}
@@ -648,15 +655,18 @@ class Progress:
             return
         with open(path) as f:
             lines = f.readlines()
-        kept = []
+        kept, cut = [], 0
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:   # a line cut by a kill
+                cut += 1
                 continue
             if isinstance(record, dict) and start_step and isinstance(record.get("step"), int) \
                     and record["step"] <= start_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
+        if cut:
+            _warn(f"dropped {cut} unreadable line(s) of {path} (cut by an interrupted run?)")
         if len(kept) != len(lines):
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics.")
             with os.fdopen(fd, "w") as f:
@@ -776,12 +786,39 @@ def init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """An exclusive lock on workdir/.train.lock (process 0 holds it for the run): a second run started on the
+    same workdir is refused instead of interleaving its checkpoints and logs with the first's."""
+    import fcntl
+    f = open(os.path.join(workdir, ".train.lock"), "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise ConfigError(f"workdir {workdir!r} is in use by another training run "
+                              f"({f.read().strip() or 'unknown process'})") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
 def main(argv=None):
     """Runs training; returns the final train state (a dict of global arrays) and the last evaluation."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(*parse_args(argv), cleanup)
+
+
+def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     # ==================== configuration (before any device work) ====================
-    args, cfg = parse_args(argv)
     check_config(cfg)
     init_distributed(args)
+    if cfg.workdir and jax.process_index() == 0:
+        cleanup.enter_context(workdir_lock(cfg.workdir))
     mixup_group = check_devices(cfg, jax.device_count(), jax.process_count())
 
     # ==================== mesh ====================
@@ -937,6 +974,16 @@ def main(argv=None):
     return state, last_eval
 
 
+def _as_json(v):
+    return json.loads(json.dumps(v))
+
+
+# Config keys a resumed run must share with the checkpoint's (they fix the data order or the state's structure).
+RESUME_KEYS = {k: (lambda a, b: a == _as_json(b)) for k in ("seed", "batch_size", "data", "model", "model_kwargs",
+                                                              "num_classes", "optimizer")}
+RESUME_KEYS.update({k: (lambda a, b: (a > 0) == (b > 0)) for k in ("ema_decay", "grad_clip")})
+
+
 def resume(manager, open_manager, hashes: CheckpointHashes, state, cfg: configs.Config):
     """Restores the newest checkpoint that verifies (hash manifest) and restores; a corrupt newer one is moved to
     workdir/checkpoints_corrupt/ with a warning, and the run goes on from the previous good one. -> (manager,
@@ -945,6 +992,9 @@ def resume(manager, open_manager, hashes: CheckpointHashes, state, cfg: configs.
     if not steps:
         return manager, state
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    def error(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
     bad = []
     for s in steps:
         problem = hashes.problem(s)
@@ -953,21 +1003,26 @@ def resume(manager, open_manager, hashes: CheckpointHashes, state, cfg: configs.
                 _warn(f"checkpoint step {s} has no hash manifest (the run ended before writing it): "
                       "restoring it unverified")
             try:
-                restored = manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                saved = meta["config"]
             except Exception as e:   # orbax/tensorstore raise assorted types for damaged files
-                problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                problem = error(e)
+        if problem is None:
+            # A different run's checkpoint is a configuration error, not corruption: no fallback for it.
+            for key, same in RESUME_KEYS.items():
+                if key in saved and not same(saved[key], getattr(cfg, key)):
+                    raise ConfigError(f"cannot resume {cfg.workdir}: its run has {key}={saved[key]!r}, "
+                                      f"this config {key}={getattr(cfg, key)!r}")
+            try:
+                restored_state = manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))["state"]
+            except Exception as e:
+                problem = error(e)
         if problem is not None:
             _warn(f"checkpoint step {s} in {hashes.ckpt_dir} is corrupt ({problem}); "
                   + ("trying the previous one" if s != steps[-1] else "no older checkpoint"))
             bad.append(s)
             continue
-        meta = restored["meta"]
-        for key in ("seed", "batch_size", "data", "model"):
-            if meta["config"][key] != getattr(cfg, key):
-                raise ConfigError(f"cannot resume {cfg.workdir}: its run has {key}={meta['config'][key]!r}, "
-                                  f"this config {key}={getattr(cfg, key)!r}")
-        restored_state = restored["state"]
         if bad:   # out of the way, so the steps can be saved again; kept for inspection
             manager.close()
             if jax.process_index() == 0:

@@ -60,8 +60,6 @@ def test_train_help_lists_every_key_and_examples():
 def test_train_real_command_line_errors(tmp_path):
     """`python train.py ...` itself: exit status 2, exactly one line on stderr, no traceback."""
     cases = [(["--set", "lr=abc"], "config key 'lr' expects float, got 'abc'"),
-             (["--set", "bacth_size=8"], "unknown config key 'bacth_size'; did you mean batch_size"),
-             (["--set", "lr=nan"], "lr must be a finite number"),
              (["--bogus"], "unrecognized arguments: --bogus")]
     for extra, message in cases:
         proc = subprocess.run([sys.executable, "train.py", "--config", SMOKE, *extra], cwd=ROOT, env=_env(),
@@ -114,6 +112,10 @@ def test_train_config_errors_exit_2_one_line_before_compute(tmp_path):
         (smoke + ["--set", "eval_crop_pct=2"], "eval_crop_pct must be in (0, 1]"),
         (smoke + ["--set", "ema_decay=1"], "ema_decay must be in [0, 1)"),
         (smoke + ["--set", "keep_checkpoints=0"], "keep_checkpoints must be in [1, inf)"),
+        (smoke + ["--set", "seed=-1"], "seed must be in [0, 2147483647]"),
+        (smoke + ["--set", "image_size=100000"], "image_size must be in [1, 4096]"),
+        (smoke + ["--set", "lr=1e400"], "lr must be a finite number, got inf"),
+        (smoke + ["--set", "model_kwargs={'dims': (8, 16, 32, 10000000)}"], "GiB of parameters"),
         (smoke + ["--set", "rrc_scale=(1.0, 0.5)"], "rrc_scale must be two positive numbers"),
         (smoke + ["--set", "model_kwargs={'depths': (1,"], "expects a Python dict literal"),
         (smoke + ["--set", "model_kwargs=[1]"], "config key 'model_kwargs' expects dict"),
@@ -249,8 +251,11 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes(smoke_run, tmp_path, c
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
     flipped = _flip_byte(workdir / "checkpoints" / "8")
+    with open(workdir / "metrics.jsonl", "a") as f:   # a record cut short by a kill
+        f.write('{"step": 9, "epoch": 1.1, "lo')
     state, _ = train.main(_smoke_argv(workdir))
     err = capsys.readouterr().err
+    assert "dropped 1 unreadable line(s)" in err, err
     assert "checkpoint step 8" in err and "SHA-256 mismatch" in err and os.path.relpath(
         flipped, workdir / "checkpoints" / "8") in err, err
     assert "resuming from step 4" in err, err
@@ -268,6 +273,13 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes(smoke_run, tmp_path, c
     assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in original if "loss" in r]
     # TensorBoard: the resumed run's events purge the interrupted run's from step 5 on.
     assert len(os.listdir(workdir / "tensorboard")) == 2
+
+    # Another run's checkpoint is a configuration error (no fallback, nothing moved), not corruption.
+    with pytest.raises(train.ConfigError, match="cannot resume .* its run has seed=0, this config seed=1"):
+        train.main(_smoke_argv(workdir, "seed=1"))
+    with pytest.raises(train.ConfigError, match="its run has model_kwargs="):
+        train.main(_smoke_argv(workdir, "model_kwargs={'depths': (1, 1, 1, 1), 'dims': (8, 16, 32, 32)}"))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
 
     # Every checkpoint corrupt: one clear error, nothing restored.
     _flip_byte(workdir / "checkpoints" / "4")
@@ -363,6 +375,7 @@ def test_evaluate_unwritable_outputs_fail_before_any_model(tmp_path):
     (["--num-processes", "0"], "--num-processes must be >= 1"),
     (["--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, --num-processes)"),
     (["--num-overlays", "x"], "invalid int value"),
+    (["--batch-size", str(10**9)], "GiB of host memory"),
 ])
 def test_evaluate_flag_ranges(flags, message, capsys):
     import evaluate
@@ -413,3 +426,19 @@ def test_evaluate_nan_score_is_null_and_exit_nonzero(tmp_path):
     assert result["score"] is None and result["mean_rho"] is None and result["n_evaluated"] == 0
     assert result["n_skipped"] > 0 and set(result["rho_per_image"].values()) == {None}
     assert table.exists()
+
+
+def test_second_run_on_the_same_workdir_is_refused(tmp_path):
+    """A run holds workdir/.train.lock: a second one started there fails at once, naming the holder."""
+    import fcntl
+
+    import train
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    with open(workdir / ".train.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("pid 1 on elsewhere")
+        f.flush()
+        with pytest.raises(train.ConfigError, match=r"is in use by another training run \(pid 1 on elsewhere\)"):
+            train.main(_smoke_argv(workdir))
+    assert not (workdir / "checkpoints").exists()
