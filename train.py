@@ -650,23 +650,30 @@ class Progress:
     @staticmethod
     def _drop_after(path: str, start_step: int) -> None:
         """Keeps the records of steps this run will not log again (<= start_step when resuming, none when
-        starting at 0): each step appears once in metrics.jsonl, from the trajectory that was kept."""
+        starting at 0): each step appears once in metrics.jsonl, from the trajectory that was kept. The others
+        (logged by an interrupted run past its last good checkpoint) move to metrics_superseded.jsonl."""
         if not os.path.exists(path):
             return
         with open(path) as f:
             lines = f.readlines()
-        kept, cut = [], 0
+        kept, superseded, cut = [], [], 0
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:   # a line cut by a kill
                 cut += 1
                 continue
+            line = line if line.endswith("\n") else line + "\n"
             if isinstance(record, dict) and start_step and isinstance(record.get("step"), int) \
                     and record["step"] <= start_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                kept.append(line)
+            else:
+                superseded.append(line)
         if cut:
             _warn(f"dropped {cut} unreadable line(s) of {path} (cut by an interrupted run?)")
+        if superseded:
+            with open(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics_superseded.jsonl"), "a") as f:
+                f.writelines(superseded)
         if len(kept) != len(lines):
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics.")
             with os.fdopen(fd, "w") as f:

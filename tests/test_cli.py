@@ -271,6 +271,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes(smoke_run, tmp_path, c
     assert steps == list(range(1, STEPS + 1)), steps    # once each, no repeats after the resume
     assert [r["step"] for r in log if "top1" in r] == [STEPS]
     assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in original if "loss" in r]
+    with open(workdir / "metrics_superseded.jsonl") as f:   # the interrupted trajectory's records: kept aside
+        assert [r["step"] for r in map(json.loads, f)] == [5, 6, 7, 8, 8]
     # TensorBoard: the resumed run's events purge the interrupted run's from step 5 on.
     assert len(os.listdir(workdir / "tensorboard")) == 2
 
