@@ -12,8 +12,6 @@ its train step, shared by every run of this module through the same configuratio
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
