@@ -101,6 +101,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--limit must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.batch_size is not None and hasattr(os, "sysconf"):
+        need = args.batch_size * 224 * 224 * 4 * 4 * 3   # image + human map, float32, ~3 batches in flight
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > memory:
+            p.error(f"--batch-size {args.batch_size} needs about {need / 2**30:.0f} GiB of host memory for its "
+                    f"input batches; this host has {memory / 2**30:.0f} GiB")
+    if args.num_overlays < 0:
+        p.error(f"--num-overlays must be >= 0, got {args.num_overlays}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    if args.num_processes is not None and args.num_processes < 1:
+        p.error(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
+        p.error(f"--process-id must be in [0, --num-processes), got {args.process_id}")
     if args.random_init and args.checkpoint:
         p.error("--random-init and --checkpoint exclude each other")
     if args.image:
@@ -118,6 +132,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes,
                                                                         args.process_id))
     return args
+
+
+def check_outputs(args) -> None:
+    """Before anything is built: every path the run will write (--output, --table, --plot, --overlays) can be written.
+    The parent directories are created and a temporary file is created and removed in each; process 0 only
+    (the others write nothing). Raises UsageError naming the flag."""
+    if args.process_id not in (None, 0):
+        return
+    targets = [(f"--{flag}", Path(getattr(args, flag)), False) for flag in ("output", "table", "plot")
+               if getattr(args, flag, None)]
+    if args.overlays:
+        targets.append(("--overlays", Path(args.overlays), True))
+    for flag, path, is_dir in targets:
+        directory = path if is_dir else path.parent
+        if not is_dir and path.is_dir():
+            raise UsageError(f"{flag} {path} is a directory, not a file")
+        if is_dir and path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} exists and is not a directory")
+        if not is_dir and path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} cannot be written (permission denied)")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e} ({directory})") from None
+
+
+def json_safe(value):
+    """`value` with every non-finite float (NaN, +-Inf, also numpy's) replaced by None: JSON null, so the file
+    parses with any JSON reader (json.dumps(..., allow_nan=False) then cannot fail on numbers)."""
+    import math
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:   # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def non_finite_scores(results: list[dict]) -> list[str]:
+    """'model / cam' of every result whose score or mean rho is not a finite number."""
+    import math
+    bad = []
+    for r in results:
+        for m, c in r.get("cams", {}).items():
+            if any(not isinstance(c.get(k), (int, float)) or not math.isfinite(c[k]) for k in ("score", "mean_rho")):
+                bad.append(f"{r['model']} / {m} ({c.get('n_evaluated')} images evaluated, {c.get('n_skipped')} "
+                           "skipped)")
+    return bad
 
 
 def resolve_models(args) -> list[str]:
@@ -751,14 +818,13 @@ def main_images(args) -> int:
     try:
         methods = resolve_cams(args.cam)
         resolve_models(args)
-        if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         record = evaluate_images(args, methods)
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.output:
-        write_atomic(args.output, json.dumps({"config": run_config(args, methods, [args.model]), **record}, indent=1))
+        write_atomic(args.output, json.dumps(json_safe({"config": run_config(args, methods, [args.model]), **record}),
+                                             indent=1, allow_nan=False))
     return 0
 
 
@@ -772,11 +838,10 @@ def main(argv=None) -> int:
             import models
             print("\n".join(models.list_models()))
             return 0
+        check_outputs(args)   # before any model is built or compiled: a bad path costs seconds, not the results
         if args.image:
             return main_images(args)
         names, methods = resolve_models(args), resolve_cams(args.cam)
-        if args.output:  # fail before any compute if the output cannot be written
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         import jax
         if args.distributed:
             jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -800,9 +865,17 @@ def main(argv=None) -> int:
             figures.save(figures.table_figure(results, title="Alignment with human maps" + (
                 "\n(" + "; ".join(caveats) + ")" if caveats else "")), args.plot)
         if args.output:
-            write_atomic(args.output, json.dumps({"config": config, "results": results}, indent=1, allow_nan=True))
+            write_atomic(args.output, json.dumps(json_safe({"config": config, "results": results}), indent=1,
+                                                 allow_nan=False))
         if args.table:
             write_atomic(args.table, markdown_table(results))
+    bad = non_finite_scores(results)   # every process holds the gathered results: all exit alike
+    if bad:   # the files are written (null where a number is missing), but the run did not produce a result
+        if jax.process_index() == 0:
+            print(f"error: non-finite alignment score (NaN/Inf; null in the JSON) for: {'; '.join(bad)}. "
+                  "Non-finite weights or inputs, or no image with a non-constant map; check the checkpoint "
+                  "and the data", file=sys.stderr)
+        return 1
     return 0
 
 

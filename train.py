@@ -5,7 +5,7 @@
         --set batch_size=1024 --workdir /ckpt/run
 
 Every host runs the same command. `jax.distributed.initialize()` runs when a cluster is detected (TPU pod,
-SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or with --coordinator HOST:PORT --num_processes N --process_id I.
+SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or with --coordinator HOST:PORT --num-processes N --process-id I.
 The global batch is sharded over a 1-D device mesh ("data"); parameters are replicated (optimizer moments
 optionally sharded, `shard_opt_state`). Each host reads only its rows of each global batch.
 
@@ -16,11 +16,16 @@ batch statistics, optimizer state, EMA) is restored, and the data order and ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -45,6 +50,59 @@ class ConfigError(ValueError):
     """A problem found before any computation; the command line prints it and exits with status 2."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the command line prints it and exits with status 1."""
+
+
+# Ranges of the numeric config keys: (low, high, low inclusive, high inclusive); None: unbounded.
+RANGES = {
+    "num_classes": (1, None, True, None), "image_size": (1, 4096, True, True), "seed": (0, 2**31 - 1, True, True),
+    "eval_crop_pct": (0, 1, False, True), "data_workers": (0, None, True, None), "prefetch": (0, None, True, None),
+    "hflip": (0, 1, True, True), "random_erasing": (0, 1, True, True), "mixup_prob": (0, 1, True, True),
+    "mixup_switch_prob": (0, 1, True, True), "mixup_group": (0, None, True, None),
+    "total_steps": (0, None, True, None), "epochs": (0, None, True, None),
+    "warmup_epochs": (0, None, True, None), "b1": (0, 1, True, False), "b2": (0, 1, True, False),
+    "eps": (0, None, False, None), "weight_decay": (0, None, True, None), "grad_clip": (0, None, True, None),
+    "position_lr_mult": (0, None, True, None), "ema_decay": (0, 1, True, False),
+    "checkpoint_every": (0, None, True, None), "keep_checkpoints": (1, None, True, None),
+    "stop_at_step": (0, None, True, None), "eval_batch_size": (0, None, True, None),
+    "log_every": (1, None, True, None), "synthetic_size": (1, None, True, None),
+}
+
+
+def _range_problems(cfg: configs.Config) -> list[str]:
+    """Every float key finite (`--set lr=nan` is refused before any step), and the ranges of RANGES."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"{f.name} must be a finite number, got {v}")
+        elif f.name in RANGES and isinstance(v, (int, float)) and not isinstance(v, bool):
+            lo, hi, lo_in, hi_in = RANGES[f.name]
+            if ((lo is not None and (v < lo if lo_in else v <= lo))
+                    or (hi is not None and (v > hi if hi_in else v >= hi))):
+                interval = (("[" if lo_in else "(") + f"{lo}, " + (f"{hi}" + ("]" if hi_in else ")")
+                                                                  if hi is not None else "inf)"))
+                problems.append(f"{f.name} must be in {interval}, got {v}")
+    for name in ("rrc_scale", "rrc_ratio"):
+        v = getattr(cfg, name)
+        if (len(v) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in v)
+                or v[0] > v[1]):
+            problems.append(f"{name} must be two positive numbers (low, high) with low <= high, got {v!r}")
+    return problems
+
+
+def _check_writable(directory: str) -> str | None:
+    """None if `directory` can be created and written (checked with a temporary file), else the reason."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return f"{e.strerror or e}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Configuration checks
 
@@ -55,7 +113,7 @@ def check_config(cfg: configs.Config) -> None:
         models.get_entry(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    problems = []
+    problems = _range_problems(cfg)
     if cfg.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer {cfg.optimizer!r} is not one of {OPTIMIZERS}")
     if cfg.compute_dtype not in DTYPES:
@@ -77,8 +135,11 @@ def check_config(cfg: configs.Config) -> None:
             problems.append(str(e))
     if cfg.stop_at_step and not cfg.workdir:
         problems.append("stop_at_step needs a workdir to checkpoint into")
-    if cfg.data not in ("tfds", "imagefolder"):
-        problems.append(f"data {cfg.data!r} is not 'tfds' or 'imagefolder'")
+    if cfg.data not in ("tfds", "imagefolder", "synthetic"):
+        problems.append(f"data {cfg.data!r} is not 'tfds', 'imagefolder' or 'synthetic'")
+    elif cfg.data == "synthetic":
+        if cfg.synthetic_size < cfg.batch_size:
+            problems.append(f"synthetic_size {cfg.synthetic_size} is smaller than one batch ({cfg.batch_size})")
     elif not cfg.data_dir or not os.path.isdir(cfg.data_dir):
         problems.append(f"data_dir {cfg.data_dir!r} does not exist")
     else:
@@ -90,6 +151,14 @@ def check_config(cfg: configs.Config) -> None:
             problems.append(f"no tensorflow-datasets {cfg.tfds_name!r} in data_dir {cfg.data_dir!r}")
     if cfg.init_checkpoint and not os.path.exists(cfg.init_checkpoint):
         problems.append(f"init_checkpoint {cfg.init_checkpoint!r} does not exist")
+    if cfg.workdir and (reason := _check_writable(cfg.workdir)):
+        problems.append(f"workdir {cfg.workdir!r} cannot be written ({reason})")
+    if cfg.tensorboard and cfg.workdir:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            problems.append("tensorboard=true needs the tensorboardX package (pip install tensorboardX), "
+                            "or set tensorboard=false")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -380,6 +449,12 @@ def create(cfg: configs.Config, mesh, total_steps: int, steps_per_epoch: int) ->
         raise ConfigError(f"model {cfg.model!r} with overrides {cfg.model_kwargs}: {e}") from None
     abstract.train()
     graphdef, abs_params, _, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abs_params))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if memory and 4 * param_bytes > memory:   # parameters, 2 Adam moments, EMA: refused before allocating
+        raise ConfigError(f"model {cfg.model!r} with overrides {cfg.model_kwargs} has {param_bytes / 2**30:.1f} GiB "
+                          f"of parameters; with its optimizer state that exceeds this host's "
+                          f"{memory / 2**30:.0f} GiB of memory")
     abstract.eval()
     eval_graphdef = nnx.graphdef(abstract)
     bounds = dcls_jax.position_bounds(abstract) if cfg.clamp_positions else {}
@@ -411,6 +486,143 @@ def create(cfg: configs.Config, mesh, total_steps: int, steps_per_epoch: int) ->
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Synthetic data (data="synthetic"): a smoke test of the whole loop without any dataset
+
+
+class SyntheticData:
+    """The interface of data.imagenet.Pipeline (steps_per_epoch, num_classes, iterate) over `synthetic_size`
+    generated images per split: image i has class i % num_classes, a colour of that class plus uniform noise,
+    a function of (split, i) only. Global batch b of training holds images (b * batch + r) % size; each process
+    yields its rows. The erasing boxes are drawn from (seed, 1, step, row) like the real pipeline's."""
+
+    def __init__(self, cfg: configs.Config, split: str, training: bool, global_batch: int,
+                 process_index: int, process_count: int):
+        if global_batch % process_count:
+            raise ConfigError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+        self.cfg, self.split, self.training = cfg, split, training
+        self.size, self.num_classes = cfg.synthetic_size, cfg.num_classes
+        self.global_batch, self.local_batch = global_batch, global_batch // process_count
+        self.lo = process_index * self.local_batch
+        self.split_key = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
+        self.palette = np.random.default_rng((7, cfg.num_classes)).integers(0, 256, (cfg.num_classes, 3))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.size // self.global_batch if self.training else -(-self.size // self.global_batch)
+
+    def image(self, index: int) -> np.ndarray:
+        s = self.cfg.image_size
+        noise = np.random.default_rng((self.split_key, index)).integers(-48, 49, (s, s, 3))
+        return np.clip(self.palette[index % self.num_classes] + noise, 0, 255).astype(np.uint8)
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None):
+        rows = range(self.lo, self.lo + self.local_batch)
+        if not self.training:
+            for b in range(self.steps_per_epoch):
+                index = np.array([b * self.global_batch + r for r in rows])
+                mask = index < self.size
+                yield {"image": np.stack([self.image(int(i)) if m else np.zeros_like(self.image(0))
+                                          for i, m in zip(index, mask)]),
+                       "label": np.where(mask, index % self.num_classes, 0).astype(np.int32), "mask": mask}
+            return
+        step = start_step
+        while num_steps is None or step < start_step + num_steps:
+            index = [(step * self.global_batch + r) % self.size for r in rows]
+            s = self.cfg.image_size
+            yield {"image": np.stack([self.image(i) for i in index]),
+                   "label": np.array([i % self.num_classes for i in index], np.int32),
+                   "erase": np.stack([augment.erase_box(s, s, np.random.default_rng((self.cfg.seed, 1, step, r)),
+                                                        self.cfg.random_erasing) for r in rows])}
+            step += 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoint integrity: a SHA-256 manifest of every file of each finished step, checked before a restore
+
+
+def _hash_tree(root: str) -> dict[str, list]:
+    files = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            files[os.path.relpath(path, root)] = [os.path.getsize(path), h.hexdigest()]
+    return files
+
+
+class CheckpointHashes:
+    """workdir/checkpoint_hashes/<step>.json: {relative path: [size, sha256]} of the finished step directory
+    checkpoints/<step> (written by process 0 once orbax has finalised the step). `problem(step)` says why a step
+    must not be trusted (None: verified); a step without a manifest (a run killed between orbax's finalisation and
+    the manifest) is restored unverified, with a warning."""
+
+    def __init__(self, workdir: str):
+        self.ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.dir = os.path.join(os.path.abspath(workdir), "checkpoint_hashes")
+
+    def _manifest(self, step: int) -> str:
+        return os.path.join(self.dir, f"{step}.json")
+
+    def write(self, steps) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        for step in steps:
+            step_dir = os.path.join(self.ckpt_dir, str(step))
+            if not os.path.isdir(step_dir):
+                continue
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{step}.")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"step": step, "files": _hash_tree(step_dir)}, f)
+            os.replace(tmp, self._manifest(step))
+        for name in os.listdir(self.dir):   # manifests of steps orbax has since deleted (max_to_keep)
+            stem = name[:-5] if name.endswith(".json") else None
+            if stem is not None and stem.isdigit() and not os.path.isdir(os.path.join(self.ckpt_dir, stem)):
+                os.unlink(os.path.join(self.dir, name))
+
+    def problem(self, step: int) -> str | None:
+        try:
+            with open(self._manifest(step)) as f:
+                expected = json.load(f)["files"]
+        except FileNotFoundError:
+            return None   # not verifiable: the caller warns (see `has_manifest`)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"unreadable hash manifest ({e})"
+        got = _hash_tree(os.path.join(self.ckpt_dir, str(step)))
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        changed = sorted(k for k in set(expected) & set(got) if list(expected[k]) != got[k])
+        if missing or extra or changed:
+            parts = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else []) \
+                + ([f"SHA-256 mismatch in {changed[:3]}"] if changed else [])
+            return "; ".join(parts)
+        return None
+
+    def has_manifest(self, step: int) -> bool:
+        return os.path.exists(self._manifest(step))
+
+    def quarantine(self, step: int) -> str:
+        """Moves checkpoints/<step> (and its manifest) to workdir/checkpoints_corrupt/: kept, never restored."""
+        dest = os.path.join(os.path.dirname(self.ckpt_dir), "checkpoints_corrupt")
+        os.makedirs(dest, exist_ok=True)
+        target = os.path.join(dest, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        shutil.move(os.path.join(self.ckpt_dir, str(step)), target)
+        if os.path.exists(self._manifest(step)):
+            shutil.move(self._manifest(step), target + ".sha256.json")
+        return target
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _finite_or_none(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -424,8 +636,49 @@ class Progress:
         self.total, self.every = total_steps, max(cfg.log_every, 1)
         self.batch = cfg.batch_size
         self.t0, self.s0 = time.time(), start_step
-        self.file = (open(os.path.join(cfg.workdir, "metrics.jsonl"), "a")
-                     if self.active and cfg.workdir else None)
+        self.file = self.tb = None
+        if self.active and cfg.workdir:
+            path = os.path.join(cfg.workdir, "metrics.jsonl")
+            self._drop_after(path, start_step)
+            self.file = open(path, "a")
+            if cfg.tensorboard:
+                import tensorboardX
+                # purge_step: TensorBoard hides the events a previous (interrupted) run logged past the resume
+                self.tb = tensorboardX.SummaryWriter(os.path.join(cfg.workdir, "tensorboard"),
+                                                     purge_step=start_step + 1 if start_step else 0)
+
+    @staticmethod
+    def _drop_after(path: str, start_step: int) -> None:
+        """Keeps the records of steps this run will not log again (<= start_step when resuming, none when
+        starting at 0): each step appears once in metrics.jsonl, from the trajectory that was kept. The others
+        (logged by an interrupted run past its last good checkpoint) move to metrics_superseded.jsonl."""
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept, superseded, cut = [], [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:   # a line cut by a kill
+                cut += 1
+                continue
+            line = line if line.endswith("\n") else line + "\n"
+            if isinstance(record, dict) and start_step and isinstance(record.get("step"), int) \
+                    and record["step"] <= start_step:
+                kept.append(line)
+            else:
+                superseded.append(line)
+        if cut:
+            _warn(f"dropped {cut} unreadable line(s) of {path} (cut by an interrupted run?)")
+        if superseded:
+            with open(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics_superseded.jsonl"), "a") as f:
+                f.writelines(superseded)
+        if len(kept) != len(lines):
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics.")
+            with os.fdopen(fd, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
 
     def write(self, record: dict):
         if not self.active:
@@ -435,8 +688,14 @@ class Progress:
         print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
               flush=True)
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n")
             self.file.flush()
+        if self.tb:
+            group = "eval" if "eval_images" in record else "train"
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{group}/{k}", v, record["step"])
+            self.tb.flush()
 
     def step(self, step: int, epoch: float, metrics):
         if self.bar:
@@ -455,22 +714,68 @@ class Progress:
             sys.stderr.write("\n")
         if self.file:
             self.file.close()
+            self.file = None
+        if self.tb:
+            self.tb.close()
+            self.tb = None
 
 
 # ------------------------------------------------------------------------------------------------------------
 
 
+EXAMPLES = """examples:
+  python train.py --config configs/smoke.py                    # a few steps on generated images, no dataset
+  python train.py --config configs/smoke.py --workdir /tmp/smoke --set total_steps=20
+  python train.py --config configs/convnext_dcls.py --set data_dir=$TFDS_DIR --workdir /ckpt/cnx_t_dcls
+  python train.py --config configs/convnext_dcls.py:small --set data=imagefolder --set data_dir=/imagenet \\
+      --set batch_size=1024 --workdir /ckpt/run
+  python train.py --config configs/finetune.py --set init_checkpoint=model.pth --set data_dir=/flowers \\
+      --set num_classes=102 --workdir /ckpt/ft
+  # multi-host without a cluster manager: the same command on every host
+  python train.py --config ... --coordinator host0:1234 --num-processes 2 --process-id 0
+
+exit status: 0 done, 1 training stopped (non-finite loss or gradient), 2 configuration or input error
+(one line on stderr, before any computation).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser = _Parser(prog="train.py", description=__doc__.split("\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="config keys (--set KEY=VALUE; defaults of configs.Config, a recipe file changes some):\n"
+                            + configs.describe() + "\n\n" + EXAMPLES)
+    parser.add_argument("--config", required=True, help="path/to/config.py[:arg] (e.g. configs/smoke.py, "
+                        "configs/convnext_dcls.py:small)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (keys below); values parsed by the key's type")
     parser.add_argument("--workdir", help="same as --set workdir=...")
-    parser.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed.initialize")
-    parser.add_argument("--num_processes", type=int)
-    parser.add_argument("--process_id", type=int)
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for "
+                        "jax.distributed.initialize (with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int, metavar="N",
+                        help="number of processes (hosts)")
+    parser.add_argument("--process-id", "--process_id", dest="process_id", type=int, metavar="I",
+                        help="this process's index in [0, --num-processes)")
     args = parser.parse_args(argv)
-    cfg = configs.load(args.config)
-    cfg = configs.override(cfg, args.set + ([f"workdir={args.workdir}"] if args.workdir else []))
+    try:
+        cfg = configs.load(args.config)
+        cfg = configs.override(cfg, args.set + ([f"workdir={args.workdir}"] if args.workdir else []))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
+        raise ConfigError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+    if args.coordinator is not None:
+        host, sep, port = args.coordinator.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--coordinator {args.coordinator!r} is not HOST:PORT")
     return args, cfg
 
 
@@ -482,18 +787,45 @@ def init_distributed(args) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
-            raise ConfigError("--coordinator needs --num_processes and --process_id")
+            raise ConfigError("--coordinator needs --num-processes and --process-id")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif cluster:
         jax.distributed.initialize()
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """An exclusive lock on workdir/.train.lock (process 0 holds it for the run): a second run started on the
+    same workdir is refused instead of interleaving its checkpoints and logs with the first's."""
+    import fcntl
+    f = open(os.path.join(workdir, ".train.lock"), "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise ConfigError(f"workdir {workdir!r} is in use by another training run "
+                              f"({f.read().strip() or 'unknown process'})") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
 def main(argv=None):
     """Runs training; returns the final train state (a dict of global arrays) and the last evaluation."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(*parse_args(argv), cleanup)
+
+
+def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     # ==================== configuration (before any device work) ====================
-    args, cfg = parse_args(argv)
     check_config(cfg)
     init_distributed(args)
+    if cfg.workdir and jax.process_index() == 0:
+        cleanup.enter_context(workdir_lock(cfg.workdir))
     mixup_group = check_devices(cfg, jax.device_count(), jax.process_count())
 
     # ==================== mesh ====================
@@ -503,6 +835,8 @@ def main(argv=None):
 
     # ==================== input ====================
     def pipeline(split, training, batch):
+        if cfg.data == "synthetic":
+            return SyntheticData(cfg, split, training, batch, pidx, pcount)
         transform = imagenet.Transform(
             train=training, image_size=cfg.image_size, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation,
             scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), hflip=cfg.hflip, rand_augment=cfg.rand_augment,
@@ -511,7 +845,7 @@ def main(argv=None):
             pipe = imagenet.Pipeline((cfg.data, cfg.data_dir, split, cfg.tfds_name), transform, batch,
                                      seed=cfg.seed, process_index=pidx, process_count=pcount,
                                      workers=cfg.data_workers, prefetch=cfg.prefetch)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise ConfigError(str(e)) from None
         if pipe.num_classes != cfg.num_classes:
             raise ConfigError(f"split {split!r} has {pipe.num_classes} classes but num_classes={cfg.num_classes}")
@@ -541,31 +875,35 @@ def main(argv=None):
     state, rest = t.state, t.rest
 
     # ==================== checkpoints: resume ====================
-    manager = None
-    if cfg.workdir:
-        os.makedirs(cfg.workdir, exist_ok=True)
-        manager = ocp.CheckpointManager(
+    manager, hashes, unsealed = None, None, []
+
+    def open_manager():
+        return ocp.CheckpointManager(
             os.path.join(os.path.abspath(cfg.workdir), "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
                                                  enable_async_checkpointing=True))
-        if manager.latest_step() is not None:
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-            meta = restored["meta"]
-            for key in ("seed", "batch_size", "data", "model"):
-                if meta["config"][key] != getattr(cfg, key):
-                    raise ConfigError(f"cannot resume {cfg.workdir}: its run has {key}={meta['config'][key]!r}, "
-                                      f"this config {key}={getattr(cfg, key)!r}")
-            state = restored["state"]
+
+    if cfg.workdir:
+        os.makedirs(cfg.workdir, exist_ok=True)
+        manager, hashes = open_manager(), CheckpointHashes(cfg.workdir)
+        manager, state = resume(manager, open_manager, hashes, state, cfg)
+
+    def seal():
+        """Waits for the pending asynchronous save, then writes the hash manifests of the steps it finished."""
+        manager.wait_until_finished()
+        if pidx == 0 and unsealed:
+            hashes.write(unsealed)
+        unsealed.clear()
 
     def save(step):
         if manager is not None:
+            seal()   # orbax waits for the previous save here anyway
             epoch, batch_in_epoch = divmod(step, steps_per_epoch)
             meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                     "config": dataclasses.asdict(cfg)}
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)))
+            unsealed.append(step)
 
     # ==================== update and evaluation steps ====================
     train_step = make_train_step(cfg, t.graphdef, t.tx, t.schedule, t.bounds, steps_per_epoch, t.state_sharding)
@@ -593,32 +931,136 @@ def main(argv=None):
         print(f"{cfg.model}: {jax.device_count()} devices on {pcount} processes, batch {cfg.batch_size}, "
               f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}", flush=True)
     last_eval = {}
-    if val_data is not None and cfg.eval_at_start and step == 0:
-        last_eval = evaluate(0)
-    stop = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
-    batches = train_data.iterate(step, stop - step)
-    for batch in batches:
-        batch = train_batch(batch, step)
-        with jax.transfer_guard("disallow"):   # every host <-> device copy in the loop is explicit
-            state, metrics = train_step(state, rest, batch)
-        step += 1
-        progress.step(step, step / steps_per_epoch, metrics)
-        if val_data is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
-            last_eval = evaluate(step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != stop:
+    pending_check = None   # (step, loss, grad_norm) on the device, checked one step later (no pipeline stall)
+
+    def check_finite():
+        nonlocal pending_check
+        if pending_check is None:
+            return
+        at, loss, grad_norm = pending_check
+        pending_check = None
+        loss, grad_norm = (float(x) for x in jax.device_get((loss, grad_norm)))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = manager.latest_step() if manager is not None else None
+            raise TrainingError(
+                f"non-finite training loss at step {at} (loss {loss}, gradient norm {grad_norm}); stopped. "
+                + (f"The last checkpoint (step {last}) precedes it. " if last is not None else "")
+                + "Lower lr, set grad_clip, or check the data and init_checkpoint")
+
+    try:
+        if val_data is not None and cfg.eval_at_start and step == 0:
+            last_eval = evaluate(0)
+        stop = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
+        batches = train_data.iterate(step, stop - step)
+        for batch in batches:
+            batch = train_batch(batch, step)
+            with jax.transfer_guard("disallow"):   # every host <-> device copy in the loop is explicit
+                state, metrics = train_step(state, rest, batch)
+            check_finite()   # the previous step's, done by now
+            step += 1
+            pending_check = (step, metrics["loss"], metrics["grad_norm"])
+            progress.step(step, step / steps_per_epoch, metrics)
+            if unsealed and not manager.is_saving_in_progress():   # finalised in the background: hash it now
+                if pidx == 0:                                         # (no collective call: hosts may differ here)
+                    hashes.write(unsealed)
+                unsealed.clear()
+            if val_data is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
+                check_finite()
+                last_eval = evaluate(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != stop:
+                check_finite()   # a non-finite state is never checkpointed
+                save(step)
+        check_finite()
+        if manager is not None and manager.latest_step() != step:
             save(step)
-    if manager is not None:
-        if manager.latest_step() != step:
-            save(step)
-        manager.wait_until_finished()
-        manager.close()
-    progress.close()
+    finally:
+        if manager is not None:
+            seal()   # the checkpoints already saved are good: finish them and their manifests
+            manager.close()
+        progress.close()
     return state, last_eval
 
 
-if __name__ == "__main__":
+def _as_json(v):
+    return json.loads(json.dumps(v))
+
+
+# Config keys a resumed run must share with the checkpoint's (they fix the data order or the state's structure).
+RESUME_KEYS = {k: (lambda a, b: a == _as_json(b)) for k in ("seed", "batch_size", "data", "model", "model_kwargs",
+                                                              "num_classes", "optimizer")}
+RESUME_KEYS.update({k: (lambda a, b: (a > 0) == (b > 0)) for k in ("ema_decay", "grad_clip")})
+
+
+def resume(manager, open_manager, hashes: CheckpointHashes, state, cfg: configs.Config):
+    """Restores the newest checkpoint that verifies (hash manifest) and restores; a corrupt newer one is moved to
+    workdir/checkpoints_corrupt/ with a warning, and the run goes on from the previous good one. -> (manager,
+    state); `state` is unchanged when the directory holds no checkpoint."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return manager, state
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    def error(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+    bad = []
+    for s in steps:
+        problem = hashes.problem(s)
+        if problem is None:
+            if not hashes.has_manifest(s):
+                _warn(f"checkpoint step {s} has no hash manifest (the run ended before writing it): "
+                      "restoring it unverified")
+            try:
+                meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                saved = meta["config"]
+            except Exception as e:   # orbax/tensorstore raise assorted types for damaged files
+                problem = error(e)
+        if problem is None:
+            # A different run's checkpoint is a configuration error, not corruption: no fallback for it.
+            for key, same in RESUME_KEYS.items():
+                if key in saved and not same(saved[key], getattr(cfg, key)):
+                    raise ConfigError(f"cannot resume {cfg.workdir}: its run has {key}={saved[key]!r}, "
+                                      f"this config {key}={getattr(cfg, key)!r}")
+            try:
+                restored_state = manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))["state"]
+            except Exception as e:
+                problem = error(e)
+        if problem is not None:
+            _warn(f"checkpoint step {s} in {hashes.ckpt_dir} is corrupt ({problem}); "
+                  + ("trying the previous one" if s != steps[-1] else "no older checkpoint"))
+            bad.append(s)
+            continue
+        if bad:   # out of the way, so the steps can be saved again; kept for inspection
+            manager.close()
+            if jax.process_index() == 0:
+                for b in bad:
+                    _warn(f"moved corrupt checkpoint step {b} to {hashes.quarantine(b)}; resuming from step {s}")
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("corrupt checkpoints moved")
+            manager = open_manager()
+        return manager, restored_state
+    raise ConfigError(f"no usable checkpoint in {hashes.ckpt_dir}: steps {sorted(steps)} are all corrupt (see the "
+                      "warnings above); move the directory away to start afresh")
+
+
+def cli(argv=None) -> int:
+    """The command line: configuration and input errors are one line on stderr and exit status 2 (before any
+    computation); a non-finite loss stops training with status 1."""
     try:
-        main()
+        main(argv)
     except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"train.py: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"train.py: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -11,7 +11,9 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import os
+import re
 import types
 import typing
 
@@ -26,7 +28,7 @@ class Config:
     init_checkpoint_key: str | None = None  # container key in a PyTorch checkpoint ("model", "state_dict_ema")
     init_skip: str | None = None           # regex of parameter names kept at their fresh init (a new head)
     # --- data
-    data: str = "tfds"                     # "tfds" (array_record imagenet2012) or "imagefolder"
+    data: str = "tfds"                     # "tfds" (array_record imagenet2012), "imagefolder" or "synthetic"
     data_dir: str = ""                     # tfds data_dir, or the ImageFolder root holding the split folders
     tfds_name: str = "imagenet2012"
     train_split: str = "train"
@@ -84,6 +86,8 @@ class Config:
     eval_ema: bool = True
     log_every: int = 50
     progress: bool = True                  # progress bar on process 0
+    tensorboard: bool = True               # also write the metrics as TensorBoard events (workdir/tensorboard)
+    synthetic_size: int = 256              # data="synthetic": images per split (generated, no dataset needed)
 
 
 def _coerce(value: str, hint, key: str):
@@ -110,7 +114,7 @@ def _coerce(value: str, hint, key: str):
     expected = origin or hint
     try:
         parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise ValueError(f"config key {key!r} expects a Python {expected.__name__} literal, got {value!r}") from None
     if expected is tuple and isinstance(parsed, list):
         parsed = tuple(parsed)
@@ -140,12 +144,39 @@ def load(spec: str) -> Config:
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
+    if not path.endswith(".py"):
+        raise ValueError(f"config file {path!r} is not a .py file")
     module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:   # a config file is Python: any error in it (syntax, import, its own checks) is a config error
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"config file {path!r} has no get_config()")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        what = str(e) if isinstance(e, ValueError) else f"get_config raised {type(e).__name__}: {e}"
+        raise ValueError(f"config {spec!r}: {what}") from e
     if not isinstance(cfg, Config):
         raise ValueError(f"get_config() of {path!r} must return configs.Config, got {type(cfg).__name__}")
     return cfg
+
+
+def describe() -> str:
+    """Every config key with its type, default and the comment beside it in `Config` (for train.py --help)."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        if m:
+            comments[m.group(1)] = m.group(2) or ""
+    hints = typing.get_type_hints(Config)
+    lines = []
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        hint = hints[f.name]
+        kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        head = f"  {f.name} ({kind}) = {default!r}"
+        lines.append(f"{head:<52} {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
