@@ -133,3 +133,199 @@ def test_matches_golden_from_reference_tensorflow():
     ours = nnx.grad(lambda m: H.alignment_loss(H.model_maps(m, jnp.asarray(g["images"]), labels)[0], g["human"],
                                                jnp.ones(4)))(Net())
     np.testing.assert_allclose(np.asarray(ours["kernel"][...]), g_align, rtol=1e-3, atol=1e-3 * np.abs(g_align).max())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Gradients reach the weights
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("convnext_tiny_dcls", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_count=3, dilated_kernel_size=3)),
+    ("caformer_s18", dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64))),
+])
+def test_alignment_gradient_reaches_weights(name, kwargs):
+    """d(alignment term)/d(weights) of the reference's input-gradient map, through the second-order path: finite
+    everywhere and nonzero for every parameter that is not a classifier bias (no effect on dS/dx)."""
+    model = models.create_model(name, rngs=nnx.Rngs(0), num_classes=10, **kwargs)
+    model.train()
+    rng = np.random.default_rng(0)
+    pixels = jnp.asarray(rng.uniform(0, 255, (2, 32, 32, 3)), jnp.float32)
+    human = jnp.asarray(rng.uniform(0, 1, (2, 32, 32)), jnp.float32)
+    entry = models.get_entry(name)
+
+    def align(m):
+        maps, _ = H.model_maps(m, pixels, jnp.array([1, 7]),
+                               preprocess=lambda p: (p / 255 - jnp.asarray(entry.mean)) / jnp.asarray(entry.std))
+        return H.alignment_loss(maps, human)
+
+    grads = jax.jit(nnx.grad(align))(model)
+    flat = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+    assert all(np.isfinite(v).all() for v in flat.values())
+    zero = sorted(k for k, v in flat.items() if not np.any(v) and not k.startswith("head") and k.split(".")[-1] != "bias")
+    assert not zero, zero
+    assert np.any(flat["head.fc.weight" if "head.fc.weight" in flat else next(k for k in flat if k.startswith("head")
+                                                                            and k.endswith("weight"))])
+    if name.endswith("_dcls"):
+        positions = [k for k in flat if k.endswith(".P")]
+        assert positions and all(np.any(flat[k]) for k in positions)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fixture ClickMe shards with a planted signal
+
+
+SIDE = 64              # JPEG side of the fixture records (ClickMe's are 256)
+IMAGE = 64             # model input (TrainTransform resizes the 224 Harmonization image to this)
+MODEL = "convnext_tiny_dcls"
+TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "kernel_count": 3, "dilated_kernel_size": 3}
+LAYER = "stages.1"     # Grad-CAM at stride 8: 8 x 8 maps
+
+
+def _encode(features):
+    """tf.train.Example wire format (bytes_list = 1, int64_list = 3)."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def ld(field, payload):
+        return bytes([field << 3 | 2]) + varint(len(payload)) + payload
+
+    entries = b""
+    for name, value in features.items():
+        feature = ld(1, ld(1, value)) if isinstance(value, bytes) else ld(3, ld(1, varint(value)))
+        entries += ld(1, ld(1, name.encode()) + ld(2, feature))
+    return ld(1, entries)
+
+
+def _jpeg(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def planted_records(n, seed):
+    """Class c in {0, 1}: a red (c = 0) or blue (c = 1) square at a random place, where the human map points,
+    and a green tint of the whole image (+ for 0, - for 1): a shortcut that cross-entropy may use instead."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    records = []
+    for i in range(n):
+        c = i % 2
+        img = rng.uniform(70, 180, (SIDE, SIDE, 3))
+        y, x = rng.integers(4, SIDE - 16, 2)
+        img[y:y + 12, x:x + 12] = (220, 40, 40) if c == 0 else (40, 40, 220)
+        img[..., 1] += 30 if c == 0 else -30
+        human = np.exp(-((yy - y - 6) ** 2 + (xx - x - 6) ** 2) / (2 * 6.0 ** 2))
+        if i == 3:
+            human[:] = 0.0    # a map without clicks: masked by the objective
+        records.append(_encode({"image": _jpeg(np.clip(img, 0, 255).astype(np.uint8)),
+                                "heatmap": _jpeg(np.round(255 * human).astype(np.uint8)),   # grayscale JPEG
+                                "label": c}))
+    return records
+
+
+@pytest.fixture(scope="module")
+def clickme_fixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clickme")
+    (root / "shards").mkdir()
+    write_records(root / "shards" / "train-0.tfrecords", planted_records(64, 0))
+    write_records(root / "shards" / "val-0.tfrecords", planted_records(32, 1))   # held out
+    return root
+
+
+STEPS, STOP, LAMBDA, LR = 30, 2, 10.0, 3e-3
+
+
+def _argv(root, objective, *sets):
+    base = ["data=clickme", f"data_dir={root / 'tfds'}", f"clickme_dir={root / 'shards'}",
+            "clickme_num_shards={'train': 1, 'validation': 1}", f"model={MODEL}", f"model_kwargs={TINY}",
+            f"image_size={IMAGE}", "batch_size=16", f"lr={LR}", "lr_base_batch=0", "warmup_steps=0", "min_lr=0",
+            f"total_steps={STEPS}", "log_every=1", "checkpoint_every=0", "val_split=none", "data_workers=0",
+            "weight_decay=0", "drop_path=0", f"objective={objective}", f"harmonization_lambda={LAMBDA}",
+            "harmonization_weight_l2=0", "harmonization_map=gradcam", f"harmonization_layer={LAYER}",
+            "progress=false"]
+    argv = ["--config", os.path.join(ROOT, "configs", "harmonize.py:convnext_tiny_dcls")]
+    for item in base + list(sets):
+        argv += ["--set", item]
+    return argv
+
+
+def _flat(state):
+    return {".".join(train._names(p)): np.asarray(x.addressable_data(0))
+            for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+@pytest.fixture(scope="module")
+def runs(clickme_fixture, tmp_path_factory):
+    """Harmonization and plain cross-entropy from the same initialisation, each exported for evaluate.py."""
+    out = {}
+    for objective in ("harmonization", "ce"):
+        workdir = tmp_path_factory.mktemp(objective)
+        state, _ = train.main(_argv(clickme_fixture, objective, f"workdir={workdir}",
+                                    f"export_dir={workdir / 'model'}"))
+        out[objective] = (_flat(state), workdir)
+    return out
+
+
+def _held_out(root):
+    from data import augment, clickme
+    source = clickme.data_source("validation", data_dir=root / "tfds", config="with_train",
+                                 clickme_dir=root / "shards", num_shards={"train": 1, "validation": 1})
+    batch = next(clickme.TrainPipeline(source, clickme.TrainTransform(train=False, image_size=IMAGE), 32,
+                                       seed=0).iterate())
+    entry = models.get_entry(MODEL)
+    return np.asarray(augment.normalize(batch["image"], entry.mean, entry.std)), batch["heatmap"], batch["label"]
+
+
+def _alignment(model, images, human, labels):
+    """Mean Spearman rho of the model's Grad-CAM (at LAYER, bilinearly upsampled) with the human maps, constant
+    maps skipped: the study's metric."""
+    import cam
+    maps = cam.compute(model, images, labels, "gradcam", layer=LAYER, output_size=(IMAGE, IMAGE))
+    return metrics.alignment_score(np.asarray(metrics.spearman(maps, human)), np.ones(len(labels), bool))["mean_rho"]
+
+
+def test_harmonization_raises_alignment_and_ce_does_not(clickme_fixture, runs):
+    from models import convert
+    images, human, labels = _held_out(clickme_fixture)
+    _, cfg = train.parse_args(_argv(clickme_fixture, "ce"))
+    before = _alignment(train.build_model(cfg), images, human, labels)   # the runs start from it (seed 0)
+    after = {}
+    for objective, (_, workdir) in runs.items():
+        model = convert.restore(workdir / "model")            # the export evaluate.py --checkpoint reads
+        after[objective] = _alignment(model, images, human, labels)
+        records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        assert len(records) == STEPS and all(np.isfinite(r["ce"]) for r in records)
+        assert ("align" in records[0]) == (objective == "harmonization")
+    print(f"held-out Grad-CAM alignment (mean rho): init {before:.3f}, {after}")
+    assert after["harmonization"] > before + 0.2, (before, after)
+    assert after["ce"] < before + 0.05, (before, after)
+    assert after["harmonization"] > after["ce"] + 0.2, (before, after)
+
+
+def test_resume_is_bit_exact(clickme_fixture, runs, tmp_path):
+    final, _ = runs["harmonization"]
+    for stop in (STOP, None):   # killed at STOP (checkpointed), then the same command again
+        state, _ = train.main(_argv(clickme_fixture, "harmonization", f"workdir={tmp_path}",
+                                    *([f"stop_at_step={stop}"] if stop else [])))
+    resumed = _flat(state)
+    assert resumed.keys() == final.keys()
+    for k in final:
+        np.testing.assert_array_equal(resumed[k], final[k], err_msg=k)
+
+
+def test_export_loads_in_evaluate(runs):
+    import argparse
+
+    import evaluate
+    final, workdir = runs["harmonization"]
+    args = argparse.Namespace(random_init=False, checkpoint=str(workdir / "model"), cache_dir=None, seed=0)
+    model, source = evaluate.load_model(MODEL, args)
+    assert source == str(workdir / "model")
+    params = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for k, v in params.items():
+        np.testing.assert_array_equal(v, final[f"params.{k}"], err_msg=k)
