@@ -12,6 +12,10 @@ optionally sharded, `shard_opt_state`). Each host reads only its rows of each gl
 The run resumes from the latest orbax checkpoint in `workdir/checkpoints`: the train state (step, parameters,
 batch statistics, optimizer state, EMA) is restored, and the data order and every random draw are functions of
 (seed, step), so a resumed run is bit-identical to an uninterrupted one.
+
+Harmonization (data="clickme", objective="harmonization", configs/harmonize.py): cross-entropy plus the alignment
+of the model's input gradient (or a CAM) with the ClickMe human maps (cam/harmonization.py); export_dir writes the
+result for evaluate.py --checkpoint.
 """
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def check_config(cfg: configs.Config) -> None:
         problems.append("stop_at_step needs a workdir to checkpoint into")
     problems += check_harmonization(cfg)
     if cfg.data == "clickme":
-        pass   # checked by check_harmonization
+        pass   # see check_harmonization (data_dir is created when the shards are prepared)
     elif cfg.data not in ("tfds", "imagefolder"):
         problems.append(f"data {cfg.data!r} is not 'tfds', 'imagefolder' or 'clickme'")
     elif not cfg.data_dir or not os.path.isdir(cfg.data_dir):
