@@ -545,16 +545,18 @@ def export_workdir(workdir: str, directory: str, step: int | None = None):
     """export_model from the latest (or `step`) checkpoint of a run's workdir, in this process alone (e.g. after a
     multi-host run): python -c "import train; train.export_workdir('WORKDIR', 'OUT')"."""
     manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                    item_names=("state", "meta"))
+                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                   "meta": ocp.JsonCheckpointHandler()})
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f"{workdir} holds no checkpoint")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         tree = manager.item_metadata(step)["state"]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+        state, meta = restored["state"], restored["meta"]
     finally:
         manager.close()
     known = {f.name for f in dataclasses.fields(configs.Config)}

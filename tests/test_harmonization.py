@@ -344,12 +344,12 @@ def stopped(clickme_fixture, tmp_path_factory):
     at_stop, _ = train.main(_argv(clickme_fixture, "harmonization", f"workdir={workdir}", f"stop_at_step={STOP}"))
     at_stop = _flat(at_stop)
     resumed, _ = train.main(_argv(clickme_fixture, "harmonization", f"workdir={workdir}"))
-    return at_stop, _flat(resumed)
+    return at_stop, _flat(resumed), workdir
 
 
 def test_resume_is_bit_exact(runs, stopped):
     final, _ = runs["harmonization"]
-    _, resumed = stopped
+    _, resumed, _ = stopped
     assert resumed.keys() == final.keys()
     for k in final:
         np.testing.assert_array_equal(resumed[k], final[k], err_msg=k)
@@ -362,23 +362,28 @@ def test_two_devices_match_one_device(two_devices, stopped):
     proc.wait(timeout=900)
     assert proc.returncode == 0, (out / "log").read_text()[-3000:]
     assert "2 devices on 1 processes" in (out / "log").read_text()
-    got, (at_stop, _) = dict(np.load(out / "state.npz")), stopped
+    got, at_stop = dict(np.load(out / "state.npz")), stopped[0]
     assert got.keys() == at_stop.keys()
     for k in at_stop:
         np.testing.assert_allclose(got[k], at_stop[k], rtol=1e-4, atol=2e-5, err_msg=k)
 
 
-def test_export_loads_in_evaluate(runs):
+def test_export_loads_in_evaluate(runs, stopped, tmp_path):
+    """export_dir (end of the run) and train.export_workdir (afterwards, from the resumed run's checkpoint) write
+    the final parameters and batch statistics where evaluate.py --checkpoint reads them."""
     import argparse
 
     import evaluate
     final, workdir = runs["harmonization"]
-    args = argparse.Namespace(random_init=False, checkpoint=str(workdir / "model"), cache_dir=None, seed=0)
-    model, source = evaluate.load_model(MODEL, args)
-    assert source == str(workdir / "model")
-    params = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for k, v in params.items():
-        np.testing.assert_array_equal(v, final[f"params.{k}"], err_msg=k)
+    exported = train.export_workdir(stopped[2], tmp_path / "model")
+    for directory in (workdir / "model", exported):
+        args = argparse.Namespace(random_init=False, checkpoint=str(directory), cache_dir=None, seed=0)
+        model, source = evaluate.load_model(MODEL, args)
+        assert source == str(directory)
+        for kind, prefix in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
+            for p, v in nnx.to_flat_state(nnx.state(model, kind)):
+                k = ".".join(map(str, p))
+                np.testing.assert_array_equal(np.asarray(v[...]), final[f"{prefix}.{k}"], err_msg=f"{directory} {k}")
 
 
 def test_clickme_train_pipeline_order_shards_and_resume(clickme_fixture):
