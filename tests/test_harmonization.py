@@ -430,3 +430,21 @@ def test_bad_harmonization_config(clickme_fixture, sets, message):
     _, cfg = train.parse_args(_argv(clickme_fixture, "harmonization", *sets))
     with pytest.raises(train.ConfigError, match=message):
         train.check_config(cfg)
+
+
+def test_weight_l2_skips_normalisation_and_positions():
+    """The reference's L2 term skips normalisation layers ('bn/', 'norm', 'Norm', 'normalization' in Keras
+    names); here normalisation modules and the DCLS positions (not weights) are skipped, every other parameter
+    counts, as sum(w^2) / 2."""
+    model = models.create_model("resnet50_dcls", rngs=nnx.Rngs(0), layers=(1, 1, 1, 1), channels=(8, 8, 8, 8),
+                                num_classes=10)
+    mask = {".".join(k): v for k, v in H.weight_l2_mask(model).items()}
+    skipped = {k for k, v in mask.items() if not v}
+    assert {"bn1.weight", "bn1.bias", "layer1.0.bn2.weight", "layer1.0.downsample.1.bias"} <= skipped
+    assert all(k.split(".")[-2].startswith("bn") or k.split(".")[-1] == "P" or ".downsample.1." in k
+               for k in skipped), skipped
+    assert mask["conv1.weight"] and mask["fc.bias"] and mask["layer1.0.conv2.weight"]
+    params = {".".join(map(str, p)): np.asarray(v[...], np.float64) for p, v in
+              nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    expected = sum(0.5 * np.sum(v ** 2) for k, v in params.items() if mask[k])
+    np.testing.assert_allclose(float(H.weight_l2(model)), expected, rtol=1e-5)
