@@ -12,6 +12,10 @@ optionally sharded, `shard_opt_state`). Each host reads only its rows of each gl
 The run resumes from the latest orbax checkpoint in `workdir/checkpoints`: the train state (step, parameters,
 batch statistics, optimizer state, EMA) is restored, and the data order and every random draw are functions of
 (seed, step), so a resumed run is bit-identical to an uninterrupted one.
+
+Harmonization (data="clickme", objective="harmonization", configs/harmonize.py): cross-entropy plus the alignment
+of the model's input gradient (or a CAM) with the ClickMe human maps (cam/harmonization.py); export_dir writes the
+result for evaluate.py --checkpoint.
 """
 from __future__ import annotations
 
@@ -40,9 +44,11 @@ from jax.sharding import PartitionSpec as P
 import configs
 import dcls_jax
 import models
+from cam import harmonization
 from data import augment, imagenet
 
 OPTIMIZERS = ("adamw", "lamb")
+OBJECTIVES = ("ce", "harmonization")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -135,8 +141,9 @@ def check_config(cfg: configs.Config) -> None:
             problems.append(str(e))
     if cfg.stop_at_step and not cfg.workdir:
         problems.append("stop_at_step needs a workdir to checkpoint into")
-    if cfg.data not in ("tfds", "imagefolder", "synthetic"):
-        problems.append(f"data {cfg.data!r} is not 'tfds', 'imagefolder' or 'synthetic'")
+    problems += check_harmonization(cfg)
+    if cfg.data not in ("tfds", "imagefolder", "synthetic", "clickme"):
+        problems.append(f"data {cfg.data!r} is not 'tfds', 'imagefolder', 'synthetic' or 'clickme'")
     elif cfg.data == "synthetic":
         if cfg.synthetic_size < cfg.batch_size:
             problems.append(f"synthetic_size {cfg.synthetic_size} is smaller than one batch ({cfg.batch_size})")
@@ -161,6 +168,40 @@ def check_config(cfg: configs.Config) -> None:
                             "or set tensorboard=false")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_harmonization(cfg: configs.Config) -> list[str]:
+    """The objective and the ClickMe source (data="clickme"): what cannot work with human maps."""
+    problems = []
+    if cfg.objective not in OBJECTIVES:
+        problems.append(f"objective {cfg.objective!r} is not one of {OBJECTIVES}")
+    if cfg.objective == "harmonization":
+        if cfg.data != "clickme":
+            problems.append("objective 'harmonization' needs human maps: set data=clickme")
+        try:
+            harmonization.check_method(cfg.harmonization_map, cfg.harmonization_layer)
+        except ValueError as e:
+            problems.append(str(e))
+        if cfg.harmonization_lambda < 0 or cfg.harmonization_weight_l2 < 0 or cfg.harmonization_levels < 1:
+            problems.append("harmonization_lambda and harmonization_weight_l2 must be >= 0, harmonization_levels >= 1")
+    if cfg.data == "clickme":
+        moved = [k for k in ("rand_augment", "mixup", "cutmix", "random_erasing") if getattr(cfg, k)]
+        if moved:
+            problems.append(f"data=clickme keeps each image on its human map: set {', '.join(moved)} off "
+                            f"(rand_augment=none, mixup/cutmix/random_erasing=0)")
+        if cfg.clickme_dir and not os.path.isdir(cfg.clickme_dir):
+            problems.append(f"clickme_dir {cfg.clickme_dir!r} does not exist")
+        if cfg.clickme_dir and cfg.clickme_url:
+            problems.append("clickme_dir and clickme_url exclude each other")
+        if not cfg.data_dir:
+            problems.append("data=clickme needs data_dir (the tensorflow-datasets directory the shards are "
+                            "prepared into)")
+        bad = [s for s in (cfg.train_split, cfg.val_split) if s is not None and s not in ("train", "validation")]
+        if bad:
+            problems.append(f"ClickMe splits are 'train' and 'validation', got {bad}")
+        if cfg.num_classes != 1000:
+            problems.append(f"ClickMe labels are ImageNet classes: num_classes must be 1000, got {cfg.num_classes}")
+    return problems
 
 
 def check_devices(cfg: configs.Config, num_devices: int, num_processes: int) -> int:
@@ -269,6 +310,7 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_p
     dtype = DTYPES[cfg.compute_dtype]
     entry = models.get_entry(cfg.model)
     mixer = make_mixer(cfg)
+    harmonize = cfg.objective == "harmonization"
 
     def step_fn(state, rest, batch):
         step = state["step"]
@@ -285,16 +327,23 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_p
         nnx.reseed(model, dropout=k_drop)   # every dropout / drop-path stream: a key derived from (seed, step)
 
         def loss_fn(model):
-            logits = model(x).astype(jnp.float32)
+            if harmonize:   # the same forward pass gives the logits and the model's map
+                logits, align = harmonization_terms(cfg, model, batch, dtype)
+            else:
+                logits, align = model(x).astype(jnp.float32), None
             ce = optax.softmax_cross_entropy(logits, targets).mean()
             loss = ce
+            if harmonize:
+                loss = loss + cfg.harmonization_lambda * align
+                if cfg.harmonization_weight_l2:
+                    loss = loss + cfg.harmonization_weight_l2 * harmonization.weight_l2(model)
             if cfg.repulsive_loss:
                 active = step // steps_per_epoch > cfg.repulsive_after_epoch
                 loss = loss + jnp.where(active, repulsive_loss(nnx.state(model, nnx.Param)) ** 2, 0.0)
-            return loss, (ce, logits)
+            return loss, (ce, logits, align)
 
         # nnx.value_and_grad (not jax's) so that the drop-path streams may advance inside the differentiation
-        (loss, (ce, logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        (loss, (ce, logits, align)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         batch_stats = nnx.state(model, nnx.BatchStat)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -307,10 +356,24 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_p
                                       {"params": params, "batch_stats": batch_stats})
         metrics = {"loss": loss, "ce": ce, "lr": schedule(step), "grad_norm": optax.tree.norm(grads),
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+        if harmonize:
+            metrics["align"] = align
         return new, metrics
 
     replicated = NamedSharding(state_sharding["step"].mesh, P())
     return jax.jit(step_fn, out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def harmonization_terms(cfg: configs.Config, model, batch, dtype):
+    """(logits, alignment term) of the harmonization objective (cam/harmonization.py) on a ClickMe batch: the
+    model's map (`harmonization_map`) of the label's logit, taken with respect to the [0, 255] pixels as the
+    reference does, against the human maps, constant human maps masked."""
+    entry = models.get_entry(cfg.model)
+    maps, logits = harmonization.model_maps(
+        model, batch["image"].astype(jnp.float32), batch["label"],
+        preprocess=lambda p: augment.normalize(p, entry.mean, entry.std, dtype),
+        method=cfg.harmonization_map, layer=cfg.harmonization_layer)
+    return logits, harmonization.alignment_loss(maps, batch["heatmap"], levels=cfg.harmonization_levels)
 
 
 def make_eval_step(cfg: configs.Config, graphdef):
@@ -623,6 +686,95 @@ def _finite_or_none(v):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# ClickMe input (data="clickme") and the export of a trained model for evaluate.py
+
+
+def clickme_pipeline(cfg: configs.Config, split: str, training: bool, batch: int, process_index: int,
+                     process_count: int):
+    """The ClickMe split as data.clickme.TrainPipeline batches (image, heatmap, label). The tfds build
+    "clickme/with_train" in data_dir is prepared on first use from clickme_dir, clickme_url or the official
+    bucket; with several processes, process 0 prepares it first."""
+    from jax.experimental import multihost_utils
+
+    from data import clickme
+    kwargs = {"data_dir": cfg.data_dir, "config": "with_train"}
+    for key, value in (("clickme_dir", cfg.clickme_dir), ("base_url", cfg.clickme_url),
+                       ("num_shards", cfg.clickme_num_shards)):
+        if value:
+            kwargs[key] = value
+
+    def prepare():
+        try:
+            return clickme.data_source(split, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot open the ClickMe {split} split (data_dir {cfg.data_dir!r}, clickme_dir "
+                              f"{cfg.clickme_dir!r}): {e}") from e
+
+    source = prepare() if process_count == 1 or process_index == 0 else None
+    if process_count > 1:
+        multihost_utils.sync_global_devices(f"clickme {split} prepared")
+        if source is None:
+            source = prepare()
+    transform = clickme.TrainTransform(train=training, image_size=cfg.image_size,
+                                       hflip=cfg.hflip if training else 0.0)
+    try:
+        return clickme.TrainPipeline(source, transform, batch, seed=cfg.seed, process_index=process_index,
+                                     process_count=process_count, workers=cfg.data_workers, prefetch=cfg.prefetch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _list_tuples(value):
+    if isinstance(value, list):
+        return tuple(_list_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _list_tuples(v) for k, v in value.items()}
+    return value
+
+
+def export_model(cfg: configs.Config, state, directory: str):
+    """Writes the model of a train state (its EMA when the run keeps one and eval_ema is set) with
+    models.convert.save: `evaluate.py --model NAME --checkpoint DIRECTORY` scores it, models.convert.restore
+    reads it. An earlier export in `directory` is replaced. Runs on one process."""
+    from models import convert
+    weights = state["ema"] if "ema" in state and cfg.eval_ema else state
+    flat = {}
+    for part in (weights["params"], weights["batch_stats"]):
+        for path, x in jax.tree_util.tree_flatten_with_path(part)[0]:
+            names = _names(path)
+            names = names[:-1] if names[-1] == "value" else names   # a restored tree keeps the Variable's key
+            flat[".".join(names)] = np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+    overrides = dict(cfg.model_kwargs)
+    if cfg.num_classes != models.get_entry(cfg.model).num_classes:
+        overrides["num_classes"] = cfg.num_classes
+    model = convert.from_state_dict(cfg.model, flat, **overrides)
+    return convert.save(model, directory, cfg.model, overrides=overrides, overwrite=True)
+
+
+def export_workdir(workdir: str, directory: str, step: int | None = None):
+    """export_model from the latest (or `step`) checkpoint of a run's workdir, in this process alone (e.g. after a
+    multi-host run): python -c "import train; train.export_workdir('WORKDIR', 'OUT')"."""
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                   "meta": ocp.JsonCheckpointHandler()})
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{workdir} holds no checkpoint")
+        tree = manager.item_metadata(step)["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+        state, meta = restored["state"], restored["meta"]
+    finally:
+        manager.close()
+    known = {f.name for f in dataclasses.fields(configs.Config)}
+    cfg = configs.Config(**{k: _list_tuples(v) for k, v in meta["config"].items() if k in known})
+    return export_model(cfg, state, directory)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -837,6 +989,8 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     def pipeline(split, training, batch):
         if cfg.data == "synthetic":
             return SyntheticData(cfg, split, training, batch, pidx, pcount)
+        if cfg.data == "clickme":
+            return clickme_pipeline(cfg, split, training, batch, pidx, pcount)
         transform = imagenet.Transform(
             train=training, image_size=cfg.image_size, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation,
             scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), hflip=cfg.hflip, rand_augment=cfg.rand_augment,
@@ -978,6 +1132,11 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
             seal()   # the checkpoints already saved are good: finish them and their manifests
             manager.close()
         progress.close()
+    if cfg.export_dir and pcount == 1:
+        export_model(cfg, state, cfg.export_dir)
+    elif cfg.export_dir and pidx == 0:
+        print(f"export_dir: with several processes, export afterwards in one process: python -c \"import train; "
+              f"train.export_workdir({cfg.workdir!r}, {cfg.export_dir!r})\"", flush=True)
     return state, last_eval
 
 

@@ -28,7 +28,7 @@ class Config:
     init_checkpoint_key: str | None = None  # container key in a PyTorch checkpoint ("model", "state_dict_ema")
     init_skip: str | None = None           # regex of parameter names kept at their fresh init (a new head)
     # --- data
-    data: str = "tfds"                     # "tfds" (array_record imagenet2012), "imagefolder" or "synthetic"
+    data: str = "tfds"                     # "tfds" (array_record imagenet2012), "imagefolder", "synthetic" or "clickme"
     data_dir: str = ""                     # tfds data_dir, or the ImageFolder root holding the split folders
     tfds_name: str = "imagenet2012"
     train_split: str = "train"
@@ -88,6 +88,17 @@ class Config:
     progress: bool = True                  # progress bar on process 0
     tensorboard: bool = True               # also write the metrics as TensorBoard events (workdir/tensorboard)
     synthetic_size: int = 256              # data="synthetic": images per split (generated, no dataset needed)
+    export_dir: str = ""                   # write the final model there (models.convert.save: evaluate.py --checkpoint)
+    # --- harmonization (cam/harmonization.py, configs/harmonize.py)
+    objective: str = "ce"                  # "ce", or "harmonization": + lambda * alignment with the ClickMe maps
+    harmonization_lambda: float = 1.0      # weight of the pyramidal alignment term (the reference's 1.0)
+    harmonization_weight_l2: float = 0.0   # weight of the reference's L2 term sum(w^2)/2 (1e-5 there)
+    harmonization_map: str = "input_gradient"  # the model side: the reference's input gradient, or a cam method
+    harmonization_layer: str | None = None  # CAM layer of a cam method (None: the model's study target layer)
+    harmonization_levels: int = 5          # pyramid levels
+    clickme_dir: str | None = None         # data="clickme": directory of the TFRecord shards (else downloaded)
+    clickme_url: str | None = None         # data="clickme": download the shards from this mirror
+    clickme_num_shards: dict = dataclasses.field(default_factory=dict)   # {split: n}: shards 0..n-1 only
 
 
 def _coerce(value: str, hint, key: str):
