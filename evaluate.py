@@ -135,9 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_outputs(args) -> None:
-    """Before anything is built: every path the run will write (--output, --table, --plot, --overlays) can be written.
-    The parent directories are created and a temporary file is created and removed in each; process 0 only
-    (the others write nothing). Raises UsageError naming the flag."""
+    """Before anything is built: every path the run will write (--output, --table, --plot, --overlays) can be
+    written. Creates nothing: a temporary file is created and removed in the nearest existing directory on each
+    path (the run creates the missing ones when it writes). Process 0 only (the others write nothing). Raises
+    UsageError naming the flag."""
     if args.process_id not in (None, 0):
         return
     targets = [(f"--{flag}", Path(getattr(args, flag)), False) for flag in ("output", "table", "plot")
@@ -145,19 +146,22 @@ def check_outputs(args) -> None:
     if args.overlays:
         targets.append(("--overlays", Path(args.overlays), True))
     for flag, path, is_dir in targets:
-        directory = path if is_dir else path.parent
         if not is_dir and path.is_dir():
             raise UsageError(f"{flag} {path} is a directory, not a file")
         if is_dir and path.exists() and not path.is_dir():
             raise UsageError(f"{flag} {path} exists and is not a directory")
         if not is_dir and path.exists() and not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {path} cannot be written (permission denied)")
+        existing = (path if is_dir else path.parent).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"{flag} {path} cannot be written: {existing} is not a directory")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=directory):
+            with tempfile.TemporaryFile(dir=existing):
                 pass
         except OSError as e:
-            raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e} ({directory})") from None
+            raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e} ({existing})") from None
 
 
 def json_safe(value):

@@ -402,10 +402,10 @@ import evaluate
 load = evaluate.load_model
 
 def nan_weights(name, args):   # a random-init model whose weights are all NaN (a corrupt checkpoint)
-    model, source = load(name, args)
+    model, *rest = load(name, args)
     params = nnx.state(model, nnx.Param)
     nnx.update(model, __import__("jax").tree.map(lambda x: np.full(x.shape, np.nan, x.dtype), params))
-    return model, source
+    return model, *rest
 
 evaluate.load_model = nan_weights
 sys.exit(evaluate.main(sys.argv[1:]))
