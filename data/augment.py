@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 BICUBIC = Image.Resampling.BICUBIC
-INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper())  # the one table of PIL filters in data/
+                  for name in ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")}
 
 
 # ------------------------------------------------------------------------------------------------------------

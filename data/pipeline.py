@@ -115,9 +115,9 @@ def batches(source, entry=None, *, batch_size: int, limit: int | None = None, pr
     224 image. Reading and preprocessing run in tasks of `chunk` examples on `workers` threads (default: up to
     8), or with processes=True on `workers` spawned processes (default: all CPUs; each gets a pickled copy of
     `source` once) that write into a shared-memory file per batch. Workers write each batch's arrays in
-    place (no copies). With 16 vCPUs (an H200 machine) processes gave ~1650 images/s, threads ~700 (8 threads;
-    more threads were slower): use processes for GPU evaluation; as for any spawned process, the main script
-    must guard its entry point with `if __name__ == "__main__":`. `prefetch` batches are prepared ahead."""
+    place (no copies). Processes scale with the CPUs where threads stop at a few (the GIL; see
+    benchmarks/ for measured rates): use processes for GPU evaluation; as for any spawned process, the main
+    script must guard its entry point with `if __name__ == "__main__":`. `prefetch` batches are prepared ahead."""
     if batch_size < 1 or prefetch < 1 or chunk < 1:
         raise ValueError(f"batch_size, prefetch and chunk must be >= 1, got {batch_size}, {prefetch}, {chunk}")
     if limit is not None and limit < 0:

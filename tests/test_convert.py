@@ -29,7 +29,7 @@ from flax import nnx
 
 from data.download import cache_path, cached_download, download
 from dcls_jax import Dcls2d
-from models import convert, registry
+from models import checkpoints, convert, registry
 from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential
 from tests.torch_ref import dclsify, randomize_batchnorm, to_nhwc
 
@@ -637,7 +637,7 @@ def test_save_cleans_up_after_a_failure(tmp_path, torch_toy, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "_hash_tree", fail)                           # fails after orbax wrote
+    monkeypatch.setattr(checkpoints, "_hash_tree", fail)                           # fails after orbax wrote
     with pytest.raises(OSError, match="disk full"):
         convert.save(model, tmp_path / "ck")
     assert os.listdir(tmp_path) == []
