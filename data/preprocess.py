@@ -12,6 +12,7 @@ cross-correlation with Harmonization's float32 kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -115,6 +116,23 @@ def clickme_heatmap(data: bytes) -> np.ndarray:
     """Grayscale JPEG bytes -> (224, 224) float32 blurred human map, as Harmonization's loader."""
     h = resize_bilinear(decode_heatmap(data), (HEATMAP_BLUR_SIZE, HEATMAP_BLUR_SIZE))
     return resize_bilinear(blur(h), (SIZE, SIZE))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTransform:
+    """What model_input needs of a registry Entry (picklable for worker processes). The ImageNet training
+    and evaluation transform is data.imagenet.Transform."""
+    resize_size: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    @classmethod
+    def of(cls, entry) -> ModelTransform | None:
+        if entry is None:
+            return None
+        return cls(entry.resize_size, entry.input_size, tuple(entry.mean), tuple(entry.std), entry.interpolation)
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
