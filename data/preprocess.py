@@ -6,7 +6,8 @@
                   -> CenterCrop(input_size) -> / 255 -> (x - mean) / std                (torchvision, NHWC here)
 
 JPEG decoding uses libjpeg-turbo through simplejpeg with TensorFlow's settings (fast integer IDCT, fancy
-upsampling), which decoded ClickMe-format records bit-identically to tf.io.decode_jpeg; PIL (accurate IDCT) differs by a few grey levels (tests/test_data.py).
+upsampling), which decoded ClickMe-format records bit-identically to tf.io.decode_jpeg; PIL (accurate IDCT)
+differs by a few grey levels (tests/test_data.py).
 The resize is TensorFlow's CPU kernel formula, operation for operation in float32; the blur is a float32
 cross-correlation with Harmonization's float32 kernel.
 """

@@ -23,10 +23,6 @@ from flax import nnx
 from models import registry
 from models.torchfile import MAX_LISTED
 
-# ---------------------------------------------------------------------------------------------------------
-# from_state_dict
-# ---------------------------------------------------------------------------------------------------------
-
 _STATE = (nnx.Param, nnx.BatchStat)
 
 

@@ -8,16 +8,17 @@ imports nothing: an allowlist of globals (tensor/parameter rebuilding, OrderedDi
 argparse.Namespace, pure-data builtins) maps to local stand-ins, and every other global becomes an inert
 placeholder (calling it, or restoring its state, only makes more placeholders). Placeholders outside the
 requested weights (optimizer state, args, metrics) are dropped; one inside them is an error naming it.
-`.safetensors` files are read by the safetensors library. A container is unwrapped with `key` if given, else with the first
-of CONTAINER_KEYS that holds a dict (a flat state dict is used as is); "module." prefixes are stripped.
+`.safetensors` files are read by the safetensors library. A container is unwrapped with `key` if given, else
+with the first of CONTAINER_KEYS that holds a dict (a flat state dict is used as is); "module." prefixes are
+stripped.
 
 Limits (hostile files fail with a ValueError before anything large is allocated): zip entries are read with
 a cap (their declared sizes checked against the file, compressed entries at most MAX_RATIO times their
 compressed size, streamed); data.pkl is at most MAX_PICKLE_BYTES and its opcodes are scanned first
 (pickletools: a counted BINBYTES8/BINUNICODE8/LONG4 larger than the rest of the file is an error, at most
 MAX_PICKLE_OPS opcodes); a tensor view holding more elements than its storage (stride 0, overlapping) counts
-against MAX_EXPANDED_BYTES for the whole file; safetensors files are validated by the library (header types, shapes,
-in-range offsets covering the data without overlap) and its errors name the file.
+against MAX_EXPANDED_BYTES for the whole file; safetensors files are validated by the library (header types,
+shapes, in-range offsets covering the data without overlap), its errors reported with the file's name.
 """
 from __future__ import annotations
 
