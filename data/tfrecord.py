@@ -30,12 +30,6 @@ def crc32c(data: bytes | np.ndarray) -> int:
     return google_crc32c.value(data if isinstance(data, (bytes, np.ndarray)) else bytes(data))
 
 
-def crc32c_many(buf: bytes | np.ndarray, starts: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
-    """CRC32C of the messages buf[s:s+n] for each (s, n), as a uint32 array."""
-    view = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
-    return np.array([google_crc32c.value(view[s:s + n]) for s, n in zip(starts, lengths)], np.uint32)
-
-
 def masked_crc32c(data: bytes | np.ndarray) -> int:
     """The CRC stored in TFRecord framing."""
     c = crc32c(data)
