@@ -8,7 +8,8 @@ RandAugment (`RandAugment.from_string("rand-m9-mstd0.5-inc1")`), and the box of 
 (`Mixup.apply`, whose per-batch lambda and box `Mixup.params` draws on the host, as timm does).
 
 The random draws follow timm's order and distributions call for call (the host functions take any object with
-numpy Generator's methods), so the parity tests replay timm's own random streams through them. timm's ColorJitter is omitted: timm disables it when RandAugment is on.
+numpy Generator's methods), so the parity tests replay timm's own random streams through them. timm's
+ColorJitter is omitted: timm disables it when RandAugment is on.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 BICUBIC = Image.Resampling.BICUBIC
-INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper())  # the one table of PIL filters in data/
+                  for name in ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import dataclasses
 import math
 import multiprocessing
 import os
@@ -27,26 +26,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from data.preprocess import SIZE, clickme_heatmap, clickme_image, model_input
+from data.preprocess import SIZE, ModelTransform, clickme_heatmap, clickme_image, model_input
 
 
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """What the model transform needs of a registry Entry (picklable for worker processes)."""
-    resize_size: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-
-    @classmethod
-    def of(cls, entry) -> Transform | None:
-        if entry is None:
-            return None
-        return cls(entry.resize_size, entry.input_size, tuple(entry.mean), tuple(entry.std), entry.interpolation)
-
-
-def preprocess_example(image: bytes, heatmap: bytes, transform: Transform | None) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_example(image: bytes, heatmap: bytes, transform: ModelTransform | None) -> tuple[np.ndarray, np.ndarray]:
     """JPEG bytes -> (model input or 224 float image, 224 x 224 human map)."""
     img = clickme_image(image)
     return (img if transform is None else model_input(img, transform)), clickme_heatmap(heatmap)
@@ -115,9 +98,9 @@ def batches(source, entry=None, *, batch_size: int, limit: int | None = None, pr
     224 image. Reading and preprocessing run in tasks of `chunk` examples on `workers` threads (default: up to
     8), or with processes=True on `workers` spawned processes (default: all CPUs; each gets a pickled copy of
     `source` once) that write into a shared-memory file per batch. Workers write each batch's arrays in
-    place (no copies). With 16 vCPUs (an H200 machine) processes gave ~1650 images/s, threads ~700 (8 threads;
-    more threads were slower): use processes for GPU evaluation; as for any spawned process, the main script
-    must guard its entry point with `if __name__ == "__main__":`. `prefetch` batches are prepared ahead."""
+    place (no copies). Processes scale with the CPUs where threads stop at a few (the GIL; see
+    benchmarks/ for measured rates): use processes for GPU evaluation; as for any spawned process, the main
+    script must guard its entry point with `if __name__ == "__main__":`. `prefetch` batches are prepared ahead."""
     if batch_size < 1 or prefetch < 1 or chunk < 1:
         raise ValueError(f"batch_size, prefetch and chunk must be >= 1, got {batch_size}, {prefetch}, {chunk}")
     if limit is not None and limit < 0:
@@ -125,7 +108,7 @@ def batches(source, entry=None, *, batch_size: int, limit: int | None = None, pr
     n = len(source) if limit is None else min(int(limit), len(source))
     mine = shard_range(n, process_index, process_count)
     steps = num_batches(n, batch_size, process_count)
-    transform = Transform.of(entry)
+    transform = ModelTransform.of(entry)
     s = SIZE if transform is None else transform.input_size
     shapes = {"image": (batch_size, s, s, 3), "heatmap": (batch_size, SIZE, SIZE)}
     cpus = os.cpu_count() or 1

@@ -6,19 +6,22 @@
                   -> CenterCrop(input_size) -> / 255 -> (x - mean) / std                (torchvision, NHWC here)
 
 JPEG decoding uses libjpeg-turbo through simplejpeg with TensorFlow's settings (fast integer IDCT, fancy
-upsampling), which decoded ClickMe-format records bit-identically to tf.io.decode_jpeg (see
-shared/reference/study-protocol.md); PIL (accurate IDCT) differs by a few grey levels (tests/test_data.py).
+upsampling), which decoded ClickMe-format records bit-identically to tf.io.decode_jpeg; PIL (accurate IDCT)
+differs by a few grey levels (tests/test_data.py).
 The resize is TensorFlow's CPU kernel formula, operation for operation in float32; the blur is a float32
 cross-correlation with Harmonization's float32 kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 import simplejpeg
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
+
+from data.augment import INTERPOLATIONS
 
 SIZE = 224                   # Harmonization's image and heatmap size
 BLUR_SIZE, BLUR_SIGMA = 10, 10
@@ -116,8 +119,21 @@ def clickme_heatmap(data: bytes) -> np.ndarray:
     return resize_bilinear(blur(h), (SIZE, SIZE))
 
 
-_PIL_MODES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+@dataclasses.dataclass(frozen=True)
+class ModelTransform:
+    """What model_input needs of a registry Entry (picklable for worker processes). The ImageNet training
+    and evaluation transform is data.imagenet.Transform."""
+    resize_size: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    @classmethod
+    def of(cls, entry) -> ModelTransform | None:
+        if entry is None:
+            return None
+        return cls(entry.resize_size, entry.input_size, tuple(entry.mean), tuple(entry.std), entry.interpolation)
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -141,9 +157,9 @@ def model_input(image: np.ndarray, entry) -> np.ndarray:
     img = Image.fromarray(np.asarray(image).astype(np.uint8))            # truncation, as .astype(np.uint8)
     h, w = resized_size(img.height, img.width, entry.resize_size)
     if (h, w) != (img.height, img.width):
-        if entry.interpolation not in _PIL_MODES:
-            raise ValueError(f"unknown interpolation {entry.interpolation!r}; known: {sorted(_PIL_MODES)}")
-        img = img.resize((w, h), _PIL_MODES[entry.interpolation])
+        if entry.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {entry.interpolation!r}; known: {sorted(INTERPOLATIONS)}")
+        img = img.resize((w, h), INTERPOLATIONS[entry.interpolation])
     c = entry.input_size
     top, left = crop_offset(h, c), crop_offset(w, c)
     x = np.asarray(img)[top:top + c, left:left + c].astype(np.float32) / np.float32(255)

@@ -22,7 +22,7 @@ from flax import nnx
 from dcls_jax import Dcls2d
 from models.layers import (Conv2d, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu,
                            global_avg_pool, identity, share_positions, trunc_normal)
-from models.registry import Checkpoint, Entry, infer_kernel_count, override, register
+from models.entry import Checkpoint, Entry, infer_kernel_count, override, register
 
 zeros = jax.nn.initializers.zeros
 

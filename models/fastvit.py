@@ -32,7 +32,7 @@ from flax import nnx
 from dcls_jax import Dcls2d
 from models.layers import (Attention, BatchNorm2d, Conv2d, CutModel, DropPath, Dropout, Linear, Mlp, Sequential, gelu,
                            global_avg_pool, identity, share_positions, trunc_normal)
-from models.registry import Checkpoint, Entry, override, register
+from models.entry import Checkpoint, Entry, override, register
 
 zeros = jax.nn.initializers.zeros
 

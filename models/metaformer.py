@@ -23,10 +23,10 @@ import numpy as np
 from flax import nnx
 
 from dcls_jax import Dcls2d
-from models import layers
+import models.layers as layers
 from models.layers import (Conv2d, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, global_avg_pool,
                            identity, share_positions, trunc_normal)
-from models.registry import Checkpoint, Entry, override, register
+from models.entry import Checkpoint, Entry, override, register
 
 zeros = jax.nn.initializers.zeros
 INIT = {"weight_init": trunc_normal(0.02), "bias_init": zeros}   # timm MetaFormer._init_weights

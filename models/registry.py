@@ -1,60 +1,20 @@
-"""The model registry: one `Entry` per name, registered by the architecture files.
+"""The model registry: names -> `Entry` (models.entry), filled by the architecture files on first lookup.
 
-Each entry carries what a user of the name needs besides the network: its preprocessing (the study's
-transform), the CAM target layer, the published checkpoint, and the key renaming that maps the original
-repository's state-dict names to ours (timm's names).
+    from models import registry
+    registry.list_models()                        # every name (study_only=True: the study's 16 models)
+    entry = registry.get_entry("resnet50_dcls")   # preprocessing, CAM target, published checkpoint ...
+    model = registry.create_model("resnet50_dcls")
+    registry.model_name(model)                    # "resnet50_dcls": models know their registry name
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-
-import numpy as np
 from flax import nnx
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from models.entry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, Checkpoint, Entry, Origin, infer_kernel_count,
+                          override, register)
 
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    url: str
-    key: str | None          # container key inside the file ("model", "state_dict_ema"), None for raw state dicts
-    filename: str
-    # SHA-256 of the published file, checked on download. None where not published by the authors: the hash
-    # is then recorded at the first download (data.download, `<file>.sha256`) and checked afterwards.
-    sha256: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    name: str
-    builder: Callable[..., nnx.Module]   # builder(*, rngs, **overrides) -> model
-    family: str                          # "resnet", "convnext", "metaformer", "fastvit"
-    target_layer: str                    # the study's CAM layer (what forward_features returns)
-    resize_size: int                     # resize (bicubic) of the shorter side
-    input_size: int                      # center crop
-    checkpoint: Checkpoint | None = None
-    # Maps a state dict in the original repository's key layout to timm's layout (identity for timm keys).
-    # Must return a timm-layout state dict unchanged.
-    remap_keys: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
-    # Builder overrides a checkpoint implies (FastViT saved in its reparameterised form), from its timm-layout keys.
-    infer_overrides: Callable[[Mapping[str, np.ndarray]], dict] | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    num_classes: int = 1000
-    in_study: bool = True                # one of the study's 16 models (`evaluate.py --models all`)
-
-
-MODELS: dict[str, Entry] = {}
-
-
-def register(entry: Entry) -> Entry:
-    if entry.name in MODELS:
-        raise ValueError(f"model {entry.name!r} is registered twice")
-    MODELS[entry.name] = entry
-    return entry
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "Checkpoint", "Entry", "Origin", "create_model",
+           "get_entry", "infer_kernel_count", "list_models", "model_name", "override", "register"]
 
 
 def get_entry(name: str) -> Entry:
@@ -74,29 +34,20 @@ def list_models(*, study_only: bool = False) -> list[str]:
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
     """Builds a registered model with random weights (use models.convert.from_state_dict for checkpoints)."""
     entry = get_entry(name)
-    return entry.builder(rngs=rngs if rngs is not None else nnx.Rngs(0), **overrides)
+    model = entry.builder(rngs=rngs if rngs is not None else nnx.Rngs(0), **overrides)
+    model.registry_origin = Origin(name, overrides)
+    return model
 
 
 def _load_families():
     # Importing the architecture files registers their entries.
-    from models import convnext, fastvit, metaformer, resnet  # noqa: F401
+    import models.convnext  # noqa: F401
+    import models.fastvit  # noqa: F401
+    import models.metaformer  # noqa: F401
+    import models.resnet  # noqa: F401
 
 
-def override(config, overrides: Mapping):
-    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown config override(s) {unknown} for {type(config).__module__}."
-                         f"{type(config).__qualname__}; valid: {sorted(fields)}")
-    return dataclasses.replace(config, **overrides)
-
-
-def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
-    """`Entry.infer_overrides` for a DCLS model: its `kernel_count` override, read from the last axis of the
-    DCLS weight (O, I/g, K) stored under `key` (a checkpoint without it, or with a dense 4-D kernel there,
-    implies nothing, and loading then reports the missing key or the shape mismatch)."""
-    def infer(state_dict: Mapping[str, np.ndarray]) -> dict:
-        w = state_dict.get(key)
-        return {"kernel_count": int(w.shape[-1])} if w is not None and w.ndim == 3 else {}
-    return infer
+def model_name(model: nnx.Module) -> str | None:
+    """The registry name a model was built with (by create_model, from_state_dict or restore), else None."""
+    origin = getattr(model, "registry_origin", None)
+    return origin.name if isinstance(origin, Origin) else None

@@ -19,7 +19,7 @@ from flax import nnx
 from dcls_jax import Dcls2d
 from models.layers import (BatchNorm2d, Conv2d, CutModel, DropPath, Dropout, Linear, Sequential,
                            global_avg_pool, kaiming_normal_fan_out, share_positions)
-from models.registry import Checkpoint, Entry, infer_kernel_count, override, register
+from models.entry import Checkpoint, Entry, infer_kernel_count, override, register
 
 EXPANSION = 4     # bottleneck output channels / width
 STEM_WIDTH = 64   # timm's single-conv stem is always 64 wide

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.tfrecord import write_records  # noqa: E402
+from data.tfrecord import encode_example, write_records  # noqa: E402
 
 # file, ImageNet label, blob centres (x, y) in [0, 1] and their sigmas (fraction of the side)
 IMAGES = [
@@ -24,35 +24,6 @@ IMAGES = [
     ("coffee.png", 967, [((0.50, 0.45), 0.16)]),                            # espresso
     ("rocket.jpg", 657, [((0.47, 0.40), 0.08), ((0.47, 0.75), 0.10)]),      # missile
 ]
-
-
-def _key(field: int, wire: int) -> bytes:
-    return bytes([field << 3 | wire])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _ld(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def encode_example(features: dict[str, bytes | int]) -> bytes:
-    """tf.train.Example wire format: Features{map<string, Feature>}; bytes_list = 1, int64_list = 3."""
-    entries = b""
-    for name, value in features.items():
-        if isinstance(value, bytes):
-            feature = _ld(1, _ld(1, value))
-        else:
-            feature = _ld(3, _ld(1, _varint(value & (2**64 - 1))))
-        entries += _ld(1, _ld(1, name.encode()) + _ld(2, feature))
-    return _ld(1, entries)
 
 
 def _jpeg(array: np.ndarray) -> bytes:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from data.download import cache_path, cached_download, download
 from dcls_jax import Dcls2d
-from models import convert, registry
+from models import checkpoints, convert, registry
 from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential
 from tests.torch_ref import dclsify, randomize_batchnorm, to_nhwc
 
@@ -637,7 +637,7 @@ def test_save_cleans_up_after_a_failure(tmp_path, torch_toy, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "_hash_tree", fail)                           # fails after orbax wrote
+    monkeypatch.setattr(checkpoints, "_hash_tree", fail)                           # fails after orbax wrote
     with pytest.raises(OSError, match="disk full"):
         convert.save(model, tmp_path / "ck")
     assert os.listdir(tmp_path) == []
@@ -711,3 +711,47 @@ def test_concurrent_first_conversions_and_corrupt_cache(tmp_path, server, torch_
     (result,) = _published(url, cache, n=1)
     assert result["hash"] == want and any("is corrupt" in w and "converting it again" in w for w in result["warnings"])
     assert sorted(os.listdir(cache / "converted")) == ["test_convert_race"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 14: models know their registry name; the strict merge's skip; the cache's injectable fetch
+# ---------------------------------------------------------------------------------------------------------
+
+def test_models_know_their_registry_name(tmp_path, torch_toy):
+    sd = {k: v.numpy() for k, v in _torch_sd(torch_toy).items()}
+    model = convert.from_state_dict(TOY, sd)
+    assert registry.model_name(model) == TOY and model.registry_origin.overrides == {"num_classes": 5}
+    assert registry.model_name(nnx.merge(*nnx.split(model))) == TOY            # nnx.split/merge keep it
+    assert registry.model_name(registry.create_model(TOY, num_classes=5)) == TOY
+    assert registry.model_name(Toy(rngs=nnx.Rngs(0))) is None                  # built without the registry
+    assert nnx.split(model)[0] == nnx.split(convert.from_state_dict(TOY, sd))[0]  # equal graphdefs: one trace
+    out = convert.save(model, tmp_path / "ck")                                 # save() reads the name off it
+    assert json.loads((out / "model.json").read_text()) == {"model": TOY, "overrides": {"num_classes": 5}}
+    assert registry.model_name(convert.restore(out)) == TOY
+
+
+def test_merge_state_dict_skip_keeps_fresh_values(torch_toy):
+    sd = {k: v.numpy() for k, v in _torch_sd(torch_toy).items()
+          if not k.startswith("head.") and not k.endswith("num_batches_tracked")}
+    sd["head.weight"] = np.zeros((7, 3), np.float32)                           # another head: wrong shape
+    def build():
+        return Toy(num_classes=5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint \(1\):\n - head.bias(.|\n)*"
+                                         r"head.weight: checkpoint \(7, 3\) vs model \(5, 4\)"):
+        convert.merge_state_dict(nnx.eval_shape(build), sd, build)
+    model = convert.merge_state_dict(nnx.eval_shape(build), sd, build, skip=lambda k: k.startswith("head."))
+    fresh = build()
+    np.testing.assert_array_equal(np.asarray(model.head.weight.get_value()), np.asarray(fresh.head.weight.get_value()))
+    np.testing.assert_array_equal(np.asarray(model.stem.weight.get_value()), sd["stem.weight"])
+
+
+def test_load_fetches_through_the_given_callable(tmp_path, torch_toy):
+    torch.save({"model": torch_toy.state_dict()}, tmp_path / "toy.pth")
+    calls = []
+
+    def fetch(url, cache_dir, filename, sha256):
+        calls.append((url, cache_dir, filename, sha256))
+        return tmp_path / "toy.pth"
+
+    _assert_params_equal(convert.load(TOY, "https://example.invalid/toy.pth", fetch=fetch), torch_toy.state_dict())
+    assert calls == [("https://example.invalid/toy.pth", None, None, None)]

@@ -25,7 +25,7 @@ from scipy.signal import correlate2d
 
 from data import clickme, pipeline, preprocess, protocols
 from data.download import cache_path, cached_download, download
-from data.tfrecord import RecordError, crc32c, crc32c_many, parse_example, read_records
+from data.tfrecord import RecordError, crc32c, encode_example, parse_example, read_records
 
 # ----------------------------------------------------------------------------------------------------------
 # Independent writers: CRC32C from the bitwise definition, TFRecord framing, tf.train.Example wire format
@@ -150,8 +150,8 @@ def test_crc32c_vectors_and_reference():
     lengths = [0, 1, 3, 4, 5, 8, 1023, 1024, 1025, 4099, 20000]
     buf = rng.integers(0, 256, sum(lengths) + 7, dtype=np.uint8).tobytes()
     starts = np.cumsum([7] + lengths[:-1])
-    got = crc32c_many(buf, starts, lengths)
-    assert [int(c) for c in got] == [ref_crc32c(buf[s:s + n]) for s, n in zip(starts, lengths)]
+    assert [crc32c(buf[s:s + n]) for s, n in zip(starts, lengths)] == [ref_crc32c(buf[s:s + n])
+                                                                        for s, n in zip(starts, lengths)]
 
 
 def test_parse_example_wire_format():
@@ -169,6 +169,15 @@ def test_parse_example_wire_format():
     assert parse_example(noise + _field(1, noise + _field(1, _field(1, b"k") + _field(2, feature(4)))))["k"] == [4]
     with pytest.raises(RecordError):
         parse_example(ex[:-3])
+
+
+def test_encode_example_matches_the_wire_format():
+    for value in (b"\x00\xffxyz", [1, -2, 2**62], 2.25):                # one feature: the hand-written bytes
+        assert encode_example({"k": value}) == example({"k": value})
+    out = parse_example(encode_example({"image": b"jpeg", "label": 7, "f": [0.5, 1.5]}))
+    assert out["image"] == [b"jpeg"] and out["label"].tolist() == [7] and out["f"].tolist() == [0.5, 1.5]
+    with pytest.raises(TypeError, match="feature 'x'"):
+        encode_example({"x": [b"a", 1]})
 
 
 def test_read_records_and_errors(tmp_path, records):

@@ -439,27 +439,34 @@ def test_bombs_fail_clearly_under_1_gb(bombs):
 # safetensors headers
 # ---------------------------------------------------------------------------------------------------------
 
+BAD = r"x\.safetensors: malformed safetensors file \(.*"
+
+
 def _safetensors(path: Path, header, data: bytes = bytes(64), raw_header: bytes | None = None):
     h = raw_header if raw_header is not None else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(h)) + h + data)
 
 
+# The safetensors library validates the header; our message names the file and quotes its reason.
 @pytest.mark.parametrize("header, raw, match", [
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, "does not fit"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [60, 68]}}, None, "does not fit"),
-    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, None, "does not fit"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, None, BAD + "-8"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [60, 68]}}, None, BAD + "offset for tensor `w`"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, None, BAD + "shape, data type, or offset"),
     ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, None, "overlap"),
-    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, None, "shape"),
-    ({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, None, "shape"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, None, "data_offsets"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, None, "data_offsets"),
-    ({"w": [1, 2]}, None, "described by a list"),
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, None, BAD + "offset for tensor `b`"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, None, BAD + "-2"),
+    ({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, None, BAD + 'string "2"'),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, None, BAD + "length 1"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, None, BAD + "0.0"),
+    ({"w": [1, 2]}, None, BAD + "integer `1`"),
     ([1, 2], None, "unknown checkpoint format"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "x": 1}, None, "described by a int"),
-    ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, None, "unsupported dtype"),
-    (None, b"{\xff\xfe", "unreadable safetensors header"),
-    (None, b"{" * 100_000, "unreadable safetensors header"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "x": 1}, None, BAD + "TensorInfo"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, None, BAD + "not fully covered"),
+    ({"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, None, BAD + "X9"),
+    ({"w": {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [0, 2]},
+      "p": {"dtype": "U8", "shape": [62], "data_offsets": [2, 64]}}, None, "'w' has unsupported dtype 'F8_E8M0'"),
+    (None, b"{\xff\xfe", BAD + "UTF-8"),
+    (None, b"{" * 100_000, BAD + "JSON"),
 ])
 def test_malformed_safetensors(tmp_path, header, raw, match):
     from models import convert
@@ -467,7 +474,7 @@ def test_malformed_safetensors(tmp_path, header, raw, match):
     with pytest.raises(ValueError, match=match):
         convert.read_checkpoint(tmp_path / "x.safetensors")
     (tmp_path / "big.safetensors").write_bytes(struct.pack("<Q", 1 << 62) + b"{}")
-    with pytest.raises(ValueError, match="exceeds the file"):
+    with pytest.raises(ValueError, match=r"big\.safetensors: malformed safetensors file \(.*header too large"):
         convert.read_checkpoint(tmp_path / "big.safetensors")
 
 

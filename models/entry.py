@@ -1,0 +1,90 @@
+"""What an architecture file registers: `Entry` (one per model name) and its `Checkpoint`, with `register`
+and the builders' helpers. It imports no architecture file, so they can import it while models.registry
+imports them (lazily, on the first lookup): the import graph stays acyclic.
+
+Each entry carries what a user of the name needs besides the network: its preprocessing (the study's
+transform), the CAM target layer, the published checkpoint, and the key renaming that maps the original
+repository's state-dict names to ours (timm's names).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flax import nnx
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    url: str
+    key: str | None          # container key inside the file ("model", "state_dict_ema"), None for raw state dicts
+    filename: str
+    # SHA-256 of the published file, checked on download. None where not published by the authors: the hash
+    # is then recorded at the first download (data.download, `<file>.sha256`) and checked afterwards.
+    sha256: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    builder: Callable[..., nnx.Module]   # builder(*, rngs, **overrides) -> model
+    family: str                          # "resnet", "convnext", "metaformer", "fastvit"
+    target_layer: str                    # the study's CAM layer (what forward_features returns)
+    resize_size: int                     # resize (bicubic) of the shorter side
+    input_size: int                      # center crop
+    checkpoint: Checkpoint | None = None
+    # Maps a state dict in the original repository's key layout to timm's layout (identity for timm keys).
+    # Must return a timm-layout state dict unchanged.
+    remap_keys: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # Builder overrides a checkpoint implies (FastViT saved in its reparameterised form), from its timm-layout keys.
+    infer_overrides: Callable[[Mapping[str, np.ndarray]], dict] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    num_classes: int = 1000
+    in_study: bool = True                # one of the study's 16 models (`evaluate.py --models all`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """The registry name and config overrides a model was built with, stored on it as `model.registry_origin`
+    (a static attribute: nnx.split/merge keep it; hashed by value, so equal models share one graphdef)."""
+    name: str
+    overrides: Mapping = dataclasses.field(default_factory=dict)
+
+    def __hash__(self):
+        return hash((self.name, repr(sorted(self.overrides.items()))))
+
+
+MODELS: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    if entry.name in MODELS:
+        raise ValueError(f"model {entry.name!r} is registered twice")
+    MODELS[entry.name] = entry
+    return entry
+
+
+def override(config, overrides: Mapping):
+    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown config override(s) {unknown} for {type(config).__module__}."
+                         f"{type(config).__qualname__}; valid: {sorted(fields)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
+    """`Entry.infer_overrides` for a DCLS model: its `kernel_count` override, read from the last axis of the
+    DCLS weight (O, I/g, K) stored under `key` (a checkpoint without it, or with a dense 4-D kernel there,
+    implies nothing, and loading then reports the missing key or the shape mismatch)."""
+    def infer(state_dict: Mapping[str, np.ndarray]) -> dict:
+        w = state_dict.get(key)
+        return {"kernel_count": int(w.shape[-1])} if w is not None and w.ndim == 3 else {}
+    return infer
