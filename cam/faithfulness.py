@@ -38,7 +38,7 @@ scipy's sparse direct solver. An image with every pixel removed has no solution:
 """
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 
 import jax
@@ -213,8 +213,7 @@ def _impute_one(image, keep, noise_key, noise: float, tol: float, maxiter: int |
     diag = m * s + (1 - m)
     x, _ = jax.scipy.sparse.linalg.cg(matvec, rhs, x0=rhs / diag, tol=tol, maxiter=maxiter,
                                       M=lambda r: r / diag)
-    if noise:
-        x = x + noise * jax.random.normal(noise_key, x.shape, x.dtype)
+    x = x + jnp.asarray(noise, x.dtype) * jax.random.normal(noise_key, x.shape, x.dtype)
     out = jnp.where(m > 0, x, image)
     return jnp.where(keep.any(), out, jnp.nan)
 
@@ -223,13 +222,19 @@ def noisy_linear_impute(images, keep, *, noise: float = 0.01, key=None, tol: flo
                         maxiter: int | None = None):
     """ROAD's noisy linear imputation: images (B, H, W, C), keep (B, H, W) bool (False: impute). Each removed pixel
     becomes the weighted mean of its in-image neighbours (NEIGHBOR_WEIGHTS), all solved jointly, plus
-    N(0, noise^2) noise. maxiter: conjugate-gradient iterations (default 10 (H + W) ... see the module doc)."""
+    N(0, noise^2) noise. maxiter: conjugate-gradient iterations at most (default 20 (H + W); they stop at a relative
+    residual `tol`)."""
     images, keep = jnp.asarray(images), jnp.asarray(keep, bool)
     if keep.shape != images.shape[:3]:
         raise ValueError(f"keep must be (B, H, W) = {images.shape[:3]}, got {keep.shape}")
     h, w = images.shape[1:3]
     maxiter = maxiter if maxiter is not None else 20 * (h + w)
     key = jax.random.key(0) if key is None else key
+    return _impute_batch(images, keep, key, noise, tol=tol, maxiter=maxiter)
+
+
+@functools.partial(jax.jit, static_argnames=("tol", "maxiter"))
+def _impute_batch(images, keep, key, noise, *, tol, maxiter):
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda x, k, r: _impute_one(x, k, r, noise, tol, maxiter))(images, keep, keys)
 
@@ -246,22 +251,31 @@ def road_mask(maps, percentile: float, most_relevant_first: bool = True):
 def road(model, images, maps, labels=None, *, percentile: float, most_relevant_first: bool = True,
          noise: float = 0.01, key=None, score="softmax", tol: float = 1e-6, maxiter: int | None = None):
     """score(imputed) - score(x) per image (pytorch-grad-cam's ROADMostRelevantFirst / ROADLeastRelevantFirst)."""
-    apply, score = _as_apply(model), _score_fn(score)
-    images, maps = jnp.asarray(images), jnp.asarray(maps)
-    _check(images, maps)
-    labels, y = _labels_and_scores(apply, images, labels, score)
-    imputed = noisy_linear_impute(images, road_mask(maps, percentile, most_relevant_first), noise=noise, key=key,
-                                  tol=tol, maxiter=maxiter)
-    return score(apply(imputed), labels) - y
+    return road_average(model, images, maps, labels, percentiles=(percentile,), most_relevant_first=most_relevant_first,
+                        noise=noise, key=key, score=score, tol=tol, maxiter=maxiter, _split=False)
 
 
 def road_average(model, images, maps, labels=None, *, percentiles=ROAD_PERCENTILES, most_relevant_first=True,
-                 key=None, **kw):
-    """road averaged over `percentiles` (pytorch-grad-cam's ROAD{Most,Least}RelevantFirstAverage), (B,)."""
+                 noise: float = 0.01, key=None, score="softmax", tol: float = 1e-6, maxiter: int | None = None,
+                 _split: bool = True):
+    """road averaged over `percentiles` (pytorch-grad-cam's ROAD{Most,Least}RelevantFirstAverage), (B,). The
+    percentiles are evaluated one after the other (lax.map: one compiled model call)."""
+    apply, score = _as_apply(model), _score_fn(score)
+    images, maps = jnp.asarray(images), jnp.asarray(maps)
+    _check(images, maps)
+    if len(percentiles) == 0 or any(not 0 <= p <= 100 for p in percentiles):
+        raise ValueError(f"percentiles must lie in [0, 100], got {tuple(percentiles)}")
+    labels, y = _labels_and_scores(apply, images, labels, score)
     key = jax.random.key(0) if key is None else key
-    keys = jax.random.split(key, len(percentiles))
-    return jnp.mean(jnp.stack([road(model, images, maps, labels, percentile=p, most_relevant_first=most_relevant_first,
-                                    key=k, **kw) for p, k in zip(percentiles, keys)]), axis=0)
+    keys = jax.random.split(key, len(percentiles)) if _split else key[None]
+
+    def one(args):
+        p, k = args
+        keep = road_mask(maps, p, most_relevant_first)
+        imputed = noisy_linear_impute(images, keep, noise=noise, key=k, tol=tol, maxiter=maxiter)
+        return score(apply(imputed), labels) - y
+
+    return jax.lax.map(one, (jnp.asarray(percentiles, jnp.float32), keys)).mean(0)
 
 
 def road_combined(model, images, maps, labels=None, *, percentiles=ROAD_PERCENTILES, key=None, **kw):
