@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["ROAD_PERCENTILES", "NEIGHBOR_WEIGHTS", "confidence_change", "deletion", "eval_apply", "evaluate",
-           "gaussian_blur", "insertion", "noisy_linear_impute", "perturbation_curve", "road", "road_average",
+           "gaussian_blur", "insertion", "make_faithfulness_fn", "METRIC_NAMES", "noisy_linear_impute", "perturbation_curve", "road", "road_average",
            "road_combined", "road_mask"]
 
 ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -323,3 +323,28 @@ def evaluate(model, images, maps, labels=None, *, score="softmax", num_steps: in
                                        **common)["auc"],
             "average_drop": c["drop"], "increase_in_confidence": c["increase"],
             "road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2}
+
+
+def make_faithfulness_fn(graphdef, *, num_steps: int = 32, percentiles=ROAD_PERCENTILES, noise: float = 0.01,
+                         score="softmax", seed: int = 0, batch_steps: int = 1):
+    """f(state, images, maps, labels) -> {name: (B,)} for METRIC_NAMES, pure over `nnx.split(model)` state (the
+    model merged and put in eval mode inside): jit or shard it. Maps at another resolution than the images are
+    resized to it (cam.resize: bilinear); degenerate maps (cam.is_degenerate: constant or non-finite) get NaN
+    metrics (skip them, as the alignment metric does). The ROAD noise uses jax.random.key(seed)."""
+    from cam.methods import is_degenerate, resize
+
+    def fn(state, images, maps, labels):
+        def apply(x):
+            m = nnx.merge(graphdef, state)
+            m.eval()
+            return m(x)
+
+        maps = maps if maps.shape[1:3] == images.shape[1:3] else resize(maps, tuple(images.shape[1:3]))
+        bad = is_degenerate(maps)
+        ramp = jnp.broadcast_to(jnp.arange(maps[0].size, dtype=jnp.float32).reshape(maps.shape[1:]), maps.shape)
+        safe = jnp.where(bad[:, None, None], ramp, maps)        # any finite map: its metrics are discarded
+        out = evaluate(apply, images, safe, labels, score=score, num_steps=num_steps, percentiles=percentiles,
+                       noise=noise, key=jax.random.key(seed), batch_steps=batch_steps)
+        return {k: jnp.where(bad, jnp.nan, v) for k, v in out.items()}
+
+    return fn

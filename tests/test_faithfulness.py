@@ -243,3 +243,35 @@ def test_bad_arguments(setup):
         ff.road_average(model, xj, jnp.asarray(maps), percentiles=(120,))
     with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
         ff.confidence_change(model, xj, jnp.asarray(maps), np.array([1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate.py --faithfulness
+
+
+def test_evaluate_cli_faithfulness(tmp_path, capsys):
+    import json
+
+    import evaluate
+    from models import registry
+    from tests.test_evaluate import TINY, register_tiny
+    register_tiny()
+    try:
+        out = tmp_path / "out.json"
+        code = evaluate.main(["--model", TINY, "--sample", "--random-init", "--limit", "3", "--batch-size", "2",
+                              "--cam", "gradcam,threshold_gradcam", "--faithfulness", "--faithfulness-steps", "4",
+                              "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
+    finally:
+        registry.MODELS.pop(TINY, None)
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "deletion AUC" in table and "ROAD" in table
+    results = json.loads(out.read_text())["results"][0]["cams"]
+    for method in ("gradcam", "threshold_gradcam"):
+        f = results[method]["faithfulness"]
+        assert set(f) == set(ff.METRIC_NAMES) | {"n_evaluated"}
+        assert 0 < f["n_evaluated"] <= 3
+        assert 0 <= f["deletion_auc"] <= 1 and 0 <= f["insertion_auc"] <= 1      # probabilities
+        assert f["average_drop"] >= 0 and 0 <= f["increase_in_confidence"] <= 1
+        assert np.isfinite(f["road_combined"])
+        assert "score" in results[method]                                         # next to the alignment score
