@@ -204,13 +204,23 @@ def _gradients(model, images, labels, method: str, layer: str | None, reshape=No
 def activations_and_grads(model, images, labels=None, layer=None, *, reshape=None):
     """A at `layer` (model.forward_features(images, layer) for the models' own layer names, else captured at any
     attribute path or submodule) and G = dS/dA (float32, NHWC), and per row whether the target is valid and the
-    logits are finite. labels: (B,) ints, None (top prediction) or a callable on the logits."""
-    return _gradients(model, images, labels, "features", layer, reshape)[:3]
+    logits are finite. labels: (B,) ints, None (top prediction) or a callable on the logits. Runs on an eval-mode
+    clone: the model is not changed."""
+    return _gradients(_eval_clone(model), images, labels, "features", layer, _check_reshape(reshape))[:3]
 
 
 def input_grads(model, images, labels=None):
-    """dS/dx (float32, NHWC), and per row whether the label is in range and the logits are finite."""
-    return _gradients(model, images, labels, "saliency", None)[1:3]
+    """dS/dx (float32, NHWC), and per row whether the label is in range and the logits are finite (on an eval-mode
+    clone of the model)."""
+    return _gradients(_eval_clone(model), images, labels, "saliency", None)[1:3]
+
+
+def _eval_clone(model):
+    """The model in eval mode, as a clone (nnx.split / merge: free inside a trace): the caller's model keeps its
+    mode and its batch statistics."""
+    clone = nnx.merge(*nnx.split(model))
+    clone.eval()
+    return clone
 
 
 def resize(maps, size: tuple[int, int]):

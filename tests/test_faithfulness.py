@@ -250,6 +250,8 @@ def test_bad_arguments(setup):
 
 
 def test_evaluate_cli_faithfulness(tmp_path, capsys):
+    """The flag end to end on the bundled sample (random weights: Grad-CAM's maps are often all zero there, so
+    Threshold-Grad-CAM, whose maps are not)."""
     import json
 
     import evaluate
@@ -259,19 +261,17 @@ def test_evaluate_cli_faithfulness(tmp_path, capsys):
     try:
         out = tmp_path / "out.json"
         code = evaluate.main(["--model", TINY, "--sample", "--random-init", "--limit", "3", "--batch-size", "2",
-                              "--cam", "gradcam,threshold_gradcam", "--faithfulness", "--faithfulness-steps", "4",
+                              "--cam", "threshold_gradcam", "--faithfulness", "--faithfulness-steps", "3",
                               "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
     finally:
         registry.MODELS.pop(TINY, None)
     assert code == 0
-    table = capsys.readouterr().out
-    assert "deletion AUC" in table and "ROAD" in table
-    results = json.loads(out.read_text())["results"][0]["cams"]
-    for method in ("gradcam", "threshold_gradcam"):
-        f = results[method]["faithfulness"]
-        assert set(f) == set(ff.METRIC_NAMES) | {"n_evaluated"}
-        assert 0 < f["n_evaluated"] <= 3
-        assert 0 <= f["deletion_auc"] <= 1 and 0 <= f["insertion_auc"] <= 1      # probabilities
-        assert f["average_drop"] >= 0 and 0 <= f["increase_in_confidence"] <= 1
-        assert np.isfinite(f["road_combined"])
-        assert "score" in results[method]                                         # next to the alignment score
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "alignment score" in header and "deletion AUC" in header and "ROAD" in header
+    row = json.loads(out.read_text())["results"][0]["cams"]["threshold_gradcam"]
+    f = row["faithfulness"]
+    assert set(f) == set(ff.METRIC_NAMES) | {"n_evaluated"}
+    assert f["n_evaluated"] == 3 and np.isfinite(row["score"])             # next to the alignment score
+    assert 0 <= f["deletion_auc"] <= 1 and 0 <= f["insertion_auc"] <= 1     # probabilities
+    assert f["average_drop"] >= 0 and 0 <= f["increase_in_confidence"] <= 1
+    assert all(np.isfinite(f[k]) for k in ff.METRIC_NAMES)
