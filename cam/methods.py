@@ -5,6 +5,9 @@ Everything is a pure function of arrays. Gradients are those of the class score
     S = sum_b logits[b, labels[b]]          (pre-softmax; the labels given, not the predictions)
 with respect to the activations A = model.forward_features(x, layer) (NHWC), through model.forward_head(A, layer),
 so G[b] = dS/dA[b] = d logits[b, labels[b]] / dA[b] (eval mode: images do not interact).
+Any other layer -- any attribute path of any Flax NNX model, or a submodule -- is captured on an eval-mode clone
+(cam/capture.py), token sequences reshaped to NHWC; labels=None explains each image's top prediction and a
+callable target(logits) -> (B,) any score (see cam/capture.py).
 
 Maps at feature resolution, (B, h, w) from A, G of shape (B, h, w, C); `alpha = mean_hw G` per image and channel:
   gradcam            relu(mean_c A * alpha)                     the study's (channel MEAN; raw, not normalised)

@@ -359,16 +359,36 @@ def test_registry_named_layers(name):
 # ----------------------------------------------------------------------------------------------------------------
 # Torch-backed families at a named inner layer, against PyTorch (forward hook + autograd on the same weights).
 
-@pytest.mark.parametrize("name, path, torch_path", [("resnet50", "layer4.0.downsample", "layer4.0.downsample"),
-                                                    ("convnext_tiny_dcls", "stages.3.downsample", "stages.3.downsample")])
-def test_torch_parity_named_layer(name, path, torch_path):
+def converted_pair(name):
+    """(timm reference in eval mode, our converted model) with random non-trivial weights, reduced in size."""
+    from models.convert import from_state_dict
+    if name in ("resnet50", "convnext_tiny_dcls"):
+        from tests.test_cam import REAL, timm_reference
+        tmodel, _ = timm_reference(name)
+        overrides = REAL[name]
+    elif name == "caformer_s18":
+        from tests.test_metaformer import timm_model
+        overrides = dict(depths=(1, 1, 1, 1))
+        tmodel = timm_model(name, **overrides)
+    else:
+        from tests.test_fastvit import SMALL, reference
+        overrides = SMALL
+        tmodel = reference(name, **overrides)
+    sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+    return tmodel.eval(), from_state_dict(name, sd, **overrides)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny_dcls", "caformer_s18", "fastvit_sa24_dcls"])
+def test_torch_parity_named_layer(name):
+    """Grad-CAM / Threshold-Grad-CAM at an inner layer named by path (not one of the models' cut points) against
+    the same definitions in PyTorch, a forward hook on the same module of the timm model."""
     import torch
 
-    from models.convert import from_state_dict
-    from tests.test_cam import REAL, check_study_parity, timm_reference
-    tmodel, _ = timm_reference(name)
-    model = from_state_dict(name, {k: v.numpy() for k, v in tmodel.state_dict().items()}, **REAL[name])
+    from tests.test_cam import check_study_parity
+    path = {"resnet50": "layer4.0.downsample", "caformer_s18": "stages.1.downsample"}.get(name, "stages.3.downsample")
+    tmodel, model = converted_pair(name)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         labels = tmodel(x).argmax(1)
-    check_study_parity(model, tmodel, tmodel.get_submodule(torch_path), x, labels, layer=path)
+    assert path not in model.layer_names
+    check_study_parity(model, tmodel, tmodel.get_submodule(path), x, labels, layer=path)

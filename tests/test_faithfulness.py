@@ -266,7 +266,7 @@ def test_evaluate_cli_faithfulness(tmp_path, capsys):
     finally:
         registry.MODELS.pop(TINY, None)
     assert code == 0
-    header = capsys.readouterr().out.splitlines()[0]
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model "))
     assert "alignment score" in header and "deletion AUC" in header and "ROAD" in header
     row = json.loads(out.read_text())["results"][0]["cams"]["threshold_gradcam"]
     f = row["faithfulness"]
