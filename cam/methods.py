@@ -209,6 +209,7 @@ def activations_and_grads(model, images, labels=None, layer=None, *, reshape=Non
     attribute path or submodule) and G = dS/dA (float32, NHWC), and per row whether the target is valid and the
     logits are finite. labels: (B,) ints, None (top prediction) or a callable on the logits. Runs on an eval-mode
     clone: the model is not changed."""
+    layer = check_layer(model, layer)     # a submodule -> its path, looked up in this model (not the clone)
     return _gradients(_eval_clone(model), images, labels, "features", layer, _check_reshape(reshape))[:3]
 
 
