@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["ROAD_PERCENTILES", "NEIGHBOR_WEIGHTS", "confidence_change", "deletion", "eval_apply", "evaluate",
-           "gaussian_blur", "insertion", "make_faithfulness_fn", "METRIC_NAMES", "noisy_linear_impute", "perturbation_curve", "road", "road_average",
-           "road_combined", "road_mask"]
+__all__ = ["METRIC_NAMES", "NEIGHBOR_WEIGHTS", "ROAD_PERCENTILES", "confidence_change", "deletion", "eval_apply",
+           "evaluate", "gaussian_blur", "insertion", "make_faithfulness_fn", "noisy_linear_impute",
+           "perturbation_curve", "road", "road_average", "road_combined", "road_mask"]
 
 ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 # (row offset, column offset), weight: the ROAD paper's (and pytorch-grad-cam's) neighbour weights; they sum to 1.

@@ -164,6 +164,9 @@ def test_cnn_jit_vmap_grad(cnn):
                                atol=1e-7)
     singles = jax.vmap(lambda xi, yi: f(params, xi[None], yi[None])[0])(x, y)
     np.testing.assert_allclose(singles, batch, rtol=1e-5, atol=1e-7)
+    state = nnx.merge_state(params, rest_state)
+    raw = jax.vmap(lambda xi, yi: fn(state, xi[None], yi[None])[0])(x, y)     # vmap without jit: batch tracers
+    np.testing.assert_allclose(raw, batch, rtol=1e-5, atol=1e-7)
     none = jax.jit(lambda p, x: fn(nnx.merge_state(p, rest_state), x))(params, x)    # top prediction, traced
 
     # jax.grad through the CAM into the weights, against the same CAM written by hand.

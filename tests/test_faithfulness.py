@@ -137,7 +137,7 @@ def test_road_is_pytorch_grad_cam(setup, jitted, monkeypatch):
         np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * max(1, np.abs(ref).max()), err_msg=str(morf))
     # Logits: ROADCombined.
     targets = [pgc_target("logit", y) for y in labels]
-    combined = np.asarray(jitted(ff.road_combined, percentiles=percentiles, noise=0.0, score="logit")(state, xj, mj, yj))
+    combined = jitted(ff.road_combined, percentiles=percentiles, noise=0.0, score="logit")(state, xj, mj, yj)
     ref = pgc_road.ROADCombined(percentiles=list(percentiles))(x, maps, targets, tmodel)
     assert np.abs(ref).max() > 1e-3
     np.testing.assert_allclose(combined, ref, rtol=0, atol=2e-5 * max(1, np.abs(ref).max()))
