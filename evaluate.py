@@ -5,6 +5,7 @@
     python evaluate.py --models all --table results.md             # the study's table, 16 models x 2 CAMs
     python evaluate.py --model resnet50 --sample --random-init     # offline smoke run on the bundled sample
     python evaluate.py --model resnet50_dcls --image cat.jpg --overlays out/   # the CAMs of any photo
+    python evaluate.py --model resnet50_dcls --faithfulness        # also deletion / insertion, drop, ROAD
 
 Each result carries the top-1 / top-5 accuracy of the evaluated images (ClickMe records hold ImageNet labels): a
 published checkpoint far below its ImageNet accuracy means a wrong key map or preprocessing, whatever the score.
@@ -96,6 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "prediction of each image)")
     p.add_argument("--plot", help="write a plot of the results table (alignment per architecture, with and "
                    "without DCLS) to this PNG; `python -m cam.figures table` plots saved JSONs")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also score each CAM's faithfulness to the model (cam.faithfulness): deletion and insertion "
+                        "AUC, average drop, increase in confidence, ROAD (most/least relevant first, combined)")
+    p.add_argument("--faithfulness-steps", type=int, default=32,
+                   help="points of the deletion / insertion curves (default %(default)s)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
@@ -115,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
         p.error(f"--process-id must be in [0, --num-processes), got {args.process_id}")
+    if args.faithfulness_steps < 1:
+        p.error("--faithfulness-steps must be >= 1")
     if args.random_init and args.checkpoint:
         p.error("--random-init and --checkpoint exclude each other")
     if args.image:
@@ -341,11 +349,13 @@ def feature_size(model, entry) -> tuple[int, int]:
     return jax.eval_shape(model.forward_features, jax.ShapeDtypeStruct((1, s, s, 3), "float32")).shape[1:3]
 
 
-def make_step(graphdef, methods, entry, protocol, feature_hw):
+def make_step(graphdef, methods, entry, protocol, feature_hw, faithfulness: dict | None = None):
     """step(state, image, heatmap, label) -> {method: {"rho", "dice", "iou"}} per image; pure and jit-able.
 
     As in the study, CAMs are resized once, from the feature resolution `feature_hw` (h, w) to 224 x 224, by
-    data.protocols.align_cam (saliency: from the input resolution)."""
+    data.protocols.align_cam (saliency: from the input resolution). With `faithfulness` (options of
+    cam.faithfulness.make_faithfulness_fn), each method also gets cam.faithfulness.METRIC_NAMES per image, the CAM
+    bilinearly resized to the model's input."""
     import cam
     from cam import metrics
     from data import protocols
@@ -353,6 +363,9 @@ def make_step(graphdef, methods, entry, protocol, feature_hw):
     cams = [cam.make_cams_fn(graphdef, features, output_size=feature_hw)] if features else []
     if "saliency" in methods:
         cams.append(cam.make_cams_fn(graphdef, ["saliency"]))
+    if faithfulness is not None:
+        from cam import faithfulness as ff
+        faithful = ff.make_faithfulness_fn(graphdef, **faithfulness)
 
     def step(state, image, heatmap, label):
         human = protocols.align_heatmap(heatmap, entry, protocol)
@@ -362,6 +375,8 @@ def make_step(graphdef, methods, entry, protocol, feature_hw):
             aligned = protocols.align_cam(maps[method], entry, protocol)
             out[method] = {"rho": metrics.spearman(aligned, human), "dice": metrics.dice(aligned, human),
                            "iou": metrics.iou(aligned, human)}
+            if faithfulness is not None:
+                out[method].update(faithful(state, image, maps[method], label))
         return out
 
     return step
@@ -431,14 +446,14 @@ class WithPrecision:
             return self.fn.lower(*args)
 
 
-def build_step(model, entry, methods, protocol: str, precision: str, mesh):
+def build_step(model, entry, methods, protocol: str, precision: str, mesh, faithfulness: dict | None = None):
     """The jitted, sharded evaluation step of `model` (see make_step, with_predictions) under `precision`."""
     import jax
     from flax import nnx
     from jax.sharding import PartitionSpec as P
     graphdef, _ = nnx.split(model)
-    fn = with_predictions(make_step(graphdef, methods, entry, protocol, feature_size(model, entry)), graphdef,
-                          precision)
+    fn = with_predictions(make_step(graphdef, methods, entry, protocol, feature_size(model, entry), faithfulness),
+                          graphdef, precision)
     return WithPrecision(jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
                                                out_specs=P("data"))), precision)
 
@@ -484,13 +499,14 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(state, replicated)
     # Each device evaluates its slice of the batch with replicated parameters: no collectives.
-    step = build_step(model, entry, methods, args.protocol, args.precision, mesh)
+    faith = dict(num_steps=args.faithfulness_steps) if getattr(args, "faithfulness", False) else None
+    step = build_step(model, entry, methods, args.protocol, args.precision, mesh, faith)
 
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n == 0:
         raise UsageError(f"the {args.split} split holds no records")
     steps = pipeline.num_batches(n, local_batch, n_proc)
-    results = {m: {k: [] for k in ("rho", "dice", "iou")} for m in methods}
+    results = {m: {k: [] for k in ("rho", "dice", "iou") + faithfulness_names(args)} for m in methods}
     predictions = {k: [] for k in ("predicted", "top1", "top5")}
     seen_index, seen_valid = [], []
     overlays_left = args.num_overlays if args.overlays and jax.process_index() == 0 else 0
@@ -540,6 +556,8 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
                    "rho_per_image": {int(i): (float(r) if np.isfinite(r) else None)
                                      for i, r in zip(index[valid], rho[valid])}}
         rows[m].update(top1=acc["top1"], top5=acc["top5"])       # next to each score, as the table shows them
+        if faithfulness_names(args):
+            rows[m]["faithfulness"] = faithfulness_summary(results[m], valid)
     if shown:
         write_overlay_figures(args, name, methods, shown)
     return {"model": name, "checkpoint": source_name, "checkpoint_sha256": checkpoint_sha, "images": n,
@@ -548,6 +566,27 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
             "accuracy": acc, "warnings": [warning] if warning else [],
             "predicted_per_image": {int(i): int(p) for i, p in zip(index[valid], predictions["predicted"][valid])},
             "cams": rows, "_shown": shown}
+
+
+def faithfulness_names(args) -> tuple[str, ...]:
+    if not getattr(args, "faithfulness", False):
+        return ()
+    from cam.faithfulness import METRIC_NAMES
+    return METRIC_NAMES
+
+
+def faithfulness_summary(per_method: dict, valid):
+    """{metric: mean over the evaluated images (valid, finite: degenerate maps skipped)} and the count."""
+    import numpy as np
+
+    from cam.faithfulness import METRIC_NAMES
+    out = {}
+    for k in METRIC_NAMES:
+        v = np.concatenate(per_method[k])
+        ok = valid & np.isfinite(v)
+        out[k] = float(v[ok].mean()) if ok.any() else float("nan")
+    out["n_evaluated"] = int((valid & np.isfinite(np.concatenate(per_method[METRIC_NAMES[0]]))).sum())
+    return out
 
 
 def collect_overlays(args, model, methods, entry, batch, out, index, left: int, shown: list) -> int:
@@ -663,6 +702,16 @@ COLUMNS = ("model", "CAM", "alignment score", "mean rho", "top-1", "top-5", "ima
            "img/s")
 
 
+FAITHFULNESS_COLUMNS = {"deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
+                        "average_drop": "avg drop", "increase_in_confidence": "increase", "road_combined": "ROAD"}
+
+
+def columns(results: list[dict]) -> tuple[str, ...]:
+    """COLUMNS, and the faithfulness columns when the results have them (--faithfulness)."""
+    has = any("faithfulness" in c for r in results for c in r["cams"].values())
+    return COLUMNS + (tuple(FAITHFULNESS_COLUMNS.values()) if has else ())
+
+
 def table_rows(results: list[dict]) -> list[tuple]:
     rows = []
     for r in results:
@@ -671,7 +720,8 @@ def table_rows(results: list[dict]) -> list[tuple]:
             rows.append((r["model"], m, f"{c['score']:.4f}", f"{c['mean_rho']:.4f}", _percent(acc.get("top1")),
                          _percent(acc.get("top5")), str(c["n_evaluated"]),
                          f"{c['n_skipped']}" + (f" ({c['skipped_reason']})" if c["n_skipped"] else ""),
-                         f"{r['images_per_second']:.1f}"))
+                         f"{r['images_per_second']:.1f}")
+                        + tuple(f"{c['faithfulness'][k]:.4f}" for k in FAITHFULNESS_COLUMNS if "faithfulness" in c))
     return rows
 
 
@@ -680,14 +730,16 @@ def _percent(x) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(results)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
     return "\n".join(lines) + "\n"
 
 
 def print_table(results: list[dict]) -> None:
-    rows = [COLUMNS, *table_rows(results)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    cols = columns(results)
+    rows = [cols, *table_rows(results)]
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(len(cols))]
     for j, row in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         if j == 0:

@@ -5,6 +5,9 @@ Everything is a pure function of arrays. Gradients are those of the class score
     S = sum_b logits[b, labels[b]]          (pre-softmax; the labels given, not the predictions)
 with respect to the activations A = model.forward_features(x, layer) (NHWC), through model.forward_head(A, layer),
 so G[b] = dS/dA[b] = d logits[b, labels[b]] / dA[b] (eval mode: images do not interact).
+Any other layer -- any attribute path of any Flax NNX model, or a submodule -- is captured on an eval-mode clone
+(cam/capture.py), token sequences reshaped to NHWC; labels=None explains each image's top prediction and a
+callable target(logits) -> (B,) any score (see cam/capture.py).
 
 Maps at feature resolution, (B, h, w) from A, G of shape (B, h, w, C); `alpha = mean_hw G` per image and channel:
   gradcam            relu(mean_c A * alpha)                     the study's (channel MEAN; raw, not normalised)
@@ -51,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cam import capture
 from data import protocols
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,10 +140,29 @@ def check_labels(labels, num_classes: int | None, batch: int | None = None) -> n
     return labels
 
 
-def check_layer(model, layer: str | None) -> None:
-    if layer is not None and layer not in model.layer_names:
-        raise ValueError(f"unknown layer {layer!r} for {type(model).__name__}; valid names: "
-                         f"{', '.join(model.layer_names)}")
+def _fast_path(model, layer) -> bool:
+    """The models' own cut (forward_features / forward_head) serves `layer`: None or one of its layer_names."""
+    return (hasattr(model, "forward_features") and hasattr(model, "forward_head")
+            and (layer is None or (isinstance(layer, str) and layer in getattr(model, "layer_names", ()))))
+
+
+def check_layer(model, layer) -> str | None:
+    """The layer key for `model`: None (the model's default target), one of its `layer_names`, or the dotted
+    path of any attribute of the model (a module given as `layer` is looked up among the model's submodules).
+    ValueError when it names nothing, or when the model has no default target and none is given."""
+    if _fast_path(model, layer):
+        return layer
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} has no default CAM target (no forward_features / forward_head): "
+                         f"name one with layer='path' or layer=model.<submodule>{capture._suggest(model)}")
+    try:
+        return capture.target_path(model, layer)
+    except ValueError as e:
+        names = getattr(model, "layer_names", None)
+        if names is None or not isinstance(layer, str):
+            raise
+        raise ValueError(f"unknown layer {layer!r} for {type(model).__name__}; valid names: {', '.join(names)}, "
+                         f"or a submodule path ({e})") from None
 
 
 def check_method(method: str) -> None:
@@ -151,36 +174,57 @@ def _finite_rows(x):
     return jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
 
 
+def _is_labels(labels) -> bool:
+    return labels is not None and not callable(labels)
+
+
 def _vjp_score(fn, x, labels):
-    """dS/dx for S = sum_b fn(x)[b, labels[b]]; per row whether the label is in range and the logits finite; the
-    class count. Concrete labels are checked (ValueError); traced out-of-range labels get a zero cotangent row."""
+    """dS/dx for S = sum_b fn(x)[b, labels[b]] (labels (B,); None: the top prediction; a callable: S = sum
+    labels(logits)); per row whether the target is valid and the logits finite; the class count. Concrete labels
+    are checked (ValueError); traced out-of-range labels get a zero cotangent row."""
     logits, vjp = jax.vjp(fn, x)
     n = logits.shape[-1]
-    if not isinstance(labels, jax.core.Tracer):
+    if _is_labels(labels) and not isinstance(labels, jax.core.Tracer):
         check_labels(labels, n, logits.shape[0])
-    labels = jnp.asarray(labels)
-    (g,) = vjp(jax.nn.one_hot(labels, n, dtype=logits.dtype))
-    return g.astype(jnp.float32), (labels >= 0) & (labels < n) & _finite_rows(logits), n
+    ct, ok = capture.score_cotangent(logits, labels)
+    (g,) = vjp(ct)
+    return g.astype(jnp.float32), ok, n
 
 
-def _gradients(model, images, labels, method: str, layer: str | None):
-    """(A, G, ok, num_classes) with A, G (float32, NHWC) at `layer`; for saliency (None, dS/dx, ok, num_classes)."""
+def _gradients(model, images, labels, method: str, layer: str | None, reshape=None):
+    """(A, G, ok, num_classes) with A, G (float32, NHWC) at `layer`; for saliency (None, dS/dx, ok, num_classes).
+    `layer` in the model's layer_names (or None) uses its forward_features / forward_head cut; any other path is
+    captured on a clone (cam.capture)."""
     if method == "saliency":
         return (None, *_vjp_score(model, images, labels))
+    if not _fast_path(model, layer):
+        return capture.capture(model, images, labels, layer=check_layer(model, layer), reshape=reshape)
     check_layer(model, layer)
     a = model.forward_features(images, layer=layer)
     return (a.astype(jnp.float32), *_vjp_score(lambda a: model.forward_head(a, layer=layer), a, labels))
 
 
-def activations_and_grads(model, images, labels, layer: str | None = None):
-    """A = model.forward_features(images, layer) and G = dS/dA (float32, NHWC), and per row whether the label is
-    in range and the logits are finite."""
-    return _gradients(model, images, labels, "features", layer)[:3]
+def activations_and_grads(model, images, labels=None, layer=None, *, reshape=None):
+    """A at `layer` (model.forward_features(images, layer) for the models' own layer names, else captured at any
+    attribute path or submodule) and G = dS/dA (float32, NHWC), and per row whether the target is valid and the
+    logits are finite. labels: (B,) ints, None (top prediction) or a callable on the logits. Runs on an eval-mode
+    clone: the model is not changed."""
+    layer = check_layer(model, layer)     # a submodule -> its path, looked up in this model (not the clone)
+    return _gradients(_eval_clone(model), images, labels, "features", layer, _check_reshape(reshape))[:3]
 
 
-def input_grads(model, images, labels):
-    """dS/dx (float32, NHWC), and per row whether the label is in range and the logits are finite."""
-    return _gradients(model, images, labels, "saliency", None)[1:3]
+def input_grads(model, images, labels=None):
+    """dS/dx (float32, NHWC), and per row whether the label is in range and the logits are finite (on an eval-mode
+    clone of the model)."""
+    return _gradients(_eval_clone(model), images, labels, "saliency", None)[1:3]
+
+
+def _eval_clone(model):
+    """The model in eval mode, as a clone (nnx.split / merge: free inside a trace): the caller's model keeps its
+    mode and its batch statistics."""
+    clone = nnx.merge(*nnx.split(model))
+    clone.eval()
+    return clone
 
 
 def resize(maps, size: tuple[int, int]):
@@ -229,46 +273,69 @@ def _maps(method: str, a, g, ok, size: tuple[int, int], **kw):
     return resize(jnp.where(ok[:, None, None], m, jnp.nan), size).astype(jnp.float32)
 
 
-def cam_from_model(model, images, labels, method: str, *, layer: str | None = None, output_size=None, **kw):
+def _check_reshape(reshape):
+    if reshape is None or callable(reshape):
+        return reshape
+    try:
+        h, w = (int(v) for v in reshape)
+    except (TypeError, ValueError):
+        raise ValueError(f"reshape must be None, (h, w) or a callable, got {reshape!r}") from None
+    return (h, w)
+
+
+def cam_from_model(model, images, labels, method: str, *, layer=None, output_size=None, reshape=None, **kw):
     """(B, H, W) float32 maps of `method` for an (eval-mode) model; traceable (no jit inside)."""
     _check_kw(method, layer, kw)
-    a, g, ok, _ = _gradients(model, images, labels, method, layer)
+    a, g, ok, _ = _gradients(model, images, labels, method, layer, _check_reshape(reshape))
     return _maps(method, a, g, ok, _size(output_size, images), **kw)
 
 
-def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=None, **kw):
-    """f(state, images, labels) -> (B, H, W) maps, pure over `nnx.split(model)` state: jit or shard it freely.
+def _static_layer(layer):
+    if layer is not None and not isinstance(layer, str):
+        raise ValueError("make_cam_fn takes the layer as a path string: use cam.target_path(model, module)")
+    return layer
 
-    The model is merged and put in eval mode inside (dropout off, BatchNorm running statistics). Labels are
-    checked when concrete; inside jit an out-of-range label gives a NaN map (see `is_degenerate`).
+
+def make_cam_fn(graphdef, method: str, *, layer: str | None = None, output_size=None, reshape=None, **kw):
+    """f(state, images, labels=None) -> (B, H, W) maps, pure over `nnx.split(model)` state: jit, vmap, shard or
+    differentiate it freely.
+
+    The model is merged and put in eval mode inside (dropout off, BatchNorm running statistics). `layer`: None
+    (the model's default), one of its layer_names, or any attribute path. labels: (B,) ints, None (the top
+    prediction) or a callable score on the logits. Labels are checked when concrete; inside jit an out-of-range
+    label gives a NaN map (see `is_degenerate`).
     """
     _check_kw(method, layer, kw)
+    layer, reshape = _static_layer(layer), _check_reshape(reshape)
 
-    def cam_fn(state, images, labels):
+    def cam_fn(state, images, labels=None):
         model = nnx.merge(graphdef, state)
         model.eval()
-        return cam_from_model(model, images, labels, method, layer=layer, output_size=output_size, **kw)
+        return cam_from_model(model, images, labels, method, layer=layer, output_size=output_size, reshape=reshape,
+                              **kw)
 
     return cam_fn
 
 
-def make_cams_fn(graphdef, methods, *, layer: str | None = None, output_size=None, options=None):
-    """f(state, images, labels) -> {method: (B, H, W) maps} for several methods at once, pure like make_cam_fn.
+def make_cams_fn(graphdef, methods, *, layer: str | None = None, output_size=None, options=None, reshape=None):
+    """f(state, images, labels=None) -> {method: (B, H, W) maps} for several methods at once, pure like
+    make_cam_fn.
 
     All feature-map methods share one forward and backward pass (saliency adds its own input gradient), so
     evaluating gradcam and threshold_gradcam together costs one pass. `options`: {method: kwargs}."""
     methods, options = tuple(methods), dict(options or {})
     for m in methods:
         _check_kw(m, layer if m != "saliency" else None, options.get(m, {}))
+    layer, reshape = _static_layer(layer), _check_reshape(reshape)
 
-    def cams_fn(state, images, labels):
+    def cams_fn(state, images, labels=None):
         model = nnx.merge(graphdef, state)
         model.eval()
         size, out, grads = _size(output_size, images), {}, {}
         for m in methods:
             kind = "saliency" if m == "saliency" else "features"
             if kind not in grads:
-                grads[kind] = _gradients(model, images, labels, m, layer if kind == "features" else None)
+                grads[kind] = _gradients(model, images, labels, m, layer if kind == "features" else None, reshape)
             a, g, ok, _ = grads[kind]
             out[m] = _maps(m, a, g, ok, size, **options.get(m, {}))
         return out
@@ -276,14 +343,15 @@ def make_cams_fn(graphdef, methods, *, layer: str | None = None, output_size=Non
     return cams_fn
 
 
-# The model-taking wrappers compile the network once per (structure, layer) -- every method at that layer reuses
-# it -- and each method's small map function once per size.
+# The model-taking wrappers compile the network once per (structure, layer, target kind) -- every method at that
+# layer reuses it -- and each method's small map function once per size.
 @functools.lru_cache(maxsize=64)
-def _jitted_gradients(graphdef, method: str, layer: str | None):
+def _jitted_gradients(graphdef, method: str, layer: str | None, reshape=None, target=None):
     def fn(state, images, labels):
         model = nnx.merge(graphdef, state)
         model.eval()
-        return _gradients(model, images, labels, method, layer)  # the class count comes back as an array
+        # the class count comes back as an array
+        return _gradients(model, images, target if labels is None else labels, method, layer, reshape)
     return jax.jit(fn)
 
 
@@ -292,34 +360,47 @@ def _jitted_maps(method: str, size: tuple[int, int], kw_items: tuple):
     return jax.jit(functools.partial(_maps, method, size=size, **dict(kw_items)))
 
 
-def compute(model, images, labels, method: str, *, layer: str | None = None, output_size=None, jit: bool = True,
-            **kw):
-    """(B, H, W) float32 maps of `method` for `model` (an eval-mode copy: the model itself is not changed).
-    Checks the method, the layer and the labels (ValueError). jit=False runs `make_cam_fn` eagerly."""
+def compute(model, images, labels=None, method: str = "gradcam", *, layer=None, output_size=None,
+            reshape=None, jit: bool = True, **kw):
+    """(B, H, W) float32 maps of `method` for `model` (an eval-mode copy: the model itself, its train/eval mode
+    included, is not changed). Checks the method, the layer and the labels (ValueError). jit=False runs
+    `make_cam_fn` eagerly.
+
+    layer: None (the model's study target), a name of model.layer_names, any attribute path ("layer4.2",
+    "blocks.11.norm1") or a submodule of the model. labels: (B,) ints, None (each image's top prediction) or a
+    callable f(logits) -> (B,) scores. reshape: for token sequences, see cam.capture."""
     _check_kw(method, layer, kw)
     if method != "saliency":
-        check_layer(model, layer)
+        layer = check_layer(model, layer)
+    reshape = _check_reshape(reshape)
     images = jnp.asarray(images)
-    labels = check_labels(labels, None, images.shape[0])
+    target = labels if callable(labels) else None
+    if _is_labels(labels):
+        labels = check_labels(labels, None, images.shape[0])
+    else:
+        labels = None
     graphdef, state = nnx.split(model)
     if not jit:
-        return make_cam_fn(graphdef, method, layer=layer, output_size=output_size, **kw)(state, images, labels)
+        return make_cam_fn(graphdef, method, layer=layer, output_size=output_size, reshape=reshape,
+                           **kw)(state, images, target if labels is None else labels)
     gradient_key = "saliency" if method == "saliency" else "features"
-    a, g, ok, num_classes = _jitted_gradients(graphdef, gradient_key, layer)(state, images, jnp.asarray(labels))
-    check_labels(labels, int(num_classes), images.shape[0])
+    fn = _jitted_gradients(graphdef, gradient_key, layer, reshape, target)
+    a, g, ok, num_classes = fn(state, images, None if labels is None else jnp.asarray(labels))
+    if labels is not None:
+        check_labels(labels, int(num_classes), images.shape[0])
     return _jitted_maps(method, _size(output_size, images), tuple(sorted(kw.items())))(a, g, ok)
 
 
-def grad_cam(model, images, labels, *, layer: str | None = None, output_size=None):
+def grad_cam(model, images, labels=None, *, layer=None, output_size=None, reshape=None):
     """The study's Grad-CAM: relu(mean_c A * mean_hw dS/dA), bilinearly resized; (B, H, W) float32."""
-    return compute(model, images, labels, "gradcam", layer=layer, output_size=output_size)
+    return compute(model, images, labels, "gradcam", layer=layer, output_size=output_size, reshape=reshape)
 
 
-def threshold_grad_cam(model, images, labels, *, threshold: float = 0.3, layer: str | None = None,
-                       output_size=None):
+def threshold_grad_cam(model, images, labels=None, *, threshold: float = 0.3, layer=None, output_size=None,
+                       reshape=None):
     """The study's Threshold-Grad-CAM: max(minmax(mean_c relu(A * alpha)), threshold), bilinearly resized."""
     return compute(model, images, labels, "threshold_gradcam", layer=layer, output_size=output_size,
-                   threshold=threshold)
+                   reshape=reshape, threshold=threshold)
 
 
 METHODS: dict[str, Callable] = {name: functools.partial(compute, method=name) for name in METHOD_NAMES}
