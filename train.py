@@ -147,6 +147,8 @@ def check_config(cfg: configs.Config) -> None:
     elif cfg.data == "synthetic":
         if cfg.synthetic_size < cfg.batch_size:
             problems.append(f"synthetic_size {cfg.synthetic_size} is smaller than one batch ({cfg.batch_size})")
+    elif cfg.data == "clickme":
+        pass   # see check_harmonization (data_dir is created when the shards are prepared)
     elif not cfg.data_dir or not os.path.isdir(cfg.data_dir):
         problems.append(f"data_dir {cfg.data_dir!r} does not exist")
     else:

@@ -121,7 +121,7 @@ def test_train_config_errors_exit_2_one_line_before_compute(tmp_path):
         (smoke + ["--set", "nokeyvalue"], "is not of the form key=value"),
         (smoke + ["--set", "modle=resnet50"], "unknown config key 'modle'; did you mean model"),
         (smoke + ["--set", "model=resnet51"], "unknown model 'resnet51'"),
-        (smoke + ["--set", "data=csv"], "data 'csv' is not 'tfds', 'imagefolder' or 'synthetic'"),
+        (smoke + ["--set", "data=csv"], "data 'csv' is not 'tfds', 'imagefolder', 'synthetic' or 'clickme'"),
         (smoke + ["--set", "data=imagefolder", "--set", f"data_dir={tmp_path / 'none'}"], "does not exist"),
         (smoke + ["--set", "synthetic_size=4"], "synthetic_size 4 is smaller than one batch (8)"),
         (smoke + ["--set", "batch_size=3", "--set", "total_steps=1"], "batch_size 3 is not divisible by the 2 devices"),

@@ -498,6 +498,7 @@ def _labels(ds):
 
 
 def test_prepared_dataset_follows_its_source(tmp_path, shards, caplog):
+    caplog.set_level("WARNING", logger="data.clickme")   # other test modules lower the root logger's level
     a, b, recs = shards
     kw = dict(data_dir=tmp_path / "d", num_shards={"validation": 1})
     assert _labels(clickme.data_source(clickme_dir=a, **kw)) == [5, 6]
