@@ -378,8 +378,8 @@ def test_export_loads_in_evaluate(runs, stopped, tmp_path):
     exported = train.export_workdir(stopped[2], tmp_path / "model")
     for directory in (workdir / "model", exported):
         args = argparse.Namespace(random_init=False, checkpoint=str(directory), cache_dir=None, seed=0)
-        model, source = evaluate.load_model(MODEL, args)
-        assert source == str(directory)
+        model, source, digest = evaluate.load_model(MODEL, args)
+        assert source == str(directory) and digest == evaluate.checkpoint_sha256(directory)
         for kind, prefix in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
             for p, v in nnx.to_flat_state(nnx.state(model, kind)):
                 k = ".".join(map(str, p))
