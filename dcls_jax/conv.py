@@ -1,27 +1,112 @@
-"""PyTorch-semantics N-d convolution on channels-last inputs with PyTorch-layout kernels.
+"""PyTorch-semantics N-d convolution on channels-last inputs with PyTorch-layout kernels, and the one place
+where every depthwise and DCLS convolution of the project picks its implementation.
 
-`conv(x, w, stride, padding, groups)` takes x as (N, *spatial, C) and w as (O, C/groups, *k) (the layout
-of torch.nn.ConvNd and of the dense DCLS kernel) and pads symmetrically like PyTorch (never 'SAME').
+`conv(x, w, stride, padding, groups, dilation, impl=None)` takes x as (N, *spatial, C) and w as
+(O, C/groups, *k) (the layout of torch.nn.ConvNd and of the dense DCLS kernel) and pads symmetrically like
+PyTorch (never 'SAME'). Depthwise convolutions (groups == C == O, dilation 1, x and w of one dtype) run one of
+several implementations of the same cross-correlation, each with its forward pass and both gradients:
 
-XLA's CPU depthwise convolution is 25x slower than a sum of shifted multiply-adds (benchmarks and
-shared/reference/performance.md), so on the CPU backend depthwise convolutions take that path; on GPU/TPU
-XLA's own convolution runs. Both compute the same cross-correlation.
+    "xla"      lax.conv_general_dilated (every other convolution always runs this);
+    "shifted"  a sum of strided shifted multiply-adds (XLA's CPU depthwise convolution is ~25x slower);
+    "fft"      real FFTs, overlap-save tiling along long axes, float32 inside for bf16 (dcls_jax.fft_conv);
+    "pallas"   Pallas kernels, 2-D only: Triton on GPU, Mosaic on TPU, interpret mode elsewhere
+               (dcls_jax.pallas_conv; forward, input and kernel gradients through a custom_vjp).
+
+Which one runs: the `impl` argument, else the innermost `use_impl(...)` context, else the environment variable
+DCLS_JAX_CONV ("auto" or a name), else `choose_impl`, a table measured per backend (BENCHMARKS.md). The choice
+is made when a function is traced: a jitted function keeps the implementation it was traced with. A forced
+implementation that cannot run a case (pallas on a 3-D input) is an error when given as the argument and
+falls back to the table when it comes from the context or the environment.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
+import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dcls_jax.fft_conv import fft_depthwise
+
+IMPLS = ("xla", "shifted", "fft", "pallas")
+ENV_VAR = "DCLS_JAX_CONV"
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcls_jax_conv_impl", default=None)
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, Sequence) else (v,) * n
+
+
+def _check_impl(name: str, where: str) -> str:
+    if name not in IMPLS + ("auto",):
+        raise ValueError(f"unknown convolution implementation {name!r} ({where}); expected 'auto' or one of {IMPLS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_impl(name: str):
+    """Run the depthwise convolutions traced inside this context with implementation `name` (or "auto")."""
+    token = _forced.set(_check_impl(name, "use_impl"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _supports(impl: str, nd: int) -> bool:
+    return impl != "pallas" or nd == 2
+
+
+def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, stride: Sequence[int],
+                dtype, backend: str | None = None) -> str:
+    """The measured-fastest implementation of a depthwise convolution (BENCHMARKS.md, 'dispatch table').
+
+    CPU (2 cores, jax 0.10): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
+    with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
+    computes 1/stride^nd of the work the FFT does). GPU (H100): XLA's depthwise convolution is fast for small
+    kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs large kernels at a fraction of its cost.
+    TPU: XLA's convolution for small kernels, FFT for large ones."""
+    backend = backend or jax.default_backend()
+    taps = math.prod(ksize)
+    sub = math.prod(stride)
+    if backend == "cpu":
+        return "shifted" if taps <= 64 * sub else "fft"
+    if backend in ("gpu", "cuda", "rocm"):
+        if taps <= 64:
+            return "xla" if jnp.dtype(dtype) == jnp.bfloat16 else "shifted"
+        return "fft"
+    return "xla" if taps <= 64 else "fft"
+
+
+def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilation=1, dtype=jnp.float32,
+                  impl: str | None = None, backend: str | None = None) -> str:
+    """The implementation `conv` would run for these shapes (what the benchmarks report)."""
+    nd = len(w_shape) - 2
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    c_in, c_out = x_shape[-1], w_shape[0]
+    depthwise = groups == c_in == c_out and w_shape[1] == 1 and all(d == 1 for d in dilation)
+    if impl is not None:
+        _check_impl(impl, "impl argument")
+        if impl not in ("auto", "xla") and not depthwise:
+            raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in == out "
+                             f"channels, dilation 1); got x {tuple(x_shape)}, w {tuple(w_shape)}, groups {groups}")
+        if impl not in ("auto",) and not _supports(impl, nd):
+            raise ValueError(f"implementation {impl!r} does not run {nd}-D convolutions")
+        if impl != "auto":
+            return impl
+    if not depthwise:
+        return "xla"
+    forced = _forced.get() or os.environ.get(ENV_VAR) or "auto"
+    _check_impl(forced, f"use_impl / {ENV_VAR}")
+    if impl is None and forced != "auto" and _supports(forced, nd):
+        return forced
+    return choose_impl(w_shape[2:], x_shape[1:-1], c_in, stride, dtype, backend)
 
 
 _MAX_UNROLLED_TAPS = 64
@@ -61,17 +146,41 @@ def _shifted_sum_depthwise(x, w, stride, pads):
     return lax.scan(lambda acc, t: (acc + row(t), None), row(0), jnp.arange(1, math.prod(lead)))[0]
 
 
-def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1):
-    """Cross-correlation of channels-last `x` with a PyTorch-layout kernel `w` (O, I/groups, *k)."""
+def _xla(x, w, stride, pads, groups, dilation):
+    nd = w.ndim - 2
+    return lax.conv_general_dilated(x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
+                                    dimension_numbers=_DIMS[nd], feature_group_count=groups)
+
+
+def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | None = None):
+    """Cross-correlation of channels-last `x` with a PyTorch-layout kernel `w` (O, I/groups, *k).
+
+    `impl` forces an implementation (see the module docstring); None lets the context, the environment
+    variable DCLS_JAX_CONV or the measured table decide."""
     nd = w.ndim - 2
     if x.ndim != nd + 2:
         raise ValueError(f"expected a {nd + 2}-D channels-last input, got shape {x.shape}")
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
-    pads = [(p, p) for p in _tuple(padding, nd)]
-    c_in, c_out = x.shape[-1], w.shape[0]
-    depthwise = groups == c_in == c_out and w.shape[1] == 1 and all(d == 1 for d in dilation)
-    if depthwise and jax.default_backend() == "cpu" and x.dtype == w.dtype:
+    padding = _tuple(padding, nd)
+    if len(stride) != nd or len(padding) != nd or len(dilation) != nd:
+        raise ValueError(f"stride {stride}, padding {padding} and dilation {dilation} must give {nd} values")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride {stride} and dilation {dilation} must be >= 1, padding {padding} >= 0")
+    pads = [(p, p) for p in padding]
+    span = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
+    if any(s + 2 * p < k for s, p, k in zip(x.shape[1:-1], padding, span)):
+        raise ValueError(f"kernel {tuple(w.shape[2:])} (dilation {dilation}) is larger than the padded input "
+                         f"{tuple(s + 2 * p for s, p in zip(x.shape[1:-1], padding))}")
+    name = selected_impl(x.shape, w.shape, stride, padding, groups, dilation, x.dtype, impl)
+    if name != "xla" and x.dtype != w.dtype:
+        name = "xla" if impl is None else name
+        if name != "xla":
+            raise ValueError(f"implementation {impl!r} needs x and w of one dtype, got {x.dtype} and {w.dtype}")
+    if name == "shifted":
         return _shifted_sum_depthwise(x, w, stride, pads)
-    return lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
-        dimension_numbers=_DIMS[nd], feature_group_count=groups)
+    if name == "fft":
+        return fft_depthwise(x, w, stride, pads)
+    if name == "pallas":
+        from dcls_jax.pallas_conv import pallas_depthwise
+        return pallas_depthwise(x, w, stride, pads)
+    return _xla(x, w, stride, pads, groups, dilation)
