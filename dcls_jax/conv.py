@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import math
 import os
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dcls_jax.fft_conv import fft_depthwise
+from dcls_jax.fft_conv import fft_depthwise, fft_kernel_grad
 
 IMPLS = ("xla", "shifted", "fft", "pallas")
 ENV_VAR = "DCLS_JAX_CONV"
@@ -112,38 +113,85 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
 _MAX_UNROLLED_TAPS = 64
 
 
-def _shifted_sum_depthwise(x, w, stride, pads):
-    """Depthwise conv (groups == C, one output per channel) as a sum of strided shifted products.
-
-    Kernels of more than _MAX_UNROLLED_TAPS taps (DCLS: 17x17, 23x23) scan over all kernel axes but the
-    last, which stays unrolled: fully unrolled, a 17x17 kernel's gradient takes over 10 minutes to compile
-    on CPU; scanned, a few seconds (and its forward runs faster)."""
-    nd = x.ndim - 2
-    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    ksize = w.shape[2:]
-    out_shape = [(x.shape[1 + a] - ksize[a]) // stride[a] + 1 for a in range(nd)]
-    wt = jnp.moveaxis(w[:, 0], 0, -1)  # (*k, C)
-
-    def taps(x, wt):  # sum over every tap of wt (*k', C) of x shifted by the tap's offset
-        acc = None
-        for idx in itertools.product(*(range(k) for k in wt.shape[:-1])):
-            sl = tuple(slice(i, i + (o - 1) * s + 1, s) for i, o, s in zip(idx, out_shape, stride))
-            term = x[(slice(None), *sl)] * wt[idx]
-            acc = term if acc is None else acc + term
-        return acc
-
+def _tap_loop(ksize, body, init):
+    """Fold `body(acc, xs_slicer, tap_slicer)` over every kernel tap. Kernels of more than _MAX_UNROLLED_TAPS
+    taps (DCLS: 17x17, 23x23) scan over all kernel axes but the last, which stays unrolled: fully unrolled, a
+    17x17 kernel's gradient takes over 10 minutes to compile on CPU; scanned, a few seconds."""
+    nd = len(ksize)
     if nd == 1 or math.prod(ksize) <= _MAX_UNROLLED_TAPS:
-        return taps(x, wt)
+        acc = init
+        for idx in itertools.product(*(range(k) for k in ksize)):
+            acc = body(acc, idx)
+        return acc
     lead = ksize[:-1]
 
-    def row(t):  # the taps whose leading kernel indices are unravel(t)
-        xs, ws = x, wt
-        for a, i in enumerate(jnp.unravel_index(t, lead)):
-            xs = lax.dynamic_slice_in_dim(xs, i, (out_shape[a] - 1) * stride[a] + 1, axis=1 + a)
-            ws = lax.dynamic_slice_in_dim(ws, i, 1, axis=a)
-        return taps(xs, ws)
+    def row(acc, t):
+        lead_idx = jnp.unravel_index(t, lead)
+        for j in range(ksize[-1]):
+            acc = body(acc, (*lead_idx, j))
+        return acc, None
 
-    return lax.scan(lambda acc, t: (acc + row(t), None), row(0), jnp.arange(1, math.prod(lead)))[0]
+    return lax.scan(row, init, jnp.arange(math.prod(lead)))[0]
+
+
+def _slice(x, start, size, stride, axis0: int):
+    """x[..., start:start + (size-1)*stride + 1:stride, ...] along axes axis0.., static or traced starts."""
+    for a, (i, o, s) in enumerate(zip(start, size, stride)):
+        n = (o - 1) * s + 1
+        x = (lax.slice_in_dim(x, i, i + n, s, axis=axis0 + a) if isinstance(i, int) else
+             lax.slice_in_dim(lax.dynamic_slice_in_dim(x, i, n, axis=axis0 + a), 0, n, s, axis=axis0 + a))
+    return x
+
+
+def _shifted_valid(xp, wt, stride):
+    """Valid correlation of padded xp (N, *P, C) with wt (*k, C): sum over taps of strided shifted products."""
+    nd = xp.ndim - 2
+    ksize = wt.shape[:-1]
+    out = [(xp.shape[1 + a] - ksize[a]) // stride[a] + 1 for a in range(nd)]
+
+    def body(acc, idx):
+        w_tap = wt[idx] if all(isinstance(i, int) for i in idx) else wt[tuple(idx)]
+        term = _slice(xp, idx, out, stride, 1) * w_tap
+        return term if acc is None else acc + term
+
+    if nd == 1 or math.prod(ksize) <= _MAX_UNROLLED_TAPS:
+        return _tap_loop(ksize, body, None)
+    return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), xp.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_sum_depthwise(x, w, stride, pads):
+    """Depthwise conv (groups == C, one output per channel) as a sum of strided shifted products. Its custom
+    backward computes the input gradient with the same shifted sums and the kernel gradient with FFTs
+    (autodiff of the strided slices, or one reduction per tap, is 5-10x slower on XLA:CPU)."""
+    return _shifted_valid(jnp.pad(x, [(0, 0), *pads, (0, 0)]), jnp.moveaxis(w[:, 0], 0, -1), stride)
+
+
+def _shifted_fwd(x, w, stride, pads):
+    return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads)), (x, w)
+
+
+def _shifted_bwd(stride, pads, res, dy):
+    x, w = res
+    nd = x.ndim - 2
+    ksize = w.shape[2:]
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    wt = jnp.moveaxis(w[:, 0], 0, -1)
+    out = dy.shape[1:-1]
+    # Input gradient: the full correlation of the stride-dilated cotangent with the flipped kernel.
+    cfg = [(0, 0, 0)]
+    for a in range(nd):
+        extra = xp.shape[1 + a] - ((out[a] - 1) * stride[a] + ksize[a])
+        cfg.append((ksize[a] - 1, ksize[a] - 1 + extra, stride[a] - 1))
+    dyd = lax.pad(dy, jnp.zeros((), dy.dtype), cfg + [(0, 0, 0)])
+    dxp = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)
+    dx = dxp[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))]
+    # Kernel gradient: by FFTs (per-tap reductions are several times slower on XLA:CPU).
+    dw = fft_kernel_grad(xp, dy, ksize, stride)
+    return dx, dw.astype(w.dtype)
+
+
+_shifted_sum_depthwise.defvjp(_shifted_fwd, _shifted_bwd)
 
 
 def _xla(x, w, stride, pads, groups, dilation):
@@ -177,7 +225,7 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
         if name != "xla":
             raise ValueError(f"implementation {impl!r} needs x and w of one dtype, got {x.dtype} and {w.dtype}")
     if name == "shifted":
-        return _shifted_sum_depthwise(x, w, stride, pads)
+        return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "fft":
         return fft_depthwise(x, w, stride, pads)
     if name == "pallas":

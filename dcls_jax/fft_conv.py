@@ -102,3 +102,22 @@ def fft_depthwise(x, w, stride, pads, tile: bool | None = None):
         y = y[(slice(None),) * ax + (slice(0, full[a], stride[a]),)]
     return jnp.moveaxis(y, 1, -1).astype(dtype)
 
+
+
+def fft_kernel_grad(xp, dy, ksize, stride):
+    """Gradient of a depthwise correlation w.r.t. its kernel, (C, 1, *ksize) in float32, by real FFTs:
+    dw[c, k] = sum_{n, i} xp[n, i*s + k, c] dy[n, i, c], the correlation of the padded input xp (N, *P, C)
+    with the stride-dilated cotangent dy (N, *O, C), summed over the batch. XLA:CPU runs one reduction per tap
+    several times slower than these FFTs, so the shifted-sum path's backward uses this too."""
+    from jax import lax
+    nd = xp.ndim - 2
+    ct = jnp.promote_types(xp.dtype, jnp.float32)
+    cfg = [(0, 0, 0)] + [(0, 0, s - 1) for s in stride] + [(0, 0, 0)]
+    dyd = lax.pad(dy.astype(ct), jnp.zeros((), ct), cfg)
+    axes = tuple(range(1, nd + 1))
+    lens = [_fft_len(n) for n in xp.shape[1:-1]]
+    X = jnp.fft.rfftn(xp.astype(ct), s=lens, axes=axes)
+    D = jnp.fft.rfftn(dyd, s=lens, axes=axes)
+    g = jnp.fft.irfftn(jnp.sum(X * jnp.conj(D), axis=0), s=lens, axes=tuple(range(nd)))
+    g = g[tuple(slice(0, k) for k in ksize)]
+    return jnp.moveaxis(g, -1, 0)[:, None]

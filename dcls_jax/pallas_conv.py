@@ -120,19 +120,24 @@ def _gpu_dw(x, dy, kh, kw, interpret):
 
 # ---------------------------------------------------------------------------------------------------- TPU
 def _tpu_fwd_kernel(x_ref, w_ref, o_ref, *, kh, kw, ho, wo):
-    acc = jnp.zeros((ho, wo, o_ref.shape[-1]), jnp.float32)
-    for r in range(kh):
+    def row(r, acc):                       # dynamic index on the untiled leading axis, static column shifts
         for s in range(kw):
-            acc += x_ref[r:r + ho, s:s + wo, :].astype(jnp.float32) * w_ref[r, s, :].astype(jnp.float32)
+            xs = x_ref[pl.ds(r, ho), s:s + wo, :].astype(jnp.float32)
+            acc += xs * w_ref[pl.ds(r, 1), s, :].astype(jnp.float32)
+        return acc
+
+    acc = lax.fori_loop(0, kh, row, jnp.zeros((ho, wo, o_ref.shape[-1]), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def _tpu_dw_kernel(x_ref, dy_ref, o_ref, *, kh, kw, ho, wo):
     dy = dy_ref[...].astype(jnp.float32)
-    for r in range(kh):
+
+    @pl.loop(0, kh)
+    def _(r):
         for s in range(kw):
-            prod = x_ref[r:r + ho, s:s + wo, :].astype(jnp.float32) * dy
-            o_ref[r * kw + s, :] = jnp.sum(prod, axis=(0, 1))
+            prod = x_ref[pl.ds(r, ho), s:s + wo, :].astype(jnp.float32) * dy
+            o_ref[pl.ds(r, 1), s, :] = jnp.sum(prod, axis=(0, 1))[None]
 
 
 def _tpu_fwd(x, wt, interpret):
@@ -160,11 +165,11 @@ def _tpu_dw(x, dy, kh, kw, interpret):
     cp = x.shape[-1]
     part = pl.pallas_call(
         functools.partial(_tpu_dw_kernel, kh=kh, kw=kw, ho=ho, wo=wo),
-        out_shape=jax.ShapeDtypeStruct((n, kh * kw, cp), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((n, kh, kw, cp), jnp.float32),
         grid=(n, cp // _BC_TPU),
         in_specs=[pl.BlockSpec((pl.squeezed, hp, wp, _BC_TPU), lambda b, cb: (b, 0, 0, cb)),
                   pl.BlockSpec((pl.squeezed, ho, wo, _BC_TPU), lambda b, cb: (b, 0, 0, cb))],
-        out_specs=pl.BlockSpec((pl.squeezed, kh * kw, _BC_TPU), lambda b, cb: (b, 0, cb)),
+        out_specs=pl.BlockSpec((pl.squeezed, kh, kw, _BC_TPU), lambda b, cb: (b, 0, 0, cb)),
         interpret=interpret, name="dcls_depthwise_dw_tpu",
     )(x, dy)
     return part.sum(0).reshape(kh, kw, cp)[..., :c]
