@@ -99,8 +99,16 @@ def torch_fn(kind, x_np, k_or_cfg, passes, dtype, dev):
     else:
         from DCLS.construct.modules import Dcls2d
         version, d, kc = k_or_cfg
-        mod = Dcls2d(c, c, kc, padding=d // 2, dilated_kernel_size=d, groups=c, version=version).to(dev, tdtype)
-        params = list(mod.parameters())
+        layer = Dcls2d(c, c, kc, padding=d // 2, dilated_kernel_size=d, groups=c, version=version).to(dev)
+        params = list(layer.parameters())
+        if tdtype == torch.bfloat16:   # dcls builds its kernel in the parameters' dtype: autocast, as in training
+            xt = xt.float()
+
+            def mod(x):
+                with torch.autocast(device_type=dev, dtype=torch.bfloat16):
+                    return layer(x)
+        else:
+            mod = layer
     if passes == "fwd":
         def run():
             with torch.no_grad():
