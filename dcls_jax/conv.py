@@ -114,7 +114,7 @@ _MAX_UNROLLED_TAPS = 64
 
 
 def _tap_loop(ksize, body, init):
-    """Fold `body(acc, xs_slicer, tap_slicer)` over every kernel tap. Kernels of more than _MAX_UNROLLED_TAPS
+    """Fold `acc = body(acc, tap_index)` over every kernel tap. Kernels of more than _MAX_UNROLLED_TAPS
     taps (DCLS: 17x17, 23x23) scan over all kernel axes but the last, which stays unrolled: fully unrolled, a
     17x17 kernel's gradient takes over 10 minutes to compile on CPU; scanned, a few seconds."""
     nd = len(ksize)
@@ -220,10 +220,11 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
         raise ValueError(f"kernel {tuple(w.shape[2:])} (dilation {dilation}) is larger than the padded input "
                          f"{tuple(s + 2 * p for s, p in zip(x.shape[1:-1], padding))}")
     name = selected_impl(x.shape, w.shape, stride, padding, groups, dilation, x.dtype, impl)
-    if name != "xla" and x.dtype != w.dtype:
-        name = "xla" if impl is None else name
-        if name != "xla":
-            raise ValueError(f"implementation {impl!r} needs x and w of one dtype, got {x.dtype} and {w.dtype}")
+    if name != "xla" and (x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating)):
+        if impl is not None:   # the fast paths run real floating inputs of one dtype; XLA runs the rest
+            raise ValueError(f"implementation {impl!r} needs x and w of one real floating dtype, got {x.dtype} "
+                             f"and {w.dtype}")
+        name = "xla"
     if name == "shifted":
         return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "fft":

@@ -194,6 +194,11 @@ def test_overrides_argument_context_environment(monkeypatch):
             pass
     with pytest.raises(ValueError, match="depthwise"):
         dcls_jax.conv(x, jnp.zeros((4, 2, 3, 3)), 1, 1, 2, impl="fft")
+    with pytest.raises(ValueError, match="real floating"):
+        dcls_jax.conv(x.astype(jnp.int32), w.astype(jnp.int32), 1, 8, 4, impl="fft")
+    xi, wi = jnp.arange(2 * 6 * 6).reshape(1, 6, 6, 2), jnp.ones((2, 1, 3, 3), jnp.int32)   # integers: exact
+    np.testing.assert_array_equal(dcls_jax.conv(xi, wi, 1, 1, 2),
+                                  _reference(xi.astype(jnp.float32), wi.astype(jnp.float32), 1, 1))
     with pytest.raises(ValueError, match="larger than the padded input"):
         dcls_jax.conv(x[:, :10, :10], w, 1, 0, 4)
 
