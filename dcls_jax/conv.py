@@ -1,77 +1,241 @@
-"""PyTorch-semantics N-d convolution on channels-last inputs with PyTorch-layout kernels.
+"""PyTorch-semantics N-d convolution on channels-last inputs with PyTorch-layout kernels, and the one place
+where every depthwise and DCLS convolution of the project picks its implementation.
 
-`conv(x, w, stride, padding, groups)` takes x as (N, *spatial, C) and w as (O, C/groups, *k) (the layout
-of torch.nn.ConvNd and of the dense DCLS kernel) and pads symmetrically like PyTorch (never 'SAME').
+`conv(x, w, stride, padding, groups, dilation, impl=None)` takes x as (N, *spatial, C) and w as
+(O, C/groups, *k) (the layout of torch.nn.ConvNd and of the dense DCLS kernel) and pads symmetrically like
+PyTorch (never 'SAME'). Depthwise convolutions (groups == C == O, dilation 1, x and w of one dtype) run one of
+several implementations of the same cross-correlation, each with its forward pass and both gradients:
 
-XLA's CPU depthwise convolution is 25x slower than a sum of shifted multiply-adds (benchmarks and
-shared/reference/performance.md), so on the CPU backend depthwise convolutions take that path; on GPU/TPU
-XLA's own convolution runs. Both compute the same cross-correlation.
+    "xla"      lax.conv_general_dilated (every other convolution always runs this);
+    "shifted"  a sum of strided shifted multiply-adds (XLA's CPU depthwise convolution is ~25x slower);
+    "fft"      real FFTs, overlap-save tiling along long axes, float32 inside for bf16 (dcls_jax.fft_conv);
+    "pallas"   Pallas kernels, 2-D only: Triton on GPU, Mosaic on TPU, interpret mode elsewhere
+               (dcls_jax.pallas_conv; forward, input and kernel gradients through a custom_vjp).
+
+Which one runs: the `impl` argument, else the innermost `use_impl(...)` context, else the environment variable
+DCLS_JAX_CONV ("auto" or a name), else `choose_impl`, a table measured per backend (BENCHMARKS.md). The choice
+is made when a function is traced: a jitted function keeps the implementation it was traced with. A forced
+implementation that cannot run a case (pallas on a 3-D input) is an error when given as the argument and
+falls back to the table when it comes from the context or the environment.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import itertools
 import math
+import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dcls_jax.fft_conv import fft_depthwise, fft_kernel_grad
+
+IMPLS = ("xla", "shifted", "fft", "pallas")
+ENV_VAR = "DCLS_JAX_CONV"
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcls_jax_conv_impl", default=None)
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, Sequence) else (v,) * n
 
 
+def _check_impl(name: str, where: str) -> str:
+    if name not in IMPLS + ("auto",):
+        raise ValueError(f"unknown convolution implementation {name!r} ({where}); expected 'auto' or one of {IMPLS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_impl(name: str):
+    """Run the depthwise convolutions traced inside this context with implementation `name` (or "auto")."""
+    token = _forced.set(_check_impl(name, "use_impl"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _supports(impl: str, nd: int) -> bool:
+    return impl != "pallas" or nd == 2
+
+
+def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, stride: Sequence[int],
+                dtype, backend: str | None = None) -> str:
+    """The measured-fastest implementation of a depthwise convolution (BENCHMARKS.md, 'dispatch table').
+
+    CPU (2 cores, jax 0.10): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
+    with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
+    computes 1/stride^nd of the work the FFT does). GPU (H100): XLA's depthwise convolution is fast for small
+    kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs large kernels at a fraction of its cost.
+    TPU: XLA's convolution for small kernels, FFT for large ones."""
+    backend = backend or jax.default_backend()
+    taps = math.prod(ksize)
+    sub = math.prod(stride)
+    if backend == "cpu":
+        return "shifted" if taps <= 64 * sub else "fft"
+    if backend in ("gpu", "cuda", "rocm"):
+        if taps <= 64:
+            return "xla" if jnp.dtype(dtype) == jnp.bfloat16 else "shifted"
+        return "fft"
+    return "xla" if taps <= 64 else "fft"
+
+
+def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilation=1, dtype=jnp.float32,
+                  impl: str | None = None, backend: str | None = None) -> str:
+    """The implementation `conv` would run for these shapes (what the benchmarks report)."""
+    nd = len(w_shape) - 2
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    c_in, c_out = x_shape[-1], w_shape[0]
+    depthwise = groups == c_in == c_out and w_shape[1] == 1 and all(d == 1 for d in dilation)
+    if impl is not None:
+        _check_impl(impl, "impl argument")
+        if impl not in ("auto", "xla") and not depthwise:
+            raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in == out "
+                             f"channels, dilation 1); got x {tuple(x_shape)}, w {tuple(w_shape)}, groups {groups}")
+        if impl not in ("auto",) and not _supports(impl, nd):
+            raise ValueError(f"implementation {impl!r} does not run {nd}-D convolutions")
+        if impl != "auto":
+            return impl
+    if not depthwise:
+        return "xla"
+    forced = _forced.get() or os.environ.get(ENV_VAR) or "auto"
+    _check_impl(forced, f"use_impl / {ENV_VAR}")
+    if impl is None and forced != "auto" and _supports(forced, nd):
+        return forced
+    return choose_impl(w_shape[2:], x_shape[1:-1], c_in, stride, dtype, backend)
+
+
 _MAX_UNROLLED_TAPS = 64
 
 
-def _shifted_sum_depthwise(x, w, stride, pads):
-    """Depthwise conv (groups == C, one output per channel) as a sum of strided shifted products.
-
-    Kernels of more than _MAX_UNROLLED_TAPS taps (DCLS: 17x17, 23x23) scan over all kernel axes but the
-    last, which stays unrolled: fully unrolled, a 17x17 kernel's gradient takes over 10 minutes to compile
-    on CPU; scanned, a few seconds (and its forward runs faster)."""
-    nd = x.ndim - 2
-    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    ksize = w.shape[2:]
-    out_shape = [(x.shape[1 + a] - ksize[a]) // stride[a] + 1 for a in range(nd)]
-    wt = jnp.moveaxis(w[:, 0], 0, -1)  # (*k, C)
-
-    def taps(x, wt):  # sum over every tap of wt (*k', C) of x shifted by the tap's offset
-        acc = None
-        for idx in itertools.product(*(range(k) for k in wt.shape[:-1])):
-            sl = tuple(slice(i, i + (o - 1) * s + 1, s) for i, o, s in zip(idx, out_shape, stride))
-            term = x[(slice(None), *sl)] * wt[idx]
-            acc = term if acc is None else acc + term
-        return acc
-
+def _tap_loop(ksize, body, init):
+    """Fold `acc = body(acc, tap_index)` over every kernel tap. Kernels of more than _MAX_UNROLLED_TAPS
+    taps (DCLS: 17x17, 23x23) scan over all kernel axes but the last, which stays unrolled: fully unrolled, a
+    17x17 kernel's gradient takes over 10 minutes to compile on CPU; scanned, a few seconds."""
+    nd = len(ksize)
     if nd == 1 or math.prod(ksize) <= _MAX_UNROLLED_TAPS:
-        return taps(x, wt)
+        acc = init
+        for idx in itertools.product(*(range(k) for k in ksize)):
+            acc = body(acc, idx)
+        return acc
     lead = ksize[:-1]
 
-    def row(t):  # the taps whose leading kernel indices are unravel(t)
-        xs, ws = x, wt
-        for a, i in enumerate(jnp.unravel_index(t, lead)):
-            xs = lax.dynamic_slice_in_dim(xs, i, (out_shape[a] - 1) * stride[a] + 1, axis=1 + a)
-            ws = lax.dynamic_slice_in_dim(ws, i, 1, axis=a)
-        return taps(xs, ws)
+    def row(acc, t):
+        lead_idx = jnp.unravel_index(t, lead)
+        for j in range(ksize[-1]):
+            acc = body(acc, (*lead_idx, j))
+        return acc, None
 
-    return lax.scan(lambda acc, t: (acc + row(t), None), row(0), jnp.arange(1, math.prod(lead)))[0]
+    return lax.scan(row, init, jnp.arange(math.prod(lead)))[0]
 
 
-def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1):
-    """Cross-correlation of channels-last `x` with a PyTorch-layout kernel `w` (O, I/groups, *k)."""
+def _slice(x, start, size, stride, axis0: int):
+    """x[..., start:start + (size-1)*stride + 1:stride, ...] along axes axis0.., static or traced starts."""
+    for a, (i, o, s) in enumerate(zip(start, size, stride)):
+        n = (o - 1) * s + 1
+        x = (lax.slice_in_dim(x, i, i + n, s, axis=axis0 + a) if isinstance(i, int) else
+             lax.slice_in_dim(lax.dynamic_slice_in_dim(x, i, n, axis=axis0 + a), 0, n, s, axis=axis0 + a))
+    return x
+
+
+def _shifted_valid(xp, wt, stride):
+    """Valid correlation of padded xp (N, *P, C) with wt (*k, C): sum over taps of strided shifted products."""
+    nd = xp.ndim - 2
+    ksize = wt.shape[:-1]
+    out = [(xp.shape[1 + a] - ksize[a]) // stride[a] + 1 for a in range(nd)]
+
+    def body(acc, idx):
+        w_tap = wt[idx] if all(isinstance(i, int) for i in idx) else wt[tuple(idx)]
+        term = _slice(xp, idx, out, stride, 1) * w_tap
+        return term if acc is None else acc + term
+
+    if nd == 1 or math.prod(ksize) <= _MAX_UNROLLED_TAPS:
+        return _tap_loop(ksize, body, None)
+    return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), xp.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_sum_depthwise(x, w, stride, pads):
+    """Depthwise conv (groups == C, one output per channel) as a sum of strided shifted products. Its custom
+    backward computes the input gradient with the same shifted sums (autodiff of the strided slices is ~8x
+    slower on XLA:CPU) and the kernel gradient per tap (large kernels: by FFTs)."""
+    return _shifted_valid(jnp.pad(x, [(0, 0), *pads, (0, 0)]), jnp.moveaxis(w[:, 0], 0, -1), stride)
+
+
+def _shifted_fwd(x, w, stride, pads):
+    return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads)), (x, w)
+
+
+def _shifted_bwd(stride, pads, res, dy):
+    x, w = res
+    nd = x.ndim - 2
+    ksize = w.shape[2:]
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    wt = jnp.moveaxis(w[:, 0], 0, -1)
+    out = dy.shape[1:-1]
+    # Input gradient: the full correlation of the stride-dilated cotangent with the flipped kernel.
+    cfg = [(0, 0, 0)]
+    for a in range(nd):
+        extra = xp.shape[1 + a] - ((out[a] - 1) * stride[a] + ksize[a])
+        cfg.append((ksize[a] - 1, ksize[a] - 1 + extra, stride[a] - 1))
+    dyd = lax.pad(dy, jnp.zeros((), dy.dtype), cfg + [(0, 0, 0)])
+    dxp = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)
+    dx = dxp[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))]
+    # Kernel gradient: per tap, the sum over batch and outputs of the shifted input times the cotangent (what
+    # autodiff computes, same rounding); beyond _MAX_UNROLLED_TAPS by FFTs (per-tap reductions are ~6x slower
+    # than FFTs on XLA:CPU, but the FFT's rounding error scales with the largest lag, not each tap's sum).
+    if math.prod(ksize) > _MAX_UNROLLED_TAPS:
+        return dx, fft_kernel_grad(xp, dy, ksize, stride).astype(w.dtype)
+    axes = tuple(range(nd + 1))
+    dwt = jnp.stack([jnp.sum(_slice(xp, idx, out, stride, 1) * dy, axis=axes)
+                     for idx in itertools.product(*(range(k) for k in ksize))]).reshape(*ksize, -1)
+    return dx, jnp.moveaxis(dwt, -1, 0)[:, None].astype(w.dtype)
+
+
+_shifted_sum_depthwise.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def _xla(x, w, stride, pads, groups, dilation):
+    nd = w.ndim - 2
+    return lax.conv_general_dilated(x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
+                                    dimension_numbers=_DIMS[nd], feature_group_count=groups)
+
+
+def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | None = None):
+    """Cross-correlation of channels-last `x` with a PyTorch-layout kernel `w` (O, I/groups, *k).
+
+    `impl` forces an implementation (see the module docstring); None lets the context, the environment
+    variable DCLS_JAX_CONV or the measured table decide."""
     nd = w.ndim - 2
     if x.ndim != nd + 2:
         raise ValueError(f"expected a {nd + 2}-D channels-last input, got shape {x.shape}")
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
-    pads = [(p, p) for p in _tuple(padding, nd)]
-    c_in, c_out = x.shape[-1], w.shape[0]
-    depthwise = groups == c_in == c_out and w.shape[1] == 1 and all(d == 1 for d in dilation)
-    if depthwise and jax.default_backend() == "cpu" and x.dtype == w.dtype:
-        return _shifted_sum_depthwise(x, w, stride, pads)
-    return lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=pads, rhs_dilation=dilation,
-        dimension_numbers=_DIMS[nd], feature_group_count=groups)
+    padding = _tuple(padding, nd)
+    if len(stride) != nd or len(padding) != nd or len(dilation) != nd:
+        raise ValueError(f"stride {stride}, padding {padding} and dilation {dilation} must give {nd} values")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride {stride} and dilation {dilation} must be >= 1, padding {padding} >= 0")
+    pads = [(p, p) for p in padding]
+    span = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
+    if any(s + 2 * p < k for s, p, k in zip(x.shape[1:-1], padding, span)):
+        raise ValueError(f"kernel {tuple(w.shape[2:])} (dilation {dilation}) is larger than the padded input "
+                         f"{tuple(s + 2 * p for s, p in zip(x.shape[1:-1], padding))}")
+    name = selected_impl(x.shape, w.shape, stride, padding, groups, dilation, x.dtype, impl)
+    if name != "xla" and (x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating)):
+        if impl is not None:   # the fast paths run real floating inputs of one dtype; XLA runs the rest
+            raise ValueError(f"implementation {impl!r} needs x and w of one real floating dtype, got {x.dtype} "
+                             f"and {w.dtype}")
+        name = "xla"
+    if name == "shifted":
+        return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
+    if name == "fft":
+        return fft_depthwise(x, w, stride, pads)
+    if name == "pallas":
+        from dcls_jax.pallas_conv import pallas_depthwise
+        return pallas_depthwise(x, w, stride, pads)
+    return _xla(x, w, stride, pads, groups, dilation)
