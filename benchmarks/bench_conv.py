@@ -27,20 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+from timing import median_ms as _median_ms  # noqa: E402  (benchmarks/, the script's folder)
 
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
 DCLS = (("v0", 17, 34), ("v1", 17, 34), ("gauss", 23, 26))
 
 
-def _median_ms(fn, sync, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def jax_conv_fn(impl, k, passes, dtype):

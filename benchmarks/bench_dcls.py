@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +22,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dcls_jax import Dcls2d  # noqa: E402
 
+from timing import median_ms  # noqa: E402  (benchmarks/, the script's folder)
+
 CASES = (("v0", 17, 34), ("v1", 17, 34), ("gauss", 23, 26))
 
 
 def _median_ms(step, sync, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        sync(step())
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sync(step())
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return median_ms(step, sync, iters, warmup)
 
 
 def bench_jax(version, d, k, x, iters):

@@ -27,19 +27,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import numpy as np  # noqa: E402
+from timing import median_ms as _median_ms  # noqa: E402  (benchmarks/, the script's folder)
 
 DEFAULT = ("resnet50", "convnext_tiny", "convnext_tiny_dcls")
 
 
-def _best_ms(fn, sync, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def _dw_impls(name: str, size: int, batch: int) -> str:
@@ -94,16 +86,16 @@ def bench(name: str, passes, batch: int, iters: int, precision: str):
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
     if "forward" in passes:
         fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        row["fwd_jax"] = _best_ms(lambda: fwd(state, xj), jax.block_until_ready, iters)
+        row["fwd_jax"] = _median_ms(lambda: fwd(state, xj), jax.block_until_ready, iters)
         with torch.no_grad():
-            row["fwd_torch"] = _best_ms(lambda: tm(xt), tsync, iters)
+            row["fwd_torch"] = _median_ms(lambda: tm(xt), tsync, iters)
     if "cam" in passes:
         cams = jax.jit(make_cams_fn(graphdef, METHODS, output_size=(224, 224)))
         lj = jnp.asarray(labels, jnp.int32)
-        row["cam_jax"] = _best_ms(lambda: cams(state, xj, lj), jax.block_until_ready, iters)
+        row["cam_jax"] = _median_ms(lambda: cams(state, xj, lj), jax.block_until_ready, iters)
         layer = tm.get_submodule(entry.target_layer)
         lt = torch.from_numpy(labels).long().to(dev)
-        row["cam_torch"] = _best_ms(lambda: torch_cams(tm, layer, xt, lt), tsync, iters)
+        row["cam_torch"] = _median_ms(lambda: torch_cams(tm, layer, xt, lt), tsync, iters)
     if "train" in passes:
         import bench_train
         row["train_jax"] = bench_train.jax_step(name, batch, size, precision, False, iters, 1)

@@ -198,11 +198,10 @@ _FAIR_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_{}_1k_224_ema.pth"
 _DCLS_URL = "https://zenodo.org/record/7112021/files/convnext_dcls_{}_1k_224_ema.pth"
 
 
-def _register(size: str, dcls: bool):
-    url = (_DCLS_URL if dcls else _FAIR_URL).format(size)
+def _register(name: str, config: Config, conv_dw, url: str, *, dcls: bool, in_study: bool = True):
     register(Entry(
-        name=f"convnext_{size}" + ("_dcls" if dcls else ""),
-        builder=functools.partial(_build, getattr(Config, size)(), dcls_conv_dw if dcls else dense_conv_dw),
+        name=name,
+        builder=functools.partial(_build, config, conv_dw),
         family="convnext",
         target_layer=ConvNeXt.target_layer,
         resize_size=256,
@@ -210,35 +209,18 @@ def _register(size: str, dcls: bool):
         checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]),
         remap_keys=remap_keys,
         infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight") if dcls else None,
+        in_study=in_study,
     ))
 
 
 for _size in ("tiny", "small", "base"):
-    _register(_size, dcls=False)
-    _register(_size, dcls=True)
+    _register(f"convnext_{_size}", getattr(Config, _size)(), dense_conv_dw, _FAIR_URL.format(_size), dcls=False)
+    _register(f"convnext_{_size}_dcls", getattr(Config, _size)(), dcls_conv_dw, _DCLS_URL.format(_size), dcls=True)
 
 
 # Gaussian-interpolation ConvNeXt-dcls (arXiv 2306.00817): every depthwise conv -> Dcls2d "gauss", 23 x 23 with 26
 # taps, P and SIG shared per stage. Only the tiny model is published (FAIR key layout, inside "model"); small and
 # base would have no checkpoint, so only tiny is registered. Not one of the study's 16 (`--models all`).
 _GAUSS_URL = "https://zenodo.org/record/8029747/files/convnext_dcls_gauss_{}_1k_224_ema.pth"
-
-
-def _register_gauss(size: str):
-    url = _GAUSS_URL.format(size)
-    register(Entry(
-        name=f"convnext_{size}_dcls_gauss",
-        builder=functools.partial(_build, getattr(Config, size)(kernel_count=26, dilated_kernel_size=23),
-                                  functools.partial(dcls_conv_dw, version="gauss")),
-        family="convnext",
-        target_layer=ConvNeXt.target_layer,
-        resize_size=256,
-        input_size=224,
-        checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]),
-        remap_keys=remap_keys,
-        infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight"),
-        in_study=False,
-    ))
-
-
-_register_gauss("tiny")
+_register("convnext_tiny_dcls_gauss", Config.tiny(kernel_count=26, dilated_kernel_size=23),
+          functools.partial(dcls_conv_dw, version="gauss"), _GAUSS_URL.format("tiny"), dcls=True, in_study=False)
