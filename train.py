@@ -726,14 +726,6 @@ def clickme_pipeline(cfg: configs.Config, split: str, training: bool, batch: int
         raise ConfigError(str(e)) from None
 
 
-def _list_tuples(value):
-    if isinstance(value, list):
-        return tuple(_list_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _list_tuples(v) for k, v in value.items()}
-    return value
-
-
 def export_model(cfg: configs.Config, state, directory: str):
     """Writes the model of a train state (its EMA when the run keeps one and eval_ema is set) with
     models.convert.save: `evaluate.py --model NAME --checkpoint DIRECTORY` scores it, models.convert.restore
@@ -772,7 +764,8 @@ def export_workdir(workdir: str, directory: str, step: int | None = None):
     finally:
         manager.close()
     known = {f.name for f in dataclasses.fields(configs.Config)}
-    cfg = configs.Config(**{k: _list_tuples(v) for k, v in meta["config"].items() if k in known})
+    from models.checkpoints import json_tuples
+    cfg = configs.Config(**{k: json_tuples(v) for k, v in meta["config"].items() if k in known})
     return export_model(cfg, state, directory)
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = ["activations_and_grads", "module_paths", "target_path", "tapped_forward", "to_nhwc"]
@@ -38,6 +39,20 @@ __all__ = ["activations_and_grads", "module_paths", "target_path", "tapped_forwa
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paths
+
+
+def check_labels(labels, num_classes: int | None, batch: int | None = None) -> np.ndarray:
+    """Concrete integer labels of shape (B,) in [0, num_classes) (only >= 0 if num_classes is None)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch):
+        raise ValueError(f"labels must have shape ({batch if batch is not None else 'B'},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    bad = (labels < 0) | (labels >= (num_classes if num_classes is not None else np.inf))
+    if bad.any():
+        raise ValueError(f"labels out of range [0, {num_classes if num_classes is not None else 'num_classes'}): "
+                         f"{labels[bad].tolist()} at batch positions {np.flatnonzero(bad).tolist()}")
+    return labels
 
 
 def _split_path(path: str) -> list[str]:
@@ -258,7 +273,6 @@ def capture(model_or_graphdef, images, labels=None, *, layer, state=None, reshap
         raise ValueError(f"the model must return logits of shape (B, classes), returned {logits.shape}")
     n = logits.shape[-1]
     if labels is not None and not callable(labels) and not isinstance(labels, jax.core.Tracer):
-        from cam.methods import check_labels
         check_labels(labels, n, logits.shape[0])
     ct, ok = score_cotangent(logits, labels)
     (g,) = vjp((ct, jnp.zeros_like(a)))

@@ -54,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cam import capture
+import cam.capture as capture
+from cam.capture import check_labels
 from data import protocols
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,20 +125,6 @@ METHOD_NAMES: tuple[str, ...] = (*FEATURE_MAPS, "saliency")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checks, gradients and resizing.
-
-
-def check_labels(labels, num_classes: int | None, batch: int | None = None) -> np.ndarray:
-    """Concrete integer labels of shape (B,) in [0, num_classes) (only >= 0 if num_classes is None)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch):
-        raise ValueError(f"labels must have shape ({batch if batch is not None else 'B'},), got {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    bad = (labels < 0) | (labels >= (num_classes if num_classes is not None else np.inf))
-    if bad.any():
-        raise ValueError(f"labels out of range [0, {num_classes if num_classes is not None else 'num_classes'}): "
-                         f"{labels[bad].tolist()} at batch positions {np.flatnonzero(bad).tolist()}")
-    return labels
 
 
 def _fast_path(model, layer) -> bool:

@@ -196,7 +196,7 @@ def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike |
             raise ValueError(f"{directory} does not record its model name; call restore(name, directory)")
     elif meta["model"] is not None and meta["model"] != name:
         raise ValueError(f"{directory} holds a {meta['model']!r} checkpoint, not {name!r}")
-    overrides = {**_tuples(meta["overrides"]), **overrides}
+    overrides = {**json_tuples(meta["overrides"]), **overrides}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # addressable on every host
     checkpointer = ocp.StandardCheckpointer()
     try:
@@ -216,10 +216,10 @@ def _json_scalar(value):
     raise TypeError(f"{value!r} is not JSON-serialisable")
 
 
-def _tuples(value):
-    """JSON turns tuples into lists; config overrides are tuples."""
+def json_tuples(value):
+    """`value` read back from JSON with its lists as tuples again (config overrides and train configs hold tuples)."""
     if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
+        return tuple(json_tuples(v) for v in value)
     if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
+        return {k: json_tuples(v) for k, v in value.items()}
     return value
