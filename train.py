@@ -46,6 +46,7 @@ import dcls_jax
 import models
 from cam import harmonization
 from data import augment, imagenet
+from data.download import sha256_file
 
 OPTIMIZERS = ("adamw", "lamb")
 OBJECTIVES = ("ce", "harmonization")
@@ -611,11 +612,7 @@ def _hash_tree(root: str) -> dict[str, list]:
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            files[os.path.relpath(path, root)] = [os.path.getsize(path), h.hexdigest()]
+            files[os.path.relpath(path, root)] = [os.path.getsize(path), sha256_file(path)]
     return files
 
 
