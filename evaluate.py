@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from evaluation import runtime
+
 DEFAULT_CAMS = ("gradcam", "threshold_gradcam")
 # --precision: "highest" (the default) runs float32 matmuls/convolutions at full float32 precision on every backend,
 # the setting of the tests and of the README's tolerances (on CPU all three float32 settings compute alike, while TPUs
@@ -79,13 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     p.add_argument("--cache-dir", help="checkpoint cache (default: $DCLS_JAX_CACHE or ~/.cache/dcls_jax)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (multi-host; configuration from the flags below, else "
-                        "from the environment: JAX_COORDINATOR_ADDRESS or a supported cluster)")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0 (implies --distributed, as do the next two)")
-    p.add_argument("--num-processes", type=int, help="number of processes")
-    p.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
+                   help="call jax.distributed.initialize() even when no cluster is detected (configuration from "
+                        "the multi-host flags, else from the environment)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show the dataset builder's own output")
+    runtime.add_distributed_flags(p)
     p.add_argument("--precision", default="highest", choices=PRECISIONS,
                    help="matmul/convolution precision (default: %(default)s, exact float32 as the README's "
                         "tolerances assume; 'default' lets TPUs/GPUs use bfloat16 or TF32 passes; 'bfloat16' "
@@ -137,8 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--label goes with --image (ClickMe records carry their own labels)")
     if args.clickme_dir and args.clickme_url:
         p.error("--clickme-dir and --clickme-url exclude each other")
-    args.distributed = args.distributed or any(v is not None for v in (args.coordinator, args.num_processes,
-                                                                        args.process_id))
+    try:
+        runtime.check_distributed_flags(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -511,7 +513,7 @@ def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
     seen_index, seen_valid = [], []
     overlays_left = args.num_overlays if args.overlays and jax.process_index() == 0 else 0
     shown = []
-    progress = Progress(n, enabled=not args.no_progress and jax.process_index() == 0, desc=name)
+    progress = runtime.Progress(n, enabled=not args.no_progress and jax.process_index() == 0, desc=name)
     start = time.perf_counter()
     for b in pipeline.batches(source, entry, batch_size=local_batch, limit=n, process_index=jax.process_index(),
                               process_count=n_proc, workers=args.workers):
@@ -656,44 +658,6 @@ def write_twin_figures(args, results: list[dict], methods) -> list[Path]:
     return written
 
 
-class Progress:
-    """Progress through tqdm on stderr: a live bar on a terminal; in a log (stderr not a terminal) a plain line
-    every `log_every` seconds and at the end, never carriage returns."""
-
-    def __init__(self, images: int, enabled: bool = True, desc: str | None = None, log_every: float = 30.0,
-                 file=None):
-        from tqdm.auto import tqdm
-        file = file or sys.stderr
-        self.enabled = enabled and images > 0
-        tty = hasattr(file, "isatty") and file.isatty()
-        self.bar = tqdm(total=images, desc=desc, unit="img", file=file if tty else _Lines(file),
-                        disable=not self.enabled, mininterval=0.1 if tty else log_every,
-                        maxinterval=10 if tty else log_every, dynamic_ncols=tty, ascii=not tty,
-                        ncols=None if tty else 100)
-
-    def update(self, images: int):
-        self.bar.update(images)
-
-    def close(self):
-        self.bar.close()
-
-
-class _Lines:
-    """A file for tqdm that turns each redraw into one plain line (for logs)."""
-
-    def __init__(self, file):
-        self.file, self.last = file, None
-
-    def write(self, s: str):
-        s = s.replace("\r", "").replace("\x1b[A", "").strip()
-        if s and s != self.last:
-            self.file.write(s + "\n")
-            self.last = s
-
-    def flush(self):
-        self.file.flush()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Reporting
 
@@ -744,20 +708,6 @@ def print_table(results: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -879,7 +829,7 @@ def main_images(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.output:
-        write_atomic(args.output, json.dumps(json_safe({"config": run_config(args, methods, [args.model]), **record}),
+        runtime.write_atomic(args.output, json.dumps(json_safe({"config": run_config(args, methods, [args.model]), **record}),
                                              indent=1, allow_nan=False))
     return 0
 
@@ -899,8 +849,7 @@ def main(argv=None) -> int:
             return main_images(args)
         names, methods = resolve_models(args), resolve_cams(args.cam)
         import jax
-        if args.distributed:
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        runtime.init_distributed(args, force=args.distributed)
         mesh = jax.make_mesh((jax.device_count(),), ("data",))
         source = data_source(args)          # first: data problems show before any model is loaded
         results = [evaluate_model(name, args, methods, mesh, source) for name in names]
@@ -921,10 +870,10 @@ def main(argv=None) -> int:
             figures.save(figures.table_figure(results, title="Alignment with human maps" + (
                 "\n(" + "; ".join(caveats) + ")" if caveats else "")), args.plot)
         if args.output:
-            write_atomic(args.output, json.dumps(json_safe({"config": config, "results": results}), indent=1,
+            runtime.write_atomic(args.output, json.dumps(json_safe({"config": config, "results": results}), indent=1,
                                                  allow_nan=False))
         if args.table:
-            write_atomic(args.table, markdown_table(results))
+            runtime.write_atomic(args.table, markdown_table(results))
     bad = non_finite_scores(results)   # every process holds the gathered results: all exit alike
     if bad:   # the files are written (null where a number is missing), but the run did not produce a result
         if jax.process_index() == 0:

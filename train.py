@@ -47,6 +47,7 @@ import models
 from cam import harmonization
 from data import augment, imagenet
 from data.download import sha256_file
+from evaluation import runtime
 
 OPTIMIZERS = ("adamw", "lamb")
 OBJECTIVES = ("ce", "harmonization")
@@ -635,10 +636,7 @@ class CheckpointHashes:
             step_dir = os.path.join(self.ckpt_dir, str(step))
             if not os.path.isdir(step_dir):
                 continue
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{step}.")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"step": step, "files": _hash_tree(step_dir)}, f)
-            os.replace(tmp, self._manifest(step))
+            runtime.write_atomic(self._manifest(step), json.dumps({"step": step, "files": _hash_tree(step_dir)}))
         for name in os.listdir(self.dir):   # manifests of steps orbax has since deleted (max_to_keep)
             stem = name[:-5] if name.endswith(".json") else None
             if stem is not None and stem.isdigit() and not os.path.isdir(os.path.join(self.ckpt_dir, stem)):
@@ -776,7 +774,8 @@ class Progress:
 
     def __init__(self, cfg: configs.Config, total_steps: int, start_step: int):
         self.active = jax.process_index() == 0
-        self.bar = self.active and cfg.progress and sys.stderr.isatty()
+        self.bar = runtime.Progress(total_steps, enabled=self.active and cfg.progress and sys.stderr.isatty(),
+                                    desc="train", unit="step", initial=start_step)
         self.total, self.every = total_steps, max(cfg.log_every, 1)
         self.batch = cfg.batch_size
         self.t0, self.s0 = time.time(), start_step
@@ -819,18 +818,13 @@ class Progress:
             with open(os.path.join(os.path.dirname(os.path.abspath(path)), "metrics_superseded.jsonl"), "a") as f:
                 f.writelines(superseded)
         if len(kept) != len(lines):
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics.")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            runtime.write_atomic(path, "".join(kept))
 
     def write(self, record: dict):
         if not self.active:
             return
-        if self.bar:
-            sys.stderr.write("\r\033[K")
-        print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-              flush=True)
+        self.bar.write("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in record.items()))
         if self.file:
             self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n")
             self.file.flush()
@@ -842,10 +836,7 @@ class Progress:
             self.tb.flush()
 
     def step(self, step: int, epoch: float, metrics):
-        if self.bar:
-            done = int(30 * step / self.total)
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.total}")
-            sys.stderr.flush()
+        self.bar.update(step - self.bar.bar.n)
         if step % self.every == 0 or step == self.total:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.time()
@@ -854,8 +845,7 @@ class Progress:
             self.write({"step": step, "epoch": round(epoch, 3), **m, "images_per_s": ips})
 
     def close(self):
-        if self.bar:
-            sys.stderr.write("\n")
+        self.bar.close()
         if self.file:
             self.file.close()
             self.file = None
@@ -900,41 +890,18 @@ def parse_args(argv):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (keys below); values parsed by the key's type")
     parser.add_argument("--workdir", help="same as --set workdir=...")
-    parser.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for "
-                        "jax.distributed.initialize (with --num-processes and --process-id)")
-    parser.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int, metavar="N",
-                        help="number of processes (hosts)")
-    parser.add_argument("--process-id", "--process_id", dest="process_id", type=int, metavar="I",
-                        help="this process's index in [0, --num-processes)")
+    runtime.add_distributed_flags(parser)
     args = parser.parse_args(argv)
     try:
         cfg = configs.load(args.config)
         cfg = configs.override(cfg, args.set + ([f"workdir={args.workdir}"] if args.workdir else []))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if args.num_processes is not None and args.num_processes < 1:
-        raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
-    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
-        raise ConfigError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-    if args.coordinator is not None:
-        host, sep, port = args.coordinator.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--coordinator {args.coordinator!r} is not HOST:PORT")
+    try:
+        runtime.check_distributed_flags(args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return args, cfg
-
-
-def init_distributed(args) -> None:
-    env = os.environ
-    cluster = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-    if args.coordinator or cluster:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args.coordinator:
-        if args.num_processes is None or args.process_id is None:
-            raise ConfigError("--coordinator needs --num-processes and --process-id")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif cluster:
-        jax.distributed.initialize()
 
 
 @contextlib.contextmanager
@@ -967,7 +934,7 @@ def main(argv=None):
 def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     # ==================== configuration (before any device work) ====================
     check_config(cfg)
-    init_distributed(args)
+    runtime.init_distributed(args)
     if cfg.workdir and jax.process_index() == 0:
         cleanup.enter_context(workdir_lock(cfg.workdir))
     mixup_group = check_devices(cfg, jax.device_count(), jax.process_count())

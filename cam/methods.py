@@ -56,7 +56,7 @@ from flax import nnx
 
 import cam.capture as capture
 from cam.capture import check_labels
-from data import protocols
+from dcls_jax.image import resize_bilinear
 
 # ---------------------------------------------------------------------------------------------------------------
 # Maps at feature resolution from activations `a` and gradients `g`, both (B, h, w, C) float32.
@@ -215,13 +215,13 @@ def _eval_clone(model):
 
 
 def resize(maps, size: tuple[int, int]):
-    """(B, h, w) -> (B, *size) bilinear, half-pixel centres. Upsampling uses the lerp form of
-    data.protocols.resize (torch align_corners=False, constant regions stay exactly constant, so Threshold-Grad-CAM's
+    """(B, h, w) -> (B, *size) bilinear, half-pixel centres. Upsampling is
+    dcls_jax.image.resize_bilinear (TensorFlow's lerp form, torch align_corners=False, constant regions stay exactly constant, so Threshold-Grad-CAM's
     floor keeps its ties); downsampling antialiases (jax.image.resize)."""
     if tuple(maps.shape[1:]) == tuple(size):
         return maps
     if size[0] >= maps.shape[1] and size[1] >= maps.shape[2]:
-        return protocols.resize(maps, tuple(size))
+        return resize_bilinear(maps, tuple(size), axes=(1, 2))
     return jax.image.resize(maps, (maps.shape[0], *size), "linear")
 
 

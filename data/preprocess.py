@@ -14,13 +14,13 @@ cross-correlation with Harmonization's float32 kernel.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import numpy as np
 import simplejpeg
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from dcls_jax.image import resize_bilinear  # noqa: F401  (tf.image.resize bilinear, re-exported)
 from data.augment import INTERPOLATIONS
 
 SIZE = 224                   # Harmonization's image and heatmap size
@@ -58,32 +58,6 @@ def decode_heatmap(data: bytes) -> np.ndarray:
     if colorspace != "Gray":
         raise ValueError(f"heatmap JPEG has colour space {colorspace}; expected a 1-channel grayscale JPEG")
     return simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, fastupsample=False)[..., 0]
-
-
-@functools.cache
-def _tf_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # tensorflow/core/kernels/image/resize_bilinear_op.cc: HalfPixelScaler, compute_interpolation_weights.
-    scale = np.float32(in_size) / np.float32(out_size)
-    x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-    f = np.floor(x)
-    lower = np.maximum(f.astype(np.int64), 0)
-    upper = np.minimum(np.ceil(x).astype(np.int64), in_size - 1)
-    return lower, upper, (x - f).astype(np.float32)
-
-
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """tf.image.resize(x, size, "bilinear", antialias=False) of a (H, W) or (H, W, C) array, in float32."""
-    x = np.asarray(x, np.float32)
-    y0, y1, ly = _tf_bilinear_taps(x.shape[0], size[0])
-    x0, x1, lx = _tf_bilinear_taps(x.shape[1], size[1])
-    lx = lx.reshape((-1,) + (1,) * (x.ndim - 2))
-    ly = ly.reshape((-1, 1) + (1,) * (x.ndim - 2))
-    # compute_lerp: top = tl + (tr - tl) * lx; bottom likewise; out = top + (bottom - top) * ly. Rows are
-    # interpolated horizontally once, then gathered: the same float32 operations per output pixel.
-    left, right = np.take(x, x0, axis=1), np.take(x, x1, axis=1)
-    rows = left + (right - left) * lx
-    t, b = np.take(rows, y0, axis=0), np.take(rows, y1, axis=0)
-    return t + (b - t) * ly
 
 
 def blur_kernel(size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> np.ndarray:

@@ -31,7 +31,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from data.preprocess import SIZE, _tf_bilinear_taps, crop_offset
+from dcls_jax.image import resize_bilinear
+from data.preprocess import SIZE, crop_offset
 
 PROTOCOLS = ("study", "corrected")
 
@@ -48,19 +49,8 @@ def crop_window(entry, size: int = SIZE) -> tuple[float, float]:
 
 
 def resize(maps: jax.Array, size: int | tuple[int, int] = SIZE) -> jax.Array:
-    """(B, h, w) -> (B, *size), bilinear with half-pixel centres and no antialias, in TensorFlow's lerp form
-    (rows, then columns; the same float32 operations as data.preprocess.resize_bilinear). A constant region
-    stays exactly constant (unlike jax.image.resize), so the ties Spearman sees are those of torchvision."""
-    b, h, w = maps.shape
-    sh, sw = (size, size) if isinstance(size, int) else tuple(size)
-    if (h, w) == (sh, sw):
-        return maps
-    y0, y1, ly = _tf_bilinear_taps(h, sh)
-    x0, x1, lx = _tf_bilinear_taps(w, sw)
-    left, right = maps[:, :, x0], maps[:, :, x1]
-    rows = left + (right - left) * lx
-    top, bottom = rows[:, y0], rows[:, y1]
-    return top + (bottom - top) * ly[:, None]
+    """(B, h, w) -> (B, *size): dcls_jax.image.resize_bilinear over the last two axes."""
+    return resize_bilinear(maps, size, axes=(1, 2))
 
 
 def align_cam(cam_maps: jax.Array, entry=None, protocol: str = "study", size: int = SIZE) -> jax.Array:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from data import download
+from evaluation import runtime
 from PIL import Image
 
 from tests.test_evaluate import CROP, RESIZE, TINY, TINY_CONFIG, register_tiny
@@ -383,7 +384,7 @@ def test_image_mode_errors(tiny_pair, tmp_path, capsys):
 def test_progress_in_a_log_is_plain_lines():
     import evaluate
     log = io.StringIO()                      # not a terminal
-    p = evaluate.Progress(100, desc="m", log_every=0, file=log)
+    p = runtime.Progress(100, desc="m", log_every=0, file=log)
     for _ in range(4):
         p.update(25)
     p.close()
