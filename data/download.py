@@ -3,29 +3,21 @@
     path = download(url, "ckpt.pth", expected_size=123456)   # resumes "ckpt.pth.part", renames when complete
     path = cached_download(url)                               # under $DCLS_JAX_CACHE or ~/.cache/dcls_jax
 
-A download goes to `dest + ".part"`; after a dropped connection it resumes with an HTTP Range request when
-the server honours it (206) and starts over otherwise. The size is checked against the server's length and
-`expected_size`, the SHA-256 against `sha256` if given; only a complete, verified file is renamed to `dest`,
-so an existing `dest` is complete and later calls return it at once.
-
-Safety:
-- cache paths: `cache_dir / host / <16 hex digits of the SHA-256 of the whole URL> / name`, so the whole URL
-  (scheme, host, port, path, query) is the key, and `name` (the URL's last path segment, percent-decoded,
-  or `filename=`) is checked to be one plain file name. URLs whose decoded path has dot segments, empty
-  segments, slashes, backslashes or NUL inside a segment are refused, and the final path is resolved and
-  checked to lie inside the cache.
-- integrity: a completed download records its size and SHA-256 beside it (`<dest>.sha256`, JSON). Later calls
-  check the file against that record (or against the `sha256` the caller pins, which wins) and download it
-  again when it does not match; a fresh download that differs from the recorded hash is an error (the
-  server's file changed since it was first fetched).
-- completeness: a body whose length the server does not announce is only accepted when the end is
-  confirmed (chunked transfer completed, a Range request past the end answered 416, or a second full read
-  with the same SHA-256); a pinned size or SHA-256 is always checked.
-- time and size: every socket read has `timeout` seconds; a transfer that delivers less than `min_rate`
-  bytes/s over any `timeout`-second window (a trickling server), exceeds `deadline` seconds in all, or
-  `max_size` bytes, fails.
-- concurrency: processes downloading the same `dest` serialise on an fcntl lock (`<dest>.lock`); the second
-  one finds the finished file.
+- resume: a download goes to `dest + ".part"` and continues after a dropped connection with an HTTP Range
+  request (from the start if the server ignores it); only a complete, verified file is renamed to `dest`.
+- cache paths: `cache_dir / host / <16 hex digits of the SHA-256 of the whole URL> / name`: the whole URL
+  (scheme, host, port, path, query) is the key; `name` (the URL's last path segment, percent-decoded, or
+  `filename=`) must be one plain file name. URLs whose decoded path has dot or empty segments, or slashes,
+  backslashes or NUL inside a segment, are refused, and the resolved path must lie inside the cache.
+- integrity: a completed download records its size and SHA-256 in `<dest>.sha256` (JSON). Later calls check
+  the file against that record (or against a pinned `sha256`, which wins) and download it again on mismatch;
+  a fresh download that differs from the record is an error (the server's file changed).
+- completeness: a body of unannounced length is accepted only once its end is confirmed (chunked transfer
+  completed, a Range request past the end answered 416, or two full reads with the same SHA-256); a pinned
+  size or SHA-256 is always checked.
+- time and size: every read has `timeout` seconds; a transfer under `min_rate` bytes/s over a
+  `timeout`-second window, past `deadline` seconds in all or over `max_size` bytes fails.
+- concurrency: processes downloading the same `dest` serialise on `file_lock(<dest>.lock)`.
 """
 from __future__ import annotations
 
@@ -36,6 +28,7 @@ import http.client
 import json
 import os
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -53,40 +46,34 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DCLS_JAX_CACHE") or Path.home() / ".cache" / "dcls_jax")
 
 
-def _check_name(name: str, what: str) -> str:
-    if (not name or name in (".", "..") or any(c in name for c in "/\\\0")
-            or len(name.encode("utf-8", "surrogateescape")) > 255):
-        raise ValueError(f"unsafe {what} {name!r}: a cache file name must be one plain path segment")
-    return name
+def _unsafe(segment: str | None) -> bool:
+    return segment in (None, "", ".", "..") or any(c in segment for c in "/\\\0")
 
 
 def cache_path(url: str, cache_dir: str | os.PathLike | None = None, *, filename: str | None = None) -> Path:
     """Where cached_download(url, cache_dir, filename=...) keeps the file. Raises ValueError for URLs that
     could name a path outside the cache (percent-encoded slashes, dot segments...)."""
     parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"cannot download {url!r}: only http:// and https:// URLs are supported")
-    host = parts.hostname or ""
     if not re.fullmatch(r"[a-z0-9_.\-]+|\[?[0-9a-f:.]+\]?", host) or set(host) <= {"."}:
         raise ValueError(f"cannot download {url!r}: unusable host name {host!r}")
-    path = parts.path.removeprefix("/")
-    segments = path.removesuffix("/").split("/") if path else []   # a trailing slash names the directory
-    decoded = []
-    for raw in segments:
+    path, name = parts.path.removeprefix("/"), filename
+    for raw in path.removesuffix("/").split("/") if path else []:   # a trailing slash names the directory
         try:
-            seg = urllib.parse.unquote(raw, errors="strict")  # decoded before the checks: %2e%2e is ".."
+            name = urllib.parse.unquote(raw, errors="strict")        # decoded before the checks: %2e%2e is ".."
         except UnicodeDecodeError:
-            raise ValueError(f"refusing to download {url!r}: its path segment {raw!r} is not UTF-8 once "
-                             "percent-decoded") from None
-        if seg in ("", ".", "..") or any(c in seg for c in "/\\\0"):
-            raise ValueError(f"refusing to download {url!r}: its path has an unsafe segment {raw!r} "
-                             f"(decoded {seg!r}): dot segments, empty segments and encoded slashes or "
-                             "backslashes are not accepted")
-        decoded.append(seg)
-    name = filename if filename is not None else (decoded[-1] if decoded else None)
+            name = None
+        if _unsafe(name):
+            raise ValueError(f"refusing to download {url!r}: its path has an unsafe segment {raw!r} (decoded "
+                             f"{name!r}): dot and empty segments, encoded slashes or backslashes, NUL and "
+                             "non-UTF-8 bytes are not accepted")
+    name = filename if filename is not None else name
     if name is None:
         raise ValueError(f"cannot derive a file name from {url!r}; pass filename=")
-    _check_name(name, "file name" if filename is not None else f"file name from {url!r}")
+    if _unsafe(name) or len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ValueError(f"unsafe file name {name!r} for {url!r}: a cache file name must be one plain path segment")
     key = hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     root = Path(cache_dir or default_cache_dir())
     dest = root / host.strip("[]").replace(":", "_") / key / name
@@ -107,7 +94,7 @@ def cached_download(url: str, cache_dir: str | os.PathLike | None = None, *, fil
 def file_lock(path: str | os.PathLike):
     """An exclusive fcntl lock on `path` for the duration of the block, so that runs sharing a cache or data
     directory do not race; released when the process dies. The lock file is removed on release (a waiter
-    that locked the removed file notices and locks the new one)."""
+    that locked the removed file notices and locks the new one), which the `filelock` package does not do."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -127,6 +114,19 @@ def file_lock(path: str | os.PathLike):
         os.close(fd)
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file beside it: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _record_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".sha256")
 
@@ -143,11 +143,8 @@ def read_record(dest: str | os.PathLike) -> dict | None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = None, sha256: str | None = None,
@@ -155,10 +152,8 @@ def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = N
              min_rate: float = MIN_RATE, max_size: int = MAX_SIZE) -> Path:
     """Downloads `url` to `dest` (resuming, verified, atomic) and returns `dest`; no-op if already complete."""
     dest = Path(dest)
-    if sha256 is not None:
-        sha256 = sha256.lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise ValueError(f"sha256 {sha256!r} is not 64 hex digits")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256 := sha256.lower()):
+        raise ValueError(f"sha256 {sha256!r} is not 64 hex digits")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(dest.with_name(dest.name + ".lock")):
         record = read_record(dest)
@@ -169,50 +164,40 @@ def download(url: str, dest: str | os.PathLike, *, expected_size: int | None = N
             got = sha256_file(dest) if want_sha is not None else None
             if (want_size is None or dest.stat().st_size == want_size) and got == want_sha:
                 if record is None or record["sha256"] != got:
-                    _write_record(dest, url, got or sha256_file(dest))
+                    _write_record(dest, url)
                 return dest
             warnings.warn(f"{dest} does not match its recorded size/SHA-256 (corrupt or replaced); "
                           f"downloading it again from {url}", stacklevel=2)
             dest.unlink()
-        _download(url, dest, want_size, want_sha, sha256 is not None, retries, timeout, deadline, min_rate,
-                  max_size)
-        _write_record(dest, url, sha256_file(dest))
+        _download(url, dest, want_size, want_sha, sha256 is not None, retries,
+                  (timeout, time.monotonic(), deadline, min_rate, max_size))
+        _write_record(dest, url)
     return dest
 
 
-def _write_record(dest: Path, url: str, digest: str) -> None:
-    tmp = _record_path(dest).with_name(f".{dest.name}.sha256.{os.getpid()}")
-    tmp.write_text(json.dumps({"url": url, "size": dest.stat().st_size, "sha256": digest}) + "\n")
-    os.replace(tmp, _record_path(dest))
+def _write_record(dest: Path, url: str) -> None:
+    record = {"url": url, "size": dest.stat().st_size, "sha256": sha256_file(dest)}
+    write_atomic(_record_path(dest), json.dumps(record) + "\n")
 
 
-def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries, timeout, deadline, min_rate,
-              max_size):
+def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries: int, limits: tuple) -> None:
     part = dest.with_name(dest.name + ".part")
-    failures = 0
-    start = time.monotonic()
-    unconfirmed: str | None = None   # SHA-256 of a previous full body of unannounced length
-    reads = 0
+    timeout, start, deadline = limits[:3]
+    failures, reads, unconfirmed = 0, 0, None   # unconfirmed: SHA-256 of a full body of unannounced length
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
-            total, confirmed = _fetch(url, part, timeout, start, deadline, min_rate, max_size)
+            total, confirmed = _fetch(url, part, *limits)
             if confirmed or expected_size is not None or sha256 is not None:
                 break
             # The server announced no length and closed the connection: that may be the end, or a drop.
             digest = sha256_file(part)
-            if unconfirmed == digest:
+            if digest == unconfirmed:
                 break                     # two full reads agree
-            reads += 1
-            if reads > retries + 1:
-                part.unlink()
-                raise OSError(f"could not download {url}: the server announces no length and {reads} reads "
-                              "gave different bodies; pass expected_size= or sha256=")
-            unconfirmed = digest
-            continue                      # the next request asks for the bytes past the end (416 = complete)
+            reads, unconfirmed, error = reads + 1, digest, None   # next: the bytes past the end (416: complete)
         except urllib.error.HTTPError as e:
             if e.code == 416 and before:  # nothing past our offset: the .part is complete or stale
-                if unconfirmed is not None or (expected_size is not None and before == expected_size):
+                if unconfirmed is not None or before == expected_size:
                     total = before
                     break
                 part.unlink()
@@ -225,15 +210,20 @@ def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries, tim
             raise OSError(f"could not download {url}: {e}. {_offline_hint(dest)}") from e
         except (urllib.error.URLError, http.client.HTTPException, OSError, _Short) as e:
             error = e
+        if reads > retries + 1:
+            part.unlink()
+            raise OSError(f"could not download {url}: the server announces no length and {reads} reads gave "
+                          "different bodies; pass expected_size= or sha256=")
         if deadline is not None and time.monotonic() - start > deadline:
             part.unlink(missing_ok=True)
             raise OSError(f"could not download {url} within the {deadline:g} s deadline. {_offline_hint(dest)}")
-        after = part.stat().st_size if part.exists() else 0
-        failures = 0 if after > before else failures + 1  # progress resets the retry budget
-        if failures > retries:
-            raise OSError(f"could not download {url} after {retries + 1} attempts without progress: "
-                          f"{getattr(error, 'reason', error)}. {_offline_hint(dest)}") from error
-        time.sleep(min(0.2 * 2 ** failures, 5.0) if failures else 0.0)
+        if error is not None:
+            after = part.stat().st_size if part.exists() else 0
+            failures = 0 if after > before else failures + 1  # progress resets the retry budget
+            if failures > retries:
+                raise OSError(f"could not download {url} after {retries + 1} attempts without progress: "
+                              f"{getattr(error, 'reason', error)}. {_offline_hint(dest)}") from error
+            time.sleep(min(0.2 * 2 ** failures, 5.0) if failures else 0.0)
     size = part.stat().st_size
     for what, want in (("the server's length", total), ("expected_size", expected_size)):
         if want is not None and size != want:
@@ -255,8 +245,8 @@ class _TooSlow(Exception):
     """The transfer is slower than the minimum rate, past the deadline or over the size limit: not retried."""
 
 
-def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float | None,
-           min_rate: float, max_size: int) -> tuple[int | None, bool]:
+def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float | None, min_rate: float,
+           max_size: int) -> tuple[int | None, bool]:
     """One request: appends to `part` from its current size (Range) or rewrites it. Returns the total size
     (None if unknown) and whether the body's end is confirmed (announced length reached, or chunked transfer
     completed)."""
@@ -268,12 +258,10 @@ def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float |
             if m is None or int(m[1]) != offset:
                 part.unlink(missing_ok=True)  # start over
                 raise _Short(f"unusable Content-Range {response.headers.get('Content-Range')!r}")
-            total = None if m[2] == "*" else int(m[2])
-            mode = "ab"
+            total, mode = (None if m[2] == "*" else int(m[2])), "ab"
         else:  # 200: the server ignored the Range header, start over
             length = response.headers.get("Content-Length")
-            total = int(length) if length is not None and length.isdigit() else None
-            mode = "wb"
+            total, mode = (int(length) if length is not None and length.isdigit() else None), "wb"
         chunked = getattr(response, "chunked", False)
         if total is not None and total > max_size:
             raise _TooSlow(f"the server announces {total} bytes, more than the limit of {max_size}")
@@ -282,10 +270,9 @@ def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float |
             try:
                 while chunk := response.read1(CHUNK):
                     f.write(chunk)
+                    now, window_bytes = time.monotonic(), window_bytes + len(chunk)
                     if f.tell() > max_size:
                         raise _TooSlow(f"more than the limit of {max_size} bytes")
-                    now = time.monotonic()
-                    window_bytes += len(chunk)
                     if deadline is not None and now - start > deadline:
                         raise _TooSlow(f"not finished within the {deadline:g} s deadline")
                     if now - window_start >= timeout:
@@ -296,10 +283,9 @@ def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float |
             except http.client.IncompleteRead as e:
                 f.write(e.partial)
                 raise _Short(f"connection closed early ({e})") from None
-    got = part.stat().st_size
-    if total is not None and got < total:
-        raise _Short(f"connection closed after {got} of {total} bytes")
-    return total, total is not None or chunked
+        if total is not None and (got := part.stat().st_size) < total:
+            raise _Short(f"connection closed after {got} of {total} bytes")
+        return total, total is not None or chunked
 
 
 def _offline_hint(dest: Path) -> str:
