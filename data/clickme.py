@@ -47,13 +47,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data import imagenet
-from data.download import cached_download, file_lock, read_record, sha256_file
+from data.download import cached_download, file_lock, read_record, sha256_file, write_atomic
 from data.preprocess import jpeg_header
 from data.tfrecord import RecordError, parse_example, read_records
 
 BASE_URL = "https://storage.googleapis.com/serrelab/prj_harmonization/dataset/click-me"
 # split -> (URL folder and file prefix, official number of shards). Harmonization's loader reads val-0..16
-# (a val-17 shard of 256 records exists but is not part of the official set) and train-0..317.
+# (a val-17 shard of 256 records exists but is not part of the official set) and train-0..317. The bucket
+# publishes no checksums: each shard's SHA-256 is recorded at its first download (data.download) and checked
+# afterwards.
 SHARDS = {"validation": ("val", 17), "train": ("train", 318)}
 NUM_VALIDATION = 52_224                 # images the study assumes in the 17 validation shards
 NUM_CLASSES = 1000
@@ -61,9 +63,6 @@ SOURCE_FILE = "source.json"
 # A shard without records is an error (a real ClickMe shard is never empty); tests that imitate the 17-shard
 # layout with a few records set this variable to "1" (or pass allow_empty_shards=True) to accept them.
 ALLOW_EMPTY_ENV = "DCLS_JAX_ALLOW_EMPTY_SHARDS"
-# SHA-256 of the official shards, {(split, index): hex}, checked on download where known; the bucket publishes
-# none, so each shard's hash is recorded at its first download (data.download) and checked afterwards.
-SHARD_SHA256: dict[tuple[str, int], str] = {}
 
 _log = logging.getLogger(__name__)
 
@@ -79,8 +78,7 @@ def find_local_shard(clickme_dir: str | os.PathLike, split: str, i: int) -> Path
     prefix = SHARDS[split][0]
     names = [f"{prefix}-{i}.tfrecords", f"{prefix}/{prefix}-{i}.tfrecords", f"clickme_{prefix}_{i}"]
     for name in names:
-        p = Path(clickme_dir) / name
-        if p.is_file():
+        if (p := Path(clickme_dir) / name).is_file():
             return p
     raise FileNotFoundError(f"clickme_dir {os.fspath(clickme_dir)!r} has no shard {i} of the {split} split "
                             f"(looked for {', '.join(names)})")
@@ -105,24 +103,28 @@ def parse_clickme(record: bytes, where: str) -> dict:
             got = f"{len(v)} value(s)" if ok else ("bytes_list" if isinstance(v, list) else f"{v.dtype} list")
             raise RecordError(f"{where}: feature {name!r} must be a {kind} with one value, got {got}")
         out[name] = v[0]
-    for name, want in (("image", ("YCbCr", "RGB")), ("heatmap", ("Gray",))):
+    for name, want, expected in (("image", ("YCbCr", "RGB"), "a 3-channel colour"),
+                                 ("heatmap", ("Gray",), "a 1-channel grayscale")):
         try:
             colorspace = jpeg_header(out[name], f"feature {name!r}")[2]
         except ValueError as e:
             raise RecordError(f"{where}: {e}") from None
         if colorspace not in want:
-            channels = {"Gray": 1, "YCbCr": 3, "RGB": 3}.get(colorspace, 4)
-            raise RecordError(f"{where}: feature {name!r} is a {channels}-channel ({colorspace}) JPEG, expected "
-                              f"{'a 1-channel grayscale' if name == 'heatmap' else 'a 3-channel colour'} JPEG")
-    label = int(out["label"])
-    if not 0 <= label < NUM_CLASSES:
+            got = {"Gray": 1, "YCbCr": 3, "RGB": 3}.get(colorspace, 4)
+            raise RecordError(f"{where}: feature {name!r} is a {got}-channel ({colorspace}) JPEG, expected {expected} "
+                              "JPEG")
+    if not 0 <= (label := int(out["label"])) < NUM_CLASSES:
         raise RecordError(f"{where}: label {label} outside [0, {NUM_CLASSES})")
-    out["label"] = label
-    return out
+    return dict(out, label=label)
 
 
 class Clickme(tfds.core.GeneratorBasedBuilder):
-    """ClickMe human feature-importance maps on ImageNet images (Harmonization, Fel et al. 2022)."""
+    """ClickMe human feature-importance maps on ImageNet images (Harmonization, Fel et al. 2022).
+
+    The shards are downloaded with data.download into the download manager's directory, not with
+    `dl_manager.download`: tfds's downloader has no read timeout, minimum rate, size cap or resume, and takes
+    the file name from the server's Content-Disposition; data.download has all of these and records each
+    shard's SHA-256 (the bucket publishes none for tfds's checksum files)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Original TFRecord shards, JPEG bytes unchanged."}
@@ -176,12 +178,8 @@ class Clickme(tfds.core.GeneratorBasedBuilder):
             self._shard_sha256 |= {(split, i): sha256_file(p) for i, p in enumerate(paths)}
             return paths
         cache = Path(os.fspath(dl_manager.download_dir)) / "clickme"
-        paths = []
-        for i in range(n):
-            url = shard_url(split, i, self._base_url)
-            pinned = SHARD_SHA256.get((split, i)) if self._base_url == BASE_URL else None
-            paths.append(Path(cached_download(url, cache_dir=cache, sha256=pinned)))
-            self._shard_sha256[split, i] = (read_record(paths[-1]) or {}).get("sha256") or sha256_file(paths[-1])
+        paths = [cached_download(shard_url(split, i, self._base_url), cache) for i in range(n)]
+        self._shard_sha256 |= {(split, i): read_record(p)["sha256"] for i, p in enumerate(paths)}
         return paths
 
     def _split_generators(self, dl_manager):
@@ -192,13 +190,9 @@ class Clickme(tfds.core.GeneratorBasedBuilder):
         splits = self._splits()
         if self._clickme_dir is None:
             return {"kind": "url", "base_url": self._base_url, "num_shards": {s: self._num_shards[s] for s in splits}}
-        shards = []
-        for s in splits:
-            for i in range(self._num_shards[s]):
-                p = find_local_shard(self._clickme_dir, s, i)
-                st = p.stat()
-                shards.append({"split": s, "shard": i, "path": str(p.resolve()), "size": st.st_size,
-                               "mtime_ns": st.st_mtime_ns})
+        shards = [{"split": s, "shard": i, "path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                  for s in splits for i in range(self._num_shards[s])
+                  for p in [find_local_shard(self._clickme_dir, s, i)] for st in [p.stat()]]
         return {"kind": "dir", "dir": str(Path(self._clickme_dir).resolve()), "shards": shards}
 
     def _generate_examples(self, split: str, paths: list[Path]):
@@ -233,90 +227,67 @@ def prepare(name: str = "clickme", data_dir: str | os.PathLike | None = None, **
     """The prepared builder: under a lock shared by the runs using `data_dir`, reused if it was built from
     the same source, else (re)built, and its source recorded. The source is compared only when the caller
     names one (clickme_dir, base_url or num_shards): without, a prepared dataset is used as it is."""
-    builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
-    version_dir = Path(os.fspath(builder.data_dir))
-    root = version_dir.parents[2]
-    with file_lock(root / f".clickme-{builder.builder_config.name}.lock"):
+    version_dir = Path(os.fspath(tfds.builder(name, data_dir=data_dir, **builder_kwargs).data_dir))
+    config = version_dir.parent.name
+    with file_lock(version_dir.parents[2] / f".clickme-{config}.lock"):
         for stale in version_dir.parent.glob(f"incomplete.*_{version_dir.name}"):   # killed preparations
             shutil.rmtree(stale, ignore_errors=True)
         builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)    # sees what another run prepared
-        explicit = any(k in builder_kwargs for k in ("clickme_dir", "base_url", "num_shards"))
-        if builder.is_prepared() and not explicit:
+        if builder.is_prepared() and not {"clickme_dir", "base_url", "num_shards"} & builder_kwargs.keys():
             return builder                         # no source named: whatever was prepared
-        current = builder.source()
+        current, record = builder.source(), None
         if builder.is_prepared():
-            recorded = _read_source(version_dir)
-            verdict = _compare(recorded, current)
-            if verdict is True:
+            record = _same_source(recorded := _read_json(version_dir / SOURCE_FILE), current)
+            if record is None:
+                _log.warning("the ClickMe dataset prepared in %s was built from %s; now from %s: rebuilding it",
+                             version_dir, _describe(recorded), _describe(current))
+                trash = version_dir.with_name(f"incomplete.stale{os.getpid()}_{version_dir.name}")
+                os.rename(version_dir, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+            elif record is recorded:
                 return builder
-            if isinstance(verdict, dict):          # same shards, touched: refresh the times
-                _write_source(version_dir, verdict)
-                return builder
-            _log.warning("the ClickMe dataset prepared in %s was built from %s; now from %s: rebuilding it",
-                         version_dir, _describe(recorded), _describe(current))
-            trash = version_dir.with_name(f"incomplete.stale{os.getpid()}_{version_dir.name}")
-            os.rename(version_dir, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-            builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
-        builder.download_and_prepare()
-        record = dict(current)
-        hashes = builder._shard_sha256
-        if record["kind"] == "dir":
-            record["shards"] = [dict(sh, sha256=hashes[sh["split"], sh["shard"]]) for sh in record["shards"]]
-        else:
-            record["sha256"] = {f"{s}-{i}": h for (s, i), h in sorted(hashes.items())}
-        _write_source(version_dir, record)
+        if record is None:
+            builder.download_and_prepare()
+            hashes = builder._shard_sha256
+            record = (dict(current, sha256={f"{s}-{i}": h for (s, i), h in sorted(hashes.items())})
+                      if current["kind"] == "url" else
+                      dict(current, shards=[dict(sh, sha256=hashes[sh["split"], sh["shard"]])
+                                            for sh in current["shards"]]))
+        write_atomic(version_dir / SOURCE_FILE, json.dumps(record, indent=1))
     return builder
 
 
-def _read_source(version_dir: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
-        rec = json.loads((version_dir / SOURCE_FILE).read_text())
-        return rec if isinstance(rec, dict) else None
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_source(version_dir: Path, record: dict) -> None:
-    tmp = version_dir / f".{SOURCE_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, version_dir / SOURCE_FILE)
-
-
-def _describe(source: dict | None) -> str:
-    if source is None:
+def _describe(source) -> str:
+    if not isinstance(source, dict):
         return "an unrecorded source"
-    if source.get("kind") == "url":
-        return f"{source.get('base_url')} ({source.get('num_shards')} shards)"
-    return f"{source.get('dir')} ({len(source.get('shards', []))} shards)"
+    return source.get("dir") or f"{source.get('base_url')} ({source.get('num_shards')} shards)"
 
 
-def _compare(recorded: dict | None, current: dict) -> bool | dict:
-    """True if the dataset built from `recorded` is the one `current` would build; for a directory whose
-    shards were touched but hold the same bytes, the updated record; else False."""
-    if recorded is None or recorded.get("kind") not in ("dir", "url"):
-        return False
-    if current["kind"] == "url":
-        return (recorded["kind"] == "url" and recorded.get("base_url") == current["base_url"]
-                and recorded.get("num_shards") == current["num_shards"])
-    if recorded["kind"] != "dir":
-        return False
-    old, new = recorded.get("shards"), current["shards"]
-    if not isinstance(old, list) or len(old) != len(new):
-        return False
-    key = ("split", "shard", "path", "size", "mtime_ns")
+def _same_source(recorded, current: dict) -> dict | None:
+    """The record to keep if the dataset built from `recorded` is the one `current` would build (`recorded`
+    itself, or for a directory whose shards were touched but hold the same bytes, a refreshed record)."""
     try:
-        if all(tuple(o[k] for k in key) == tuple(n[k] for k in key) for o, n in zip(old, new)):
-            return True
-        if any((o["split"], o["shard"], o["size"]) != (n["split"], n["shard"], n["size"]) for o, n in zip(old, new)):
-            return False
-        updated = [dict(n, sha256=sha256_file(n["path"])) for n in new]
-        if all(o.get("sha256") == u["sha256"] for o, u in zip(old, updated)):
-            return dict(current, shards=updated)
+        if current["kind"] == "url":
+            return recorded if all(recorded[k] == v for k, v in current.items()) else None
+        old, new = recorded["shards"], current["shards"]
+        if recorded["kind"] != "dir" or len(old) != len(new):
+            return None
+        if all(o[k] == n[k] for o, n in zip(old, new) for k in ("split", "shard", "path", "size", "mtime_ns")):
+            return recorded
+        if all(o[k] == n[k] for o, n in zip(old, new) for k in ("split", "shard", "size")):
+            new = [dict(n, sha256=sha256_file(n["path"])) for n in new]
+            return dict(current, shards=new) if all(o["sha256"] == n["sha256"] for o, n in zip(old, new)) else None
     except (KeyError, TypeError, OSError):
         pass
-    return False
-
+    return None
 
 # ------------------------------------------------------------------------------------------------------------
 # Training batches (train.py data="clickme"): the Harmonization training pipeline's images and human maps
