@@ -58,18 +58,18 @@ def random_resized_crop(img: Image.Image, size: int, rng, scale=(0.08, 1.0), rat
     return img
 
 
-def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 0.875, interpolation=BICUBIC) -> Image.Image:
-    """timm's eval transform: shorter side to floor(size / crop_pct) (torchvision rounding), centre crop."""
-    short = math.floor(size / crop_pct)
+def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 0.875, interpolation=BICUBIC, *,
+                       resize_size: int | None = None) -> Image.Image:
+    """torchvision Resize(resize_size) + CenterCrop(size), timm's eval transform: the shorter side to
+    `resize_size` (default floor(size / crop_pct)), then the centre size x size crop."""
+    short = resize_size or math.floor(size / crop_pct)
     w, h = img.size
-    if w <= h:
-        new = (short, int(short * h / w))
-    else:
-        new = (int(short * w / h), short)
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     if new != (w, h):
         img = img.resize(new, interpolation)
-    top = int(round((img.height - size) / 2.0))
-    left = int(round((img.width - size) / 2.0))
+    if size > short:
+        raise ValueError(f"center crop {size} is larger than the resized image ({short})")
+    top, left = (int(round((n - size) / 2.0)) for n in (img.height, img.width))
     return img.crop((left, top, left + size, top + size))
 
 
@@ -109,13 +109,6 @@ _OPS = {
                            lambda m: 256 - min(256, int(m / _LEVEL_DENOM * 256)), False),
     "SolarizeAdd": (lambda img, a, f, r: _solarize_add(img, a), lambda m: min(128, int(m / _LEVEL_DENOM * 110)),
                     False),
-    "Color": (lambda img, a, f, r: ImageEnhance.Color(img).enhance(a), lambda m: m / _LEVEL_DENOM * 1.8 + 0.1, False),
-    "Contrast": (lambda img, a, f, r: ImageEnhance.Contrast(img).enhance(a), lambda m: m / _LEVEL_DENOM * 1.8 + 0.1,
-                 False),
-    "Brightness": (lambda img, a, f, r: ImageEnhance.Brightness(img).enhance(a),
-                   lambda m: m / _LEVEL_DENOM * 1.8 + 0.1, False),
-    "Sharpness": (lambda img, a, f, r: ImageEnhance.Sharpness(img).enhance(a),
-                  lambda m: m / _LEVEL_DENOM * 1.8 + 0.1, False),
     "ShearX": (lambda img, a, f, r: _affine(img, (1, a, 0, 0, 1, 0), f, r), lambda m: m / _LEVEL_DENOM * 0.3, True),
     "ShearY": (lambda img, a, f, r: _affine(img, (1, 0, 0, a, 1, 0), f, r), lambda m: m / _LEVEL_DENOM * 0.3, True),
     "TranslateXRel": (lambda img, a, f, r: _affine(img, (1, 0, a * img.size[0], 0, 1, 0), f, r),
@@ -123,8 +116,14 @@ _OPS = {
     "TranslateYRel": (lambda img, a, f, r: _affine(img, (1, 0, 0, 0, 1, a * img.size[1]), f, r),
                       lambda m: m / _LEVEL_DENOM * 0.45, True),
 }
-# The "Increasing" enhancements move away from 1.0 in a random direction: max(0.1, 1 +- 0.9 m / 10).
+# ImageEnhance's four, with factor 0.1 + 1.8 m / 10; the "Increasing" ones move away from 1.0 in a random
+# direction: max(0.1, 1 +- 0.9 m / 10).
+def _enhancement(cls):
+    return lambda img, a, f, r: cls(img).enhance(a)
+
+
 for _name in ("Color", "Contrast", "Brightness", "Sharpness"):
+    _OPS[_name] = (_enhancement(getattr(ImageEnhance, _name)), lambda m: m / _LEVEL_DENOM * 1.8 + 0.1, False)
     _OPS[_name + "Increasing"] = (_OPS[_name][0], lambda m: m / _LEVEL_DENOM * 0.9, True)
 
 _RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -151,6 +150,12 @@ def apply_op(img: Image.Image, name: str, arg, fill=(128, 128, 128), resample=BI
     return _OPS[name][0](img, arg, fill, resample)
 
 
+# timm's RandAugment config sections: name -> (field, parser)
+_SECTIONS = {"m": ("magnitude", lambda v: float(int(v))), "n": ("num_layers", int), "p": ("prob", float),
+             "mstd": ("magnitude_std", lambda v: float("inf") if float(v) > 100 else float(v)),
+             "mmax": ("magnitude_max", lambda v: float(int(v))), "inc": ("increasing", lambda v: bool(int(v)))}
+
+
 @dataclasses.dataclass(frozen=True)
 class RandAugment:
     """timm's RandAugment: `num_layers` ops drawn uniformly with replacement, each applied with probability
@@ -171,26 +176,14 @@ class RandAugment:
         parts = spec.split("-")
         if parts[0] != "rand":
             raise ValueError(f"RandAugment spec must start with 'rand-', got {spec!r}")
-        args, increasing = {}, False
+        args = {}
         for part in parts[1:]:
             m = re.fullmatch(r"([a-z]+)(\d.*)", part)
-            if m is None:
-                raise ValueError(f"bad RandAugment section {part!r} in {spec!r}")
-            key, val = m.groups()
-            if key == "m":
-                args["magnitude"] = float(int(val))
-            elif key == "n":
-                args["num_layers"] = int(val)
-            elif key == "p":
-                args["prob"] = float(val)
-            elif key == "mstd":
-                args["magnitude_std"] = float("inf") if float(val) > 100 else float(val)
-            elif key == "mmax":
-                args["magnitude_max"] = float(int(val))
-            elif key == "inc":
-                increasing = bool(int(val))
-            else:
-                raise ValueError(f"unknown RandAugment section {part!r} in {spec!r} (known: m, n, p, mstd, mmax, inc)")
+            if m is None or m[1] not in _SECTIONS:
+                raise ValueError(f"bad RandAugment section {part!r} in {spec!r} (known: {', '.join(_SECTIONS)})")
+            field, parse = _SECTIONS[m[1]]
+            args[field] = parse(m[2])
+        increasing = args.pop("increasing", False)
         ops = _RAND_INCREASING_TRANSFORMS if increasing else _RAND_TRANSFORMS
         return cls(ops=ops, **args, **kw)
 

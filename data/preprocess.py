@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from dcls_jax.image import resize_bilinear  # noqa: F401  (tf.image.resize bilinear, re-exported)
-from data.augment import INTERPOLATIONS
+from data.augment import INTERPOLATIONS, resize_center_crop
 
 SIZE = 224                   # Harmonization's image and heatmap size
 BLUR_SIZE, BLUR_SIGMA = 10, 10
@@ -110,13 +110,6 @@ class ModelTransform:
         return cls(entry.resize_size, entry.input_size, tuple(entry.mean), tuple(entry.std), entry.interpolation)
 
 
-def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """torchvision Resize(size) output (height, width): the shorter side becomes `size`."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    return (new_long, new_short) if width <= height else (new_short, new_long)
-
-
 def crop_offset(size: int, crop: int) -> int:
     """torchvision CenterCrop's start offset along one axis."""
     if crop > size:
@@ -128,13 +121,10 @@ def model_input(image: np.ndarray, entry) -> np.ndarray:
     """The study's model transform of a (224, 224, 3) float image -> (S, S, 3) float32, S = entry.input_size.
 
     `entry` needs resize_size, input_size, mean, std, interpolation (a models.registry.Entry)."""
+    if entry.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {entry.interpolation!r}; known: {sorted(INTERPOLATIONS)}")
     img = Image.fromarray(np.asarray(image).astype(np.uint8))            # truncation, as .astype(np.uint8)
-    h, w = resized_size(img.height, img.width, entry.resize_size)
-    if (h, w) != (img.height, img.width):
-        if entry.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {entry.interpolation!r}; known: {sorted(INTERPOLATIONS)}")
-        img = img.resize((w, h), INTERPOLATIONS[entry.interpolation])
-    c = entry.input_size
-    top, left = crop_offset(h, c), crop_offset(w, c)
-    x = np.asarray(img)[top:top + c, left:left + c].astype(np.float32) / np.float32(255)
+    img = resize_center_crop(img, entry.input_size, interpolation=INTERPOLATIONS[entry.interpolation],
+                             resize_size=entry.resize_size)
+    x = np.asarray(img).astype(np.float32) / np.float32(255)
     return (x - np.asarray(entry.mean, np.float32)) / np.asarray(entry.std, np.float32)

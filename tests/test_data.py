@@ -450,6 +450,29 @@ def test_model_input_matches_torchvision(records):
         preprocess.model_input(image, _Entry(224, 256))
 
 
+def test_rand_augment_spec_matches_timm():
+    """RandAugment.from_string reads timm's config sections as timm's rand_augment_transform does."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    from data import augment
+    for spec in ("rand-m9-mstd0.5-inc1", "rand-m7-n3-p0.7-mstd101-mmax15-inc0", "rand-n1-m10-mstd0"):
+        timm_ra, ours = rand_augment_transform(spec, {}), augment.RandAugment.from_string(spec)
+        op = timm_ra.ops[0]
+        assert [o.name for o in timm_ra.ops] == list(ours.ops) and timm_ra.num_layers == ours.num_layers, spec
+        assert (op.prob, op.magnitude, op.magnitude_std) == (ours.prob, ours.magnitude, ours.magnitude_std), spec
+        assert (op.magnitude_max or augment._LEVEL_DENOM) == ours.magnitude_max, spec
+    for spec, match in (("rnd-m9", "must start with 'rand-'"), ("rand-q3", "bad RandAugment section 'q3'"),
+                        ("rand-m", "bad RandAugment section 'm'")):
+        with pytest.raises(ValueError, match=match):
+            augment.RandAugment.from_string(spec)
+
+
+def test_model_input_refuses_unknown_interpolation(records):
+    image = preprocess.clickme_image(records[0][0])
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
+        preprocess.model_input(image, _Entry(224, 224, "cubic"))        # even where nothing is resized
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Protocols
 
