@@ -290,7 +290,6 @@ class Mixup:
 
     def apply(self, x, labels, lam, use_cutmix, box):
         """Mixes NHWC `x` (B = groups * group size) with its per-group flip; returns (x, soft targets)."""
-        import jax
         import jax.numpy as jnp
         g = lam.shape[0]
         b, h, w, c = x.shape
@@ -301,14 +300,12 @@ class Mixup:
         cut = _box_mask(h, w, box)[:, None]
         cutmixed = jnp.where(cut, flipped, xg)
         out = jnp.where(use_cutmix[:, None, None, None, None], cutmixed, mixed).reshape(x.shape)
-        off = self.label_smoothing / self.num_classes
-        y = jax.nn.one_hot(labels, self.num_classes) * (1.0 - self.label_smoothing) + off
-        yg = y.reshape(g, b // g, -1)
+        yg = smooth_labels(labels, self.num_classes, self.label_smoothing).reshape(g, b // g, -1)
         target = yg * lam[:, None, None] + yg[:, ::-1] * (1.0 - lam[:, None, None])
         return out, target.reshape(b, -1)
 
 
 def smooth_labels(labels, num_classes: int, smoothing: float):
-    """One-hot targets with label smoothing (timm's on/off values), for training without mixup."""
+    """One-hot targets with label smoothing (timm's on/off values): training without mixup, and Mixup's."""
     import jax
     return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes

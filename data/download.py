@@ -208,7 +208,7 @@ def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries: int
         except _TooSlow as e:
             part.unlink(missing_ok=True)
             raise OSError(f"could not download {url}: {e}. {_offline_hint(dest)}") from e
-        except (urllib.error.URLError, http.client.HTTPException, OSError, _Short) as e:
+        except (http.client.HTTPException, OSError) as e:   # URLError, ConnectionError: a drop, retried
             error = e
         if reads > retries + 1:
             part.unlink()
@@ -237,10 +237,6 @@ def _download(url, dest: Path, expected_size, sha256, pinned: bool, retries: int
     os.replace(part, dest)
 
 
-class _Short(Exception):
-    """The connection ended before the announced length."""
-
-
 class _TooSlow(Exception):
     """The transfer is slower than the minimum rate, past the deadline or over the size limit: not retried."""
 
@@ -257,7 +253,7 @@ def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float |
             m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
             if m is None or int(m[1]) != offset:
                 part.unlink(missing_ok=True)  # start over
-                raise _Short(f"unusable Content-Range {response.headers.get('Content-Range')!r}")
+                raise ConnectionError(f"unusable Content-Range {response.headers.get('Content-Range')!r}")
             total, mode = (None if m[2] == "*" else int(m[2])), "ab"
         else:  # 200: the server ignored the Range header, start over
             length = response.headers.get("Content-Length")
@@ -282,9 +278,9 @@ def _fetch(url: str, part: Path, timeout: float, start: float, deadline: float |
                         window_start, window_bytes = now, 0
             except http.client.IncompleteRead as e:
                 f.write(e.partial)
-                raise _Short(f"connection closed early ({e})") from None
+                raise ConnectionError(f"connection closed early ({e})") from None
         if total is not None and (got := part.stat().st_size) < total:
-            raise _Short(f"connection closed after {got} of {total} bytes")
+            raise ConnectionError(f"connection closed after {got} of {total} bytes")
         return total, total is not None or chunked
 
 

@@ -37,7 +37,7 @@ def masked_crc32c(data: bytes | np.ndarray) -> int:
 
 
 # ------------------------------------------------------------------------------------------- TFRecord
-def read_records(path: str | os.PathLike, *, check_crc: bool = True) -> list[bytes]:
+def read_records(path: str | os.PathLike) -> list[bytes]:
     """All records of an uncompressed TFRecord file, every length and data CRC checked."""
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -49,14 +49,14 @@ def read_records(path: str | os.PathLike, *, check_crc: bool = True) -> list[byt
             raise RecordError(f"{path}: record {i} (byte {pos}): truncated header "
                               f"({size - pos} of 12 bytes)")
         n, len_crc = struct.unpack_from("<QI", buf, pos)
-        if check_crc and masked_crc32c(view[pos:pos + 8]) != len_crc:
+        if masked_crc32c(view[pos:pos + 8]) != len_crc:
             raise RecordError(f"{path}: record {i} (byte {pos}): length CRC mismatch; the file is corrupt, "
                               "download it again")
         if size - pos - 12 < n + 4:
             raise RecordError(f"{path}: record {i} (byte {pos}): truncated data: the header announces "
                               f"{n} bytes + 4 bytes CRC, the file has {size - pos - 12} left")
         (data_crc,) = struct.unpack_from("<I", buf, pos + 12 + n)
-        if check_crc and masked_crc32c(view[pos + 12:pos + 12 + n]) != data_crc:
+        if masked_crc32c(view[pos + 12:pos + 12 + n]) != data_crc:
             raise RecordError(f"{path}: record {i} (byte {pos}): data CRC mismatch; the file is corrupt, "
                               "download it again")
         records.append(buf[pos + 12:pos + 12 + n])
