@@ -208,6 +208,13 @@ def test_unannounced_length_cut_early_is_not_cached_as_complete(tmp_path, server
     assert not (tmp_path / "c.bin").exists() and not (tmp_path / "c.bin.part").exists()
 
 
+def test_unannounced_length_that_never_repeats_is_refused(tmp_path, server):
+    server.files["/r.bin"], server.modes["/r.bin"] = (lambda n: bytes([n]) * 4096), "nolength"
+    with pytest.raises(OSError, match="3 reads gave different bodies; pass expected_size= or sha256="):
+        download(server.url + "/r.bin", tmp_path / "r.bin", retries=1)
+    assert server.count["/r.bin"] == 3 and not list(tmp_path.iterdir())
+
+
 def test_chunked_body_cut_early_is_retried(tmp_path, server):
     server.files["/k.bin"], server.modes["/k.bin"] = BODY, "chunked_cut"
     assert download(server.url + "/k.bin", tmp_path / "k.bin").read_bytes() == BODY
