@@ -289,6 +289,7 @@ def _same_source(recorded, current: dict) -> dict | None:
         pass
     return None
 
+
 # ------------------------------------------------------------------------------------------------------------
 # Training batches (train.py data="clickme"): the Harmonization training pipeline's images and human maps
 

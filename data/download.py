@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -59,7 +58,7 @@ def cache_path(url: str, cache_dir: str | os.PathLike | None = None, *, filename
         raise ValueError(f"cannot download {url!r}: only http:// and https:// URLs are supported")
     if not re.fullmatch(r"[a-z0-9_.\-]+|\[?[0-9a-f:.]+\]?", host) or set(host) <= {"."}:
         raise ValueError(f"cannot download {url!r}: unusable host name {host!r}")
-    path, name = parts.path.removeprefix("/"), filename
+    path, name = parts.path.removeprefix("/"), None
     for raw in path.removesuffix("/").split("/") if path else []:   # a trailing slash names the directory
         try:
             name = urllib.parse.unquote(raw, errors="strict")        # decoded before the checks: %2e%2e is ".."
@@ -115,16 +114,14 @@ def file_lock(path: str | os.PathLike):
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file beside it: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Writes `text` to `path` through a temporary file beside it (callers hold a lock): readers see the old
+    file or the new one, never a part."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _record_path(dest: Path) -> Path:
