@@ -63,12 +63,12 @@ def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 0.875, int
     """torchvision Resize(resize_size) + CenterCrop(size), timm's eval transform: the shorter side to
     `resize_size` (default floor(size / crop_pct)), then the centre size x size crop."""
     short = resize_size or math.floor(size / crop_pct)
+    if size > short:
+        raise ValueError(f"center crop {size} is larger than the resized image ({short})")
     w, h = img.size
     new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
     if new != (w, h):
         img = img.resize(new, interpolation)
-    if size > short:
-        raise ValueError(f"center crop {size} is larger than the resized image ({short})")
     top, left = (int(round((n - size) / 2.0)) for n in (img.height, img.width))
     return img.crop((left, top, left + size, top + size))
 
