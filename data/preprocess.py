@@ -33,9 +33,13 @@ HEATMAP_BLUR_SIZE = 64       # the heatmap is blurred at 64 x 64
 MAX_JPEG_PIXELS = 4096 * 4096
 
 
-def jpeg_header(data: bytes, what: str = "JPEG") -> tuple[int, int, str]:
-    """(height, width, colour space) from a JPEG's header; ValueError for an unreadable header or an image
-    over MAX_JPEG_PIXELS."""
+_CHANNELS = {"Gray": 1, "YCbCr": 3, "RGB": 3}          # other colour spaces (CMYK, YCCK) have 4
+_KINDS = {1: "a 1-channel grayscale", 3: "a 3-channel colour"}
+
+
+def jpeg_header(data: bytes, what: str = "JPEG", channels: int | None = None) -> tuple[int, int, str]:
+    """(height, width, colour space) from a JPEG's header; ValueError for an unreadable header, an image over
+    MAX_JPEG_PIXELS, or (if `channels` is given) another number of channels."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as e:
@@ -43,6 +47,8 @@ def jpeg_header(data: bytes, what: str = "JPEG") -> tuple[int, int, str]:
     if height * width > MAX_JPEG_PIXELS or not (height and width):
         raise ValueError(f"{what} declares {width} x {height} pixels; images over {MAX_JPEG_PIXELS} pixels "
                          "(4096 x 4096) are refused before decoding")
+    if channels is not None and (got := _CHANNELS.get(colorspace, 4)) != channels:
+        raise ValueError(f"{what} is a {got}-channel ({colorspace}) JPEG, expected {_KINDS[channels]} JPEG")
     return height, width, colorspace
 
 
@@ -54,9 +60,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def decode_heatmap(data: bytes) -> np.ndarray:
     """Grayscale JPEG -> (H, W) uint8, as tf.io.decode_jpeg; a colour JPEG is an error, not converted."""
-    colorspace = jpeg_header(data, "heatmap")[2]
-    if colorspace != "Gray":
-        raise ValueError(f"heatmap JPEG has colour space {colorspace}; expected a 1-channel grayscale JPEG")
+    jpeg_header(data, "heatmap", channels=1)
     return simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=True, fastupsample=False)[..., 0]
 
 
