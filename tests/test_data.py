@@ -226,6 +226,16 @@ def test_parse_clickme_errors(records):
         assert "shard.tfrecords: record 7" in str(e.value)
 
 
+def test_jpeg_channels_are_checked(records):
+    img, heat, _ = records[0]
+    with pytest.raises(ValueError, match=r"heatmap is a 3-channel \(YCbCr\) JPEG, expected a 1-channel grayscale"):
+        preprocess.decode_heatmap(img)
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (16, 16), (0, 50, 100, 0)).save(cmyk, format="JPEG")
+    with pytest.raises(RecordError, match=r"r: feature 'image' is a 4-channel \(CMYK\) JPEG, expected a 3-channel"):
+        clickme.parse_clickme(example({"image": cmyk.getvalue(), "heatmap": heat, "label": 1}), "r")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The tfds builder
 
