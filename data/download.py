@@ -28,12 +28,16 @@ import http.client
 import json
 import os
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
+
+_UMASK = os.umask(0o022)   # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
 
 CHUNK = 1 << 20
 MIN_RATE = 1024          # bytes/s averaged over each `timeout`-second window
@@ -113,15 +117,19 @@ def file_lock(path: str | os.PathLike):
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file beside it (callers hold a lock): readers see the old
-    file or the new one, never a part."""
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes `data` to `path` through a temporary file beside it: readers see the old file or the new one,
+    never a part. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        tmp.write_text(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            f.write(data)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _record_path(dest: Path) -> Path:

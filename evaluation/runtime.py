@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-from pathlib import Path
+
+from data.download import write_atomic  # noqa: F401  (the one atomic write, re-exported)
 
 
 class Progress:
@@ -63,20 +63,6 @@ class _Lines:
 
     def flush(self):
         self.file.flush()
-
-
-def write_atomic(path, data: str | bytes) -> None:
-    """Writes to a temporary file beside `path`, then renames: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------------
