@@ -32,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from evaluation import runtime
+from evaluation import PRECISIONS, PROTOCOLS, SAMPLE_DIR, STUDY_METHODS, runtime
 
-from evaluation import PRECISIONS, PROTOCOLS, SAMPLE_DIR, STUDY_METHODS
 
 class UsageError(Exception):
     """A problem with the command line, the checkpoint or the data: reported in one line, exit code 2."""
