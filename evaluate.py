@@ -477,43 +477,28 @@ def evaluate_images(args, methods: list[str]) -> dict:
     """The CAMs of image files: each image through the model's own transform (data.preprocess.model_input: resize
     the shorter side, center crop, normalise), its top-5 predictions, and the maps of `methods` for --label (else
     its top prediction), written as labelled figures to --overlays. Returns the JSON-able record."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     import cam
     import models
     from data.preprocess import model_input
-    from evaluation.evaluator import WithPrecision, cast_for_precision
+    from evaluation.evaluator import Explainer
     entry = models.get_entry(args.model)
     if args.label is not None and not 0 <= args.label < entry.num_classes:
         raise UsageError(f"--label {args.label} is outside [0, {entry.num_classes})")
     pictures = [read_image(p) for p in args.image]          # every file is readable before the model loads
     model, source, digest = load_model(args.model, args)
     model.eval()
-    graphdef, state = nnx.split(model)
-    size = entry.input_size
-
-    def logits_fn(state, x):
-        state, x = cast_for_precision(state, x, args.precision)
-        m = nnx.merge(graphdef, state)
-        m.eval()
-        return jax.nn.softmax(m(x).astype(jnp.float32), axis=-1)
-
-    cams_fn = cam.make_cams_fn(graphdef, methods, output_size=(size, size))
-    predict = WithPrecision(jax.jit(logits_fn), args.precision)
-    explain = WithPrecision(jax.jit(lambda state, x, y: cams_fn(*cast_for_precision(state, x, args.precision), y)),
-                            args.precision)
+    explainer = Explainer(model, methods, precision=args.precision)
     from cam import figures
     stems = [Path(p).stem for p in args.image]
     records = []
     for i, (path, rgb) in enumerate(zip(args.image, pictures)):
         x = model_input(rgb, entry)[None]
-        probs = np.asarray(predict(state, x))[0]
+        probs = np.asarray(explainer.probabilities(x))[0]
         top = np.argsort(-probs, kind="stable")[:5]
         label = int(top[0]) if args.label is None else args.label
-        maps = {m: np.asarray(v)[0] for m, v in explain(state, x, np.array([label], np.int32)).items()}
+        maps = {m: np.asarray(v)[0] for m, v in explainer.cams(x, np.array([label], np.int32)).items()}
         display = np.clip(x[0] * np.asarray(entry.std) + np.asarray(entry.mean), 0, 1)
         stem = stems[i] if stems.count(stems[i]) == 1 else f"{i:02d}_{stems[i]}"
         written = []

@@ -113,8 +113,8 @@ def torch_pipeline(name: str) -> TorchPipeline:
 
 @functools.cache
 def jax_step(name: str):
-    """(jitted step(state, image, heatmap, label), state): evaluation.evaluator.Evaluator's on one device, random
-    weights."""
+    """evaluation.evaluator.Evaluator of `name` on one device, random weights: ev(image, heatmap, label) runs its
+    jitted step."""
     import jax
     from flax import nnx
 
@@ -122,9 +122,8 @@ def jax_step(name: str):
     from evaluation.evaluator import Evaluator
     model = models.create_model(name, rngs=nnx.Rngs(0))
     model.eval()
-    ev = Evaluator(model, methods=METHODS, protocol="study", precision="highest",
-                   mesh=jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]))
-    return ev.step, ev.state
+    return Evaluator(model, methods=METHODS, protocol="study", precision="highest",
+                     mesh=jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]))
 
 
 def timed(fn, steps: int) -> float:
@@ -145,9 +144,9 @@ def bench_step(name: str, batch: int, steps: int) -> dict:
     x = rng.standard_normal((batch, s, s, 3), np.float32)
     humans = rng.random((batch, 224, 224), np.float32)
     labels = rng.integers(0, 1000, batch).astype(np.int32)
-    step, state = jax_step(name)
-    args = [jax.device_put(a) for a in (x, humans, labels)]
-    t_jax = timed(lambda: jax.block_until_ready(step(state, *args)), steps)
+    ev = jax_step(name)
+    args = [jax.device_put(a, ev.data_sharding) for a in (x, humans, labels)]
+    t_jax = timed(lambda: jax.block_until_ready(ev(*args)), steps)
     pipe = torch_pipeline(name)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(pipe.device)
     parts = []
@@ -176,10 +175,10 @@ def bench_e2e(name: str, batch: int, steps: int) -> dict:
                                      num_shards={"validation": 1})
         examples = [source[i] for i in range(len(source))]
     n = len(examples)
-    step, state = jax_step(name)
+    ev = jax_step(name)
 
     def jax_pass():
-        out = [step(state, b["image"], b["heatmap"], b["label"])
+        out = [ev(b["image"], b["heatmap"], b["label"])
                for b in pipeline.batches(examples, entry, batch_size=batch, workers=min(8, os.cpu_count() or 1))]
         jax.block_until_ready(out)
 

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import cam
 from evaluation import PRECISIONS, STUDY_METHODS, metrics as metric_registry, protocols
 
-__all__ = ["ACCURACY_MIN_IMAGES", "ACCURACY_WARN_TOP1", "Evaluator", "WithPrecision", "accuracy", "accuracy_warning",
+__all__ = ["ACCURACY_MIN_IMAGES", "ACCURACY_WARN_TOP1", "Evaluator", "Explainer", "WithPrecision", "accuracy", "accuracy_warning",
            "cast_for_precision", "check_precision", "faithfulness_summary", "precision_context", "resolve_methods",
            "top_k"]
 
@@ -179,6 +179,7 @@ class Evaluator:
             if taken:
                 raise ValueError(f"metric names {sorted(taken)} collide with cam.faithfulness.METRIC_NAMES")
         self.mesh = mesh if mesh is not None else jax.make_mesh((jax.device_count(),), ("data",))
+        self.data_sharding = NamedSharding(self.mesh, P("data"))     # of the images, human maps and labels
         self.graphdef, state = nnx.split(model)
         self.state = jax.device_put(state, NamedSharding(self.mesh, P()))
         fn = self._with_predictions(self._step_fn())
@@ -230,8 +231,10 @@ class Evaluator:
         return fn
 
     def __call__(self, image, heatmap, label, state=None) -> dict:
-        """The step on global (sharded) arrays, with the evaluator's replicated state unless `state` is given."""
-        return self.step(self.state if state is None else state, image, heatmap, label)
+        """The step, with the evaluator's replicated state unless `state` is given, on global arrays sharded as
+        `data_sharding` (host arrays are put there: in a single process only; run() gathers several processes')."""
+        batch = [jax.device_put(a, self.data_sharding) for a in (image, heatmap, label)]
+        return self.step(self.state if state is None else state, *batch)
 
     # -- batches and accumulation ------------------------------------------------------------------------------
 
@@ -242,8 +245,7 @@ class Evaluator:
         "index": (B,), "valid": (B,)} over the global batch (padding rows included, valid False). Every out is
         kept for summary()."""
         from jax.experimental import multihost_utils
-        sharded = NamedSharding(self.mesh, P("data"))
-        n_proc = jax.process_count()
+        sharded, n_proc = self.data_sharding, jax.process_count()
         for b in batches:
             glob = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("image", "heatmap", "label")]
             out = self(*glob)
@@ -292,6 +294,39 @@ class Evaluator:
         return {"accuracy": acc,
                 "predicted_per_image": {int(i): int(p) for i, p in zip(index[valid], predictions["predicted"][valid])},
                 "cams": rows}
+
+
+class Explainer:
+    """The softmax probabilities and the CAMs (at the input resolution) of single images, for any photo
+    (evaluate.py --image): two jitted functions of the model under `precision`.
+
+        ex = Explainer(model, ["gradcam"]); probs = ex.probabilities(x); maps = ex.cams(x, labels)["gradcam"]
+    """
+
+    def __init__(self, model: nnx.Module, methods: str | Sequence[str] = STUDY_METHODS, *,
+                 precision: str = "highest"):
+        self.methods = tuple(resolve_methods(methods))
+        self.precision = check_precision(precision)
+        graphdef, self.state = nnx.split(model)
+        cams_fn = cam.make_cams_fn(graphdef, self.methods)   # output_size None: the input's H, W
+
+        def probabilities(state, x):
+            state, x = cast_for_precision(state, x, precision)
+            m = nnx.merge(graphdef, state)
+            m.eval()
+            return jax.nn.softmax(m(x).astype(jnp.float32), axis=-1)
+
+        self._probabilities = WithPrecision(jax.jit(probabilities), precision)
+        self._cams = WithPrecision(jax.jit(lambda state, x, y: cams_fn(*cast_for_precision(state, x, precision), y)),
+                                   precision)
+
+    def probabilities(self, images) -> jax.Array:
+        """(B, num_classes) softmax of the logits (float32)."""
+        return self._probabilities(self.state, images)
+
+    def cams(self, images, labels) -> dict:
+        """{method: (B, H, W)} maps of `labels` ((B,) ints) at the images' resolution."""
+        return self._cams(self.state, images, labels)
 
 
 def _scorable(maps) -> jax.Array:
