@@ -31,9 +31,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import cam
 from evaluation import PRECISIONS, STUDY_METHODS, metrics as metric_registry, protocols
 
-__all__ = ["ACCURACY_MIN_IMAGES", "ACCURACY_WARN_TOP1", "Evaluator", "Explainer", "WithPrecision", "accuracy", "accuracy_warning",
-           "cast_for_precision", "check_precision", "faithfulness_summary", "precision_context", "resolve_methods",
-           "top_k"]
+__all__ = ["ACCURACY_MIN_IMAGES", "ACCURACY_WARN_TOP1", "Evaluator", "Explainer", "WithPrecision", "accuracy",
+           "accuracy_warning", "cast_for_precision", "check_precision", "faithfulness_summary", "precision_context",
+           "resolve_methods", "top_k"]
 
 # Below this top-1 accuracy on >= ACCURACY_MIN_IMAGES images a trained ImageNet checkpoint is suspect (published
 # ones reach 76-84 % on ImageNet validation).

@@ -88,8 +88,8 @@ def png(path) -> np.ndarray:
 
 def test_step_accuracy_equals_numpy_from_logits(tiny_pair, extra_metric):
     """The step's predictions against numpy top-k of the logits of the model called directly, with labels chosen
-    at logit ranks 0, 1, 3, 4, 5, 9, 500, 2: top-1 and top-5 both true and false. (BASE at batch 8: the step
-    sample_run compiles too.)"""
+    at logit ranks 0, 1, 3, 4, 5, 9, 500, 2: top-1 and top-5 both true and false; the Evaluator's run() and
+    summary() over the same batch with two padding rows. (BASE at batch 8: the step sample_run compiles too.)"""
     import jax
     from flax import nnx
 
@@ -104,11 +104,11 @@ def test_step_accuracy_equals_numpy_from_logits(tiny_pair, extra_metric):
     ranks = [0, 1, 3, 4, 5, 9, 500, 2]
     labels = order[np.arange(8), ranks].astype(np.int32)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    step = Evaluator(model, entry, methods=["gradcam", "threshold_gradcam"], protocol="study", precision="highest",
-                     mesh=mesh).step
+    ev = Evaluator(model, entry, methods=["gradcam", "threshold_gradcam"], protocol="study", precision="highest",
+                   mesh=mesh)
     heat = rng.random((8, 224, 224)).astype(np.float32)
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    out = jax.device_get(step(nnx.split(model)[1], *(jax.device_put(a, data) for a in (x, heat, labels))))
+    out = jax.device_get(ev.step(nnx.split(model)[1], *(jax.device_put(a, data) for a in (x, heat, labels))))
     out = out["predictions"]
     pred, top1, top5 = numpy_topk(logits, labels)
     np.testing.assert_array_equal(out["predicted"], pred)
@@ -118,6 +118,20 @@ def test_step_accuracy_equals_numpy_from_logits(tiny_pair, extra_metric):
     valid = np.array([True] * 6 + [False] * 2)      # padding rows do not count
     acc = evaluator.accuracy(out, valid)
     assert acc == {"top1": top1[:6].mean(), "top5": top5[:6].mean(), "n": 6}
+    index = np.array([4, 0, 1, 5, 3, 2, 0, 0])      # padding rows repeat an index, as the pipeline's do
+    batch = {"image": x, "heatmap": heat, "label": labels, "index": index, "valid": valid}
+    ((_, got),) = list(ev.run([batch]))
+    np.testing.assert_array_equal(got["predictions"]["predicted"], pred)
+    assert set(got) == {"gradcam", "threshold_gradcam", "predictions", "index", "valid"}
+    assert set(got["gradcam"]) == {"rho", "dice", "iou", EXTRA, "evaluated"} and got["gradcam"]["rho"].shape == (8,)
+    summary = ev.summary(6)
+    assert summary["accuracy"] == acc
+    assert summary["predicted_per_image"] == {int(i): int(p) for i, p in zip(index[:6], pred[:6])}
+    for c in summary["cams"].values():
+        assert c["n_evaluated"] + c["n_skipped"] == 6 and (c["top1"], c["top5"]) == (acc["top1"], acc["top5"])
+        assert sorted(c["rho_per_image"]) == list(range(6))
+    with pytest.raises(RuntimeError, match="do not match the requested 7"):
+        ev.summary(7)
 
 
 def test_sample_run_reports_accuracy(sample_run):
