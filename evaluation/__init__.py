@@ -7,12 +7,13 @@ train.py; data beside).
     ev = Evaluator(model, methods=("gradcam", "threshold_gradcam"), protocol="study")
     for batch, out in ev.run(batches):   # batches of data.pipeline.batches; out: {method: {metric: (B,)}, ...}
         ...
-    rows = ev.summary()                  # {"cams": {method: {"score", "mean_rho", "dice", "iou", ...}}, "accuracy"}
+    summary = ev.summary()               # {"cams": {method: {"score", "mean_rho", "dice", "iou", ...}}, "accuracy"}
     metrics.register_metric("mae", lambda cam, human: abs(cam - human).mean((1, 2)))   # a new metric: one entry
 
 Modules: `metrics` (the registry of alignment metrics and their reducers), `protocols` (how a CAM is put next to
-the human map), `evaluator` (the jitted, sharded step; precision; accuracy), `checkpoints` (the published-checkpoint
-lookup: download, verify, convert once into the cache), `runtime` (progress bars, atomic writes, multi-host flags).
+the human map), `evaluator` (Evaluator: the jitted, sharded step, precision, accuracy; Explainer: the predictions
+and CAMs of single photos), `checkpoints` (the published-checkpoint lookup: download, verify, convert once into the
+cache), `runtime` (progress bars, atomic writes, multi-host flags).
 The constants below are what the command lines need before JAX is imported (the modules import JAX)."""
 from pathlib import Path
 

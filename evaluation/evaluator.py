@@ -248,7 +248,7 @@ class Evaluator:
         sharded, n_proc = self.data_sharding, jax.process_count()
         for b in batches:
             glob = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("image", "heatmap", "label")]
-            out = self(*glob)
+            out = self.step(self.state, *glob)
             if n_proc > 1:  # index and valid take the same path as the images, so their rows match the results'
                 where = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("index", "valid")]
                 out, index, valid = multihost_utils.process_allgather((out, *where), tiled=True)
