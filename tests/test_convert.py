@@ -582,6 +582,11 @@ def test_load_from_url_and_published_checkpoint(tmp_path, server, torch_toy, mon
                              infer_overrides=registry.get_entry(TOY).infer_overrides))
     _assert_params_equal(checkpoints_with_downloads().load("test_convert_published"), torch_toy.state_dict())
     assert cache_path(f"{server.url}/toy.pth", tmp_path / "cache", filename="toy_published.pth").exists()
+    # the converter's command line with downloads (models.convert's refuses URLs: the model layer downloads nothing)
+    out = tmp_path / "converted"
+    assert checkpoints_with_downloads().main(["--model", TOY, "--checkpoint", f"{server.url}/toy.pth", "--out",
+                                              str(out)]) == 0
+    _assert_params_equal(convert.restore(out), torch_toy.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------
