@@ -105,6 +105,7 @@ def test_evaluated_mask_is_where_spearman_has_a_rho():
     import jax.numpy as jnp
     import scipy.stats
 
+    from cam import metrics as cam_metrics
     from evaluation.evaluator import _scorable
     rng = np.random.default_rng(0)
     base = rng.random((6, 6)).astype(np.float32)
@@ -115,6 +116,10 @@ def test_evaluated_mask_is_where_spearman_has_a_rho():
     human = np.stack([rng.random((6, 6)), np.zeros((6, 6))]).astype(np.float32)
     ok = np.asarray(jax.jit(_scorable)(jnp.asarray(maps)))
     ok_human = np.asarray(jax.jit(_scorable)(jnp.asarray(human)))
+    assert ok.tolist() == [False, False, False, True, False, False, True, True, True]
+    for h, h_ok in zip(human, ok_human):      # and cam.metrics.spearman has a rho exactly there
+        ours = np.asarray(cam_metrics.spearman(maps, np.broadcast_to(h, maps.shape)))
+        np.testing.assert_array_equal(np.isfinite(ours), ok & h_ok)
     for h, h_ok in zip(human, ok_human):
         for m, m_ok in zip(maps, ok):
             with warnings.catch_warnings():
