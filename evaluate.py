@@ -16,6 +16,11 @@ bfloat16). The JSON records it with the device, the versions, and the SHA-256 of
 Data-parallel over all local devices (and all hosts once `jax.distributed` is initialised, see
 --distributed): one `Mesh` axis "data", the batch sharded over it, parameters replicated, CAMs and the
 Spearman metric computed on the devices. The last partial batch is padded and masked, never dropped.
+
+This file is the command line and its orchestration (data, figures, tables, JSON). The evaluation itself is the
+library's: evaluation.evaluator.Evaluator (the jitted, sharded step and its results), evaluation.metrics (the metric
+registry: a metric registered there is computed, written to the JSON and, with columns, to the table),
+evaluation.protocols, evaluation.checkpoints (published checkpoints: download, verify, convert once).
 """
 from __future__ import annotations
 
@@ -27,17 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from evaluation import runtime
-
-DEFAULT_CAMS = ("gradcam", "threshold_gradcam")
-# --precision: "highest" (the default) runs float32 matmuls/convolutions at full float32 precision on every backend,
-# the setting of the tests and of the README's tolerances (on CPU all three float32 settings compute alike, while TPUs
-# and Ampere+ GPUs otherwise use bfloat16 / TF32 passes that move per-image rho); "default" is the backend's default;
-# "bfloat16" casts the parameters and images to bfloat16 (CAMs and metrics stay float32).
-PRECISIONS = ("highest", "default", "bfloat16")
-# Below this top-1 accuracy on >= ACCURACY_MIN_IMAGES images a trained ImageNet checkpoint is suspect (published
-# ones reach 76-84 % on ImageNet validation).
-ACCURACY_WARN_TOP1, ACCURACY_MIN_IMAGES = 0.5, 20
+from evaluation import PRECISIONS, PROTOCOLS, SAMPLE_DIR, STUDY_METHODS, runtime
 
 
 class UsageError(Exception):
@@ -55,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--model", help="a registry name (python evaluate.py --list-models)")
     which.add_argument("--models", help="comma-separated names, or 'all' for the 16 models of the study")
     which.add_argument("--list-models", action="store_true", help="print the model names and exit")
-    p.add_argument("--cam", default=",".join(DEFAULT_CAMS),
+    p.add_argument("--cam", default=",".join(STUDY_METHODS),
                    help="CAM method(s): a name, a comma-separated list, or 'all' (default: %(default)s)")
     p.add_argument("--checkpoint", help="checkpoint file, orbax directory or URL (default: the model's "
                    "published checkpoint, downloaded to the cache and converted once)")
@@ -71,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, help="global batch (default 32 per device); a multiple of the "
                    "device count")
-    p.add_argument("--protocol", default="study", choices=("study", "corrected"),
+    p.add_argument("--protocol", default="study", choices=PROTOCOLS,
                    help="study: the CAM of the cropped input stretched to 224x224 as the study did; corrected: "
                         "compared inside the crop window only")
     p.add_argument("--output", help="write the results and the full configuration to this JSON file")
@@ -195,7 +190,8 @@ def non_finite_scores(results: list[dict]) -> list[str]:
     bad = []
     for r in results:
         for m, c in r.get("cams", {}).items():
-            if any(not isinstance(c.get(k), (int, float)) or not math.isfinite(c[k]) for k in ("score", "mean_rho")):
+            if any(not isinstance(c[k], (int, float)) or not math.isfinite(c[k])
+                   for k in ("score", "mean_rho") if k in c):
                 bad.append(f"{r['model']} / {m} ({c.get('n_evaluated')} images evaluated, {c.get('n_skipped')} "
                            "skipped)")
     return bad
@@ -210,14 +206,8 @@ def resolve_models(args) -> list[str]:
 
 
 def resolve_cams(spec: str) -> list[str]:
-    import cam
-    names = list(cam.METHOD_NAMES) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    for n in names:
-        if n not in cam.METHOD_NAMES:
-            raise ValueError(f"unknown CAM method {n!r}; valid names: {', '.join(cam.METHOD_NAMES)}, all")
-    if not names:
-        raise ValueError("--cam names no method")
-    return names
+    from evaluation.evaluator import resolve_methods
+    return resolve_methods(spec)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -230,72 +220,15 @@ def cache_dir(args) -> Path:
 
 
 def load_model(name: str, args):
-    """(model, source, sha256): random weights, a given checkpoint (file, orbax directory or URL), or the published
-    checkpoint, converted once into an orbax directory under the cache and restored from there afterwards.
-    `sha256` is that of the bytes evaluated (see checkpoint_sha256; None for --random-init), checked against the
-    registry's pinned hash of the published checkpoint, if any, on every load."""
-    from flax import nnx
-
-    import models
-    from models import convert
-    if args.random_init:
-        return models.create_model(name, rngs=nnx.Rngs(args.seed)), "random-init", None
-    from data import download
-    if args.checkpoint:
-        path = args.checkpoint
-        if path.startswith(("http://", "https://")):
-            path = download.cached_download(path, cache_dir(args))
-        if not Path(path).exists():
-            raise UsageError(f"--checkpoint {path} does not exist")
-        digest = checkpoint_sha256(path)
-        return convert.load(name, path), args.checkpoint, digest
-    entry = models.get_entry(name)
-    ckpt = entry.checkpoint
-    if ckpt is None:
-        raise UsageError(f"{name} has no published checkpoint: pass --checkpoint or --random-init")
-    pinned = pinned_sha256(entry)
-    raw = download.cache_path(ckpt.url, cache_dir(args), filename=ckpt.filename)
-    if raw.is_file():   # bytes already cached: a pinned hash they fail is refused before any conversion
-        verify_sha256(download.sha256_file(raw), pinned, f"{name}'s checkpoint {raw} (from {ckpt.url})")
-    # downloads (pinned hash checked), converts once under a lock shared by concurrent runs, verifies the cache
-    model = convert.load_published(name, cache_dir(args))
-    record = download.read_record(raw)   # the SHA-256 of the bytes the conversion was made from
-    return model, ckpt.url, record["sha256"] if record else None
-
-
-def checkpoint_sha256(path) -> str:
-    """The SHA-256 of a checkpoint file; of a directory (an orbax checkpoint), the SHA-256 of the sorted lines
-    "<sha256 of the file>  <path relative to the directory>" of all its files (as `sha256sum` prints them)."""
-    import hashlib
-    path = Path(path)
-
-    from data.download import sha256_file as of_file
-    if path.is_dir():
-        lines = sorted(f"{of_file(p)}  {p.relative_to(path).as_posix()}\n" for p in path.rglob("*") if p.is_file())
-        return hashlib.sha256("".join(lines).encode()).hexdigest()
-    return of_file(path)
-
-
-def pinned_sha256(entry) -> str | None:
-    """The SHA-256 a registry entry pins for its published checkpoint (Checkpoint.sha256 or Entry.sha256), if any."""
-    pinned = getattr(entry.checkpoint, "sha256", None) or getattr(entry, "sha256", None)
-    return pinned.lower() if pinned else None
-
-
-def verify_sha256(digest: str, pinned: str | None, what: str) -> str:
-    """`digest`, or a UsageError when the registry pins another hash."""
-    if pinned and digest.lower() != pinned.lower():
-        raise UsageError(f"SHA-256 mismatch for {what}: got {digest}, the registry pins {pinned}. The file is "
-                         "corrupt or not the published checkpoint; delete it to download it again, or pass the "
-                         "right file with --checkpoint")
-    return digest
+    """(model, source, sha256) of the flags: evaluation.checkpoints.load_model (random weights, --checkpoint, or the
+    published checkpoint converted once into the cache, its pinned SHA-256 checked)."""
+    from evaluation import checkpoints
+    return checkpoints.load_model(name, args.checkpoint, random_init=args.random_init, seed=args.seed,
+                                  cache_dir=cache_dir(args))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Data
-
-
-SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "sample"
 
 
 def data_source(args):
@@ -341,265 +274,69 @@ def data_source(args):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The evaluation step: CAMs, alignment with the human maps and the metrics, on the devices
-
-
-def feature_size(model, entry) -> tuple[int, int]:
-    """(h, w) of the model's CAM target activations for its input size (shape inference only)."""
-    import jax
-    s = entry.input_size
-    return jax.eval_shape(model.forward_features, jax.ShapeDtypeStruct((1, s, s, 3), "float32")).shape[1:3]
-
-
-def make_step(graphdef, methods, entry, protocol, feature_hw, faithfulness: dict | None = None):
-    """step(state, image, heatmap, label) -> {method: {"rho", "dice", "iou"}} per image; pure and jit-able.
-
-    As in the study, CAMs are resized once, from the feature resolution `feature_hw` (h, w) to 224 x 224, by
-    data.protocols.align_cam (saliency: from the input resolution). With `faithfulness` (options of
-    cam.faithfulness.make_faithfulness_fn), each method also gets cam.faithfulness.METRIC_NAMES per image, the CAM
-    bilinearly resized to the model's input."""
-    import cam
-    from cam import metrics
-    from data import protocols
-    features = [m for m in methods if m != "saliency"]
-    cams = [cam.make_cams_fn(graphdef, features, output_size=feature_hw)] if features else []
-    if "saliency" in methods:
-        cams.append(cam.make_cams_fn(graphdef, ["saliency"]))
-    if faithfulness is not None:
-        from cam import faithfulness as ff
-        faithful = ff.make_faithfulness_fn(graphdef, **faithfulness)
-
-    def step(state, image, heatmap, label):
-        human = protocols.align_heatmap(heatmap, entry, protocol)
-        maps = {m: cam_maps for f in cams for m, cam_maps in f(state, image, label).items()}
-        out = {}
-        for method in methods:
-            aligned = protocols.align_cam(maps[method], entry, protocol)
-            out[method] = {"rho": metrics.spearman(aligned, human), "dice": metrics.dice(aligned, human),
-                           "iou": metrics.iou(aligned, human)}
-            if faithfulness is not None:
-                out[method].update(faithful(state, image, maps[method], label))
-        return out
-
-    return step
-
-
-def top_k(logits, labels, k: int = 5) -> dict:
-    """Per image: the predicted class, whether it is the label (top-1), whether the label is among the k highest
-    logits (top-k; ties broken towards the lower class index, as lax.top_k)."""
-    import jax
-    import jax.numpy as jnp
-    _, top = jax.lax.top_k(logits.astype(jnp.float32), min(k, logits.shape[-1]))
-    labels = jnp.asarray(labels)
-    return {"predicted": top[:, 0].astype(jnp.int32), "top1": top[:, 0] == labels,
-            "top5": (top == labels[:, None]).any(axis=-1)}
-
-
-def with_predictions(step, graphdef, precision: str = "highest"):
-    """step(state, image, heatmap, label) -> the step's output plus out["predictions"] (top_k of the model's logits).
-    The extra forward pass is the one inside the CAM's VJP: XLA merges the two (common subexpressions; the
-    compiled step of the reduced test ResNet held as many convolutions and dots as without, CPU). With precision
-    "bfloat16" the floating parameters and the images are cast to bfloat16 first."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    def fn(state, image, heatmap, label):
-        state, image = cast_for_precision(state, image, precision)
-        out = dict(step(state, image, heatmap, label))
-        model = nnx.merge(graphdef, state)
-        model.eval()
-        out["predictions"] = top_k(model(image), label)
-        return out
-
-    return fn
-
-
-def cast_for_precision(state, image, precision: str):
-    """(state, image) with floating parameters and the image cast to bfloat16 for precision "bfloat16"."""
-    import jax
-    import jax.numpy as jnp
-    if precision != "bfloat16":
-        return state, image
-    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-    return state, image.astype(jnp.bfloat16)
-
-
-def precision_context(precision: str):
-    """The jax.default_matmul_precision context for --precision (trace and lowering happen inside it)."""
-    import jax
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    return jax.default_matmul_precision("highest" if precision == "highest" else "default")
-
-
-class WithPrecision:
-    """A jitted function called (and lowered) under precision_context(precision)."""
-
-    def __init__(self, fn, precision: str):
-        self.fn, self.precision = fn, precision
-
-    def __call__(self, *args):
-        with precision_context(self.precision):
-            return self.fn(*args)
-
-    def lower(self, *args):
-        with precision_context(self.precision):
-            return self.fn.lower(*args)
-
-
-def build_step(model, entry, methods, protocol: str, precision: str, mesh, faithfulness: dict | None = None):
-    """The jitted, sharded evaluation step of `model` (see make_step, with_predictions) under `precision`."""
-    import jax
-    from flax import nnx
-    from jax.sharding import PartitionSpec as P
-    graphdef, _ = nnx.split(model)
-    fn = with_predictions(make_step(graphdef, methods, entry, protocol, feature_size(model, entry), faithfulness),
-                          graphdef, precision)
-    return WithPrecision(jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
-                                               out_specs=P("data"))), precision)
-
-
-def accuracy(predictions: dict, valid) -> dict:
-    """{"top1", "top5", "n"} over the valid rows of the gathered predictions."""
-    import numpy as np
-    valid = np.asarray(valid, bool)
-    n = int(valid.sum())
-    mean = (lambda k: float(np.asarray(predictions[k])[valid].mean()) if n else float("nan"))
-    return {"top1": mean("top1"), "top5": mean("top5"), "n": n}
-
-
-def accuracy_warning(name: str, acc: dict, source: str) -> str | None:
-    """A warning line when a trained checkpoint's top-1 is implausibly low (None for random weights)."""
-    if source == "random-init" or acc["n"] < ACCURACY_MIN_IMAGES or not acc["top1"] < ACCURACY_WARN_TOP1:
-        return None
-    return (f"{name}: top-1 accuracy {acc['top1']:.1%} on {acc['n']} images is implausibly low for a trained ImageNet "
-            f"checkpoint (published ones reach 76-84 %): check the checkpoint, its key mapping and the preprocessing "
-            f"before trusting its alignment score")
+# One model: the library's Evaluator over the data, with progress and overlays
 
 
 def evaluate_model(name: str, args, methods: list[str], mesh, source) -> dict:
+    """One model over the data source: evaluation.evaluator.Evaluator's step on every batch of data.pipeline, the
+    progress bar, the overlays; the result row of the JSON."""
     import jax
-    import numpy as np
-    from flax import nnx
-    from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import models
-    from cam import metrics
     from data import pipeline
+    from evaluation.evaluator import Evaluator, accuracy_warning
 
     entry = models.get_entry(name)
     model, source_name, checkpoint_sha = load_model(name, args)
     model.eval()
-    graphdef, state = nnx.split(model)
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     batch = args.batch_size or 32 * n_dev
     if batch % n_dev:
         raise UsageError(f"--batch-size {batch} is not a multiple of the {n_dev} devices")
-    local_batch = batch // n_proc
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
-    # Each device evaluates its slice of the batch with replicated parameters: no collectives.
     faith = dict(num_steps=args.faithfulness_steps) if getattr(args, "faithfulness", False) else None
-    step = build_step(model, entry, methods, args.protocol, args.precision, mesh, faith)
+    evaluator = Evaluator(model, entry, methods=methods, protocol=args.protocol, precision=args.precision, mesh=mesh,
+                          faithfulness=faith)
 
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n == 0:
         raise UsageError(f"the {args.split} split holds no records")
-    steps = pipeline.num_batches(n, local_batch, n_proc)
-    results = {m: {k: [] for k in ("rho", "dice", "iou") + faithfulness_names(args)} for m in methods}
-    predictions = {k: [] for k in ("predicted", "top1", "top5")}
-    seen_index, seen_valid = [], []
     overlays_left = args.num_overlays if args.overlays and jax.process_index() == 0 else 0
     shown = []
     progress = runtime.Progress(n, enabled=not args.no_progress and jax.process_index() == 0, desc=name)
     start = time.perf_counter()
-    for b in pipeline.batches(source, entry, batch_size=local_batch, limit=n, process_index=jax.process_index(),
-                              process_count=n_proc, workers=args.workers):
-        glob = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("image", "heatmap", "label")]
-        out = step(state, *glob)
-        if n_proc > 1:  # index and valid take the same path as the images, so their rows match the results'
-            where = [jax.make_array_from_process_local_data(sharded, b[k]) for k in ("index", "valid")]
-            out, index, valid = multihost_utils.process_allgather((out, *where), tiled=True)
-        else:
-            out, index, valid = jax.device_get(out), b["index"], b["valid"]
-        for m in methods:
-            for k in results[m]:
-                results[m][k].append(np.asarray(out[m][k]))
-        for k in predictions:
-            predictions[k].append(np.asarray(out["predictions"][k]))
-        seen_index.append(np.asarray(index))
-        seen_valid.append(np.asarray(valid))
+    batches = pipeline.batches(source, entry, batch_size=batch // n_proc, limit=n, process_index=jax.process_index(),
+                               process_count=n_proc, workers=args.workers)
+    for b, out in evaluator.run(batches):
         if overlays_left:
-            overlays_left = collect_overlays(args, model, methods, entry, b, out, np.asarray(index), overlays_left,
-                                             shown)
-        progress.update(int(np.asarray(valid).sum()))
+            overlays_left = collect_overlays(args, model, methods, entry, b, out, out["index"], overlays_left, shown)
+        progress.update(int(out["valid"].sum()))
     progress.close()
     elapsed = time.perf_counter() - start
 
-    index, valid = np.concatenate(seen_index), np.concatenate(seen_valid)
-    got = np.sort(index[valid])
-    if not np.array_equal(got, np.arange(n)):
-        raise RuntimeError(f"evaluated images do not match the requested {n} (lost or duplicated records)")
-    predictions = {k: np.concatenate(v) for k, v in predictions.items()}
-    acc = accuracy(predictions, valid)
+    summary = evaluator.summary(n)
+    acc = summary["accuracy"]
     warning = accuracy_warning(name, acc, source_name)
     if warning and jax.process_index() == 0:
         print(f"warning: {warning}", file=sys.stderr)
-    rows = {}
-    for m in methods:
-        rho, dice, iou = (np.concatenate(results[m][k]) for k in ("rho", "dice", "iou"))
-        score = metrics.alignment_score(rho, valid)
-        ok = valid & np.isfinite(rho)
-        rows[m] = {**score, "dice": float(dice[ok].mean()) if ok.any() else float("nan"),
-                   "iou": float(iou[ok].mean()) if ok.any() else float("nan"),
-                   "skipped_reason": "constant or non-finite map (CAM or human map)" if score["n_skipped"] else "",
-                   "rho_per_image": {int(i): (float(r) if np.isfinite(r) else None)
-                                     for i, r in zip(index[valid], rho[valid])}}
-        rows[m].update(top1=acc["top1"], top5=acc["top5"])       # next to each score, as the table shows them
-        if faithfulness_names(args):
-            rows[m]["faithfulness"] = faithfulness_summary(results[m], valid)
     if shown:
         write_overlay_figures(args, name, methods, shown)
     return {"model": name, "checkpoint": source_name, "checkpoint_sha256": checkpoint_sha, "images": n,
             "seconds": elapsed, "images_per_second": n / elapsed, "devices": n_dev, "processes": n_proc,
             "batch_size": batch, "precision": args.precision,
             "accuracy": acc, "warnings": [warning] if warning else [],
-            "predicted_per_image": {int(i): int(p) for i, p in zip(index[valid], predictions["predicted"][valid])},
-            "cams": rows, "_shown": shown}
-
-
-def faithfulness_names(args) -> tuple[str, ...]:
-    if not getattr(args, "faithfulness", False):
-        return ()
-    from cam.faithfulness import METRIC_NAMES
-    return METRIC_NAMES
-
-
-def faithfulness_summary(per_method: dict, valid):
-    """{metric: mean over the evaluated images (valid, finite: degenerate maps skipped)} and the count."""
-    import numpy as np
-
-    from cam.faithfulness import METRIC_NAMES
-    out = {}
-    for k in METRIC_NAMES:
-        v = np.concatenate(per_method[k])
-        ok = valid & np.isfinite(v)
-        out[k] = float(v[ok].mean()) if ok.any() else float("nan")
-    out["n_evaluated"] = int((valid & np.isfinite(np.concatenate(per_method[METRIC_NAMES[0]]))).sum())
-    return out
+            "predicted_per_image": summary["predicted_per_image"], "cams": summary["cams"], "_shown": shown}
 
 
 def collect_overlays(args, model, methods, entry, batch, out, index, left: int, shown: list) -> int:
     """Keeps, for the first `left` images of the batch (process 0), what the figures show: the model input back in
-    [0, 1], the human map as the metric compares it (data.protocols.align_heatmap), each method's map at 224 x 224,
-    its rho, the label and the prediction. Returns how many are still wanted."""
+    [0, 1], the human map as the metric compares it (evaluation.protocols.align_heatmap), each method's map at
+    224 x 224, its rho, the label and the prediction. Returns how many are still wanted."""
     import numpy as np
 
     import cam
-    from data import protocols
     from data.preprocess import SIZE
+    from evaluation import protocols
+    from evaluation.evaluator import precision_context
     k = min(left, int(batch["valid"].sum()))
     if k == 0:
         return left
@@ -613,9 +350,9 @@ def collect_overlays(args, model, methods, entry, batch, out, index, left: int, 
     for i in range(k):
         r = row_of[int(batch["index"][i])]
         shown.append({"index": int(batch["index"][i]), "image": display[i], "human": humans[i],
-                      "label": int(batch["label"][i]), "predicted": int(np.asarray(out["predictions"]["predicted"])[r]),
+                      "label": int(batch["label"][i]), "predicted": int(out["predictions"]["predicted"][r]),
                       "maps": {m: maps[m][i] for m in methods},
-                      "rho": {m: float(np.asarray(out[m]["rho"])[r]) for m in methods}})
+                      "rho": {m: float(out[m]["rho"][r]) if "rho" in out[m] else None for m in methods}})
     return left - k
 
 
@@ -662,31 +399,42 @@ def write_twin_figures(args, results: list[dict], methods) -> list[Path]:
 # Reporting
 
 
-COLUMNS = ("model", "CAM", "alignment score", "mean rho", "top-1", "top-5", "images evaluated", "images skipped",
-           "img/s")
-
-
+COLUMNS = ("model", "CAM", "top-1", "top-5", "images evaluated", "images skipped", "img/s")
 FAITHFULNESS_COLUMNS = {"deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
                         "average_drop": "avg drop", "increase_in_confidence": "increase", "road_combined": "ROAD"}
 
 
+def metric_columns(results: list[dict]) -> dict[str, str]:
+    """{field: header} of the registered metrics' table columns (evaluation.metrics) that the results hold."""
+    from evaluation.metrics import METRICS
+    fields = {k for r in results for c in r["cams"].values() for k in c}
+    return {k: v for m in METRICS.values() for k, v in m.columns.items() if k in fields}
+
+
 def columns(results: list[dict]) -> tuple[str, ...]:
-    """COLUMNS, and the faithfulness columns when the results have them (--faithfulness)."""
+    """model, CAM, the metrics' columns (alignment score, mean rho, ...), the accuracy and counts, and the
+    faithfulness columns when the results have them (--faithfulness)."""
     has = any("faithfulness" in c for r in results for c in r["cams"].values())
-    return COLUMNS + (tuple(FAITHFULNESS_COLUMNS.values()) if has else ())
+    return (COLUMNS[:2] + tuple(metric_columns(results).values()) + COLUMNS[2:]
+            + (tuple(FAITHFULNESS_COLUMNS.values()) if has else ()))
 
 
 def table_rows(results: list[dict]) -> list[tuple]:
+    fields = metric_columns(results)
     rows = []
     for r in results:
         for m, c in r["cams"].items():
             acc = r.get("accuracy") or {}
-            rows.append((r["model"], m, f"{c['score']:.4f}", f"{c['mean_rho']:.4f}", _percent(acc.get("top1")),
-                         _percent(acc.get("top5")), str(c["n_evaluated"]),
-                         f"{c['n_skipped']}" + (f" ({c['skipped_reason']})" if c["n_skipped"] else ""),
-                         f"{r['images_per_second']:.1f}")
+            rows.append((r["model"], m) + tuple(_number(c.get(k)) for k in fields)
+                        + (_percent(acc.get("top1")), _percent(acc.get("top5")), str(c["n_evaluated"]),
+                           f"{c['n_skipped']}" + (f" ({c['skipped_reason']})" if c["n_skipped"] else ""),
+                           f"{r['images_per_second']:.1f}")
                         + tuple(f"{c['faithfulness'][k]:.4f}" for k in FAITHFULNESS_COLUMNS if "faithfulness" in c))
     return rows
+
+
+def _number(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def _percent(x) -> str:
@@ -729,42 +477,28 @@ def evaluate_images(args, methods: list[str]) -> dict:
     """The CAMs of image files: each image through the model's own transform (data.preprocess.model_input: resize
     the shorter side, center crop, normalise), its top-5 predictions, and the maps of `methods` for --label (else
     its top prediction), written as labelled figures to --overlays. Returns the JSON-able record."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     import cam
     import models
     from data.preprocess import model_input
+    from evaluation.evaluator import Explainer
     entry = models.get_entry(args.model)
     if args.label is not None and not 0 <= args.label < entry.num_classes:
         raise UsageError(f"--label {args.label} is outside [0, {entry.num_classes})")
     pictures = [read_image(p) for p in args.image]          # every file is readable before the model loads
     model, source, digest = load_model(args.model, args)
     model.eval()
-    graphdef, state = nnx.split(model)
-    size = entry.input_size
-
-    def logits_fn(state, x):
-        state, x = cast_for_precision(state, x, args.precision)
-        m = nnx.merge(graphdef, state)
-        m.eval()
-        return jax.nn.softmax(m(x).astype(jnp.float32), axis=-1)
-
-    cams_fn = cam.make_cams_fn(graphdef, methods, output_size=(size, size))
-    predict = WithPrecision(jax.jit(logits_fn), args.precision)
-    explain = WithPrecision(jax.jit(lambda state, x, y: cams_fn(*cast_for_precision(state, x, args.precision), y)),
-                            args.precision)
+    explainer = Explainer(model, methods, precision=args.precision)
     from cam import figures
     stems = [Path(p).stem for p in args.image]
     records = []
     for i, (path, rgb) in enumerate(zip(args.image, pictures)):
         x = model_input(rgb, entry)[None]
-        probs = np.asarray(predict(state, x))[0]
+        probs = np.asarray(explainer.probabilities(x))[0]
         top = np.argsort(-probs, kind="stable")[:5]
         label = int(top[0]) if args.label is None else args.label
-        maps = {m: np.asarray(v)[0] for m, v in explain(state, x, np.array([label], np.int32)).items()}
+        maps = {m: np.asarray(v)[0] for m, v in explainer.cams(x, np.array([label], np.int32)).items()}
         display = np.clip(x[0] * np.asarray(entry.std) + np.asarray(entry.mean), 0, 1)
         stem = stems[i] if stems.count(stems[i]) == 1 else f"{i:02d}_{stems[i]}"
         written = []

@@ -4,8 +4,9 @@
     python benchmarks/bench_evaluate.py --models all --batch 64 --steps 10    # a GPU: the 16 models
     python benchmarks/bench_evaluate.py --e2e                                 # + the data pipeline on the sample
 
-JAX: evaluate.make_step, jitted: Grad-CAM and Threshold-Grad-CAM from one backward pass, resized to 224, and
-Spearman, Dice and IoU against the human maps, all on the device. PyTorch, as the study (DCLS-GradCAM-Eval):
+JAX: evaluation.evaluator.Evaluator's step (as evaluate.py runs it, on one device), jitted: Grad-CAM and
+Threshold-Grad-CAM from one backward pass, resized to 224, Spearman, Dice and IoU (every registered metric) against
+the human maps, and the top-5 predictions, all on the device. PyTorch, as the study (DCLS-GradCAM-Eval):
 the timm model (+ dcls for the _dcls variants, built as the tests build them, random weights), the CAM layer's
 activations from a forward hook and their gradient by torch.autograd.grad (to the features only: the study's
 `output.backward()` and its second forward pass for the activations cost more), the two CAMs, torchvision
@@ -107,23 +108,22 @@ def torch_pipeline(name: str) -> TorchPipeline:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# JAX: evaluate.py's step
+# JAX: the evaluation library's step
 
 
 @functools.cache
 def jax_step(name: str):
-    """(jitted step(state, image, heatmap, label), state) of evaluate.make_step, random weights."""
+    """evaluation.evaluator.Evaluator of `name` on one device, random weights: ev(image, heatmap, label) runs its
+    jitted step."""
     import jax
     from flax import nnx
 
-    import evaluate
     import models
-    entry = models.get_entry(name)
+    from evaluation.evaluator import Evaluator
     model = models.create_model(name, rngs=nnx.Rngs(0))
     model.eval()
-    graphdef, state = nnx.split(model)
-    step = jax.jit(evaluate.make_step(graphdef, METHODS, entry, "study", evaluate.feature_size(model, entry)))
-    return step, state
+    return Evaluator(model, methods=METHODS, protocol="study", precision="highest",
+                     mesh=jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]))
 
 
 def timed(fn, steps: int) -> float:
@@ -144,9 +144,9 @@ def bench_step(name: str, batch: int, steps: int) -> dict:
     x = rng.standard_normal((batch, s, s, 3), np.float32)
     humans = rng.random((batch, 224, 224), np.float32)
     labels = rng.integers(0, 1000, batch).astype(np.int32)
-    step, state = jax_step(name)
-    args = [jax.device_put(a) for a in (x, humans, labels)]
-    t_jax = timed(lambda: jax.block_until_ready(step(state, *args)), steps)
+    ev = jax_step(name)
+    args = [jax.device_put(a, ev.data_sharding) for a in (x, humans, labels)]
+    t_jax = timed(lambda: jax.block_until_ready(ev(*args)), steps)
     pipe = torch_pipeline(name)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(pipe.device)
     parts = []
@@ -163,22 +163,22 @@ def bench_e2e(name: str, batch: int, steps: int) -> dict:
     from PIL import Image
     from torchvision import transforms as T
 
-    import evaluate
     from data import clickme, pipeline
+    from evaluation import SAMPLE_DIR
     from data.preprocess import clickme_heatmap, clickme_image
     from models import get_entry
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
     entry = get_entry(name)
     with tempfile.TemporaryDirectory() as tmp:
-        source = clickme.data_source("validation", data_dir=tmp, clickme_dir=evaluate.SAMPLE_DIR,
+        source = clickme.data_source("validation", data_dir=tmp, clickme_dir=SAMPLE_DIR,
                                      num_shards={"validation": 1})
         examples = [source[i] for i in range(len(source))]
     n = len(examples)
-    step, state = jax_step(name)
+    ev = jax_step(name)
 
     def jax_pass():
-        out = [step(state, b["image"], b["heatmap"], b["label"])
+        out = [ev(b["image"], b["heatmap"], b["label"])
                for b in pipeline.batches(examples, entry, batch_size=batch, workers=min(8, os.cpu_count() or 1))]
         jax.block_until_ready(out)
 

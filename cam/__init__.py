@@ -19,11 +19,11 @@ import importlib
 
 from cam import capture
 from cam.capture import module_paths, target_path
-from cam.methods import (FEATURE_MAPS, METHOD_NAMES, METHODS, activations_and_grads, cam_from_model,
+from cam.methods import (FEATURE_MAPS, METHOD_NAMES, METHODS, NATIVE, activations_and_grads, cam_from_model,
                          check_labels, compute, grad_cam, input_grads, is_degenerate, make_cam_fn, make_cams_fn, resize,
                          threshold_grad_cam)
 
-__all__ = ["capture", "module_paths", "target_path", "FEATURE_MAPS", "METHOD_NAMES", "METHODS", "activations_and_grads", "cam_from_model", "check_labels",
+__all__ = ["capture", "module_paths", "target_path", "FEATURE_MAPS", "METHOD_NAMES", "METHODS", "NATIVE", "activations_and_grads", "cam_from_model", "check_labels",
            "compute", "grad_cam", "input_grads", "is_degenerate", "make_cam_fn", "make_cams_fn", "resize", "threshold_grad_cam"]
 
 

@@ -29,10 +29,10 @@ normalise (except where the study's definition does: threshold_gradcam): scale i
 Its GradCAM is C times our `gradcam` (sum vs mean); its EigenCAM's sign is whatever LAPACK returns; it replaces
 NaN activations by 0 where we flag the map.
 
-Every map is resized to `output_size` (default: the input's H, W) by `resize`: upsampling is bilinear with
-half-pixel centres in TensorFlow's lerp form, equal to torch `F.interpolate(mode="bilinear", align_corners=False)`
-(and to torchvision's Resize, which the study uses), constant regions staying exactly constant; a downsampling
-resize antialiases.
+Every map is resized to `output_size` (default: the input's H, W; `NATIVE`: not resized) by `resize`: upsampling
+is bilinear with half-pixel centres in TensorFlow's lerp form, equal to torch `F.interpolate(mode="bilinear",
+align_corners=False)` (and to torchvision's Resize, which the study uses), constant regions staying exactly
+constant; a downsampling resize antialiases.
 
 Use: `METHODS[name](model, images, labels, **kw)` (or `grad_cam`, `threshold_grad_cam`, `compute`) checks its
 arguments (ValueError) and compiles the network once per structure and layer for all methods; evaluation jits or
@@ -225,7 +225,12 @@ def resize(maps, size: tuple[int, int]):
     return jax.image.resize(maps, (maps.shape[0], *size), "linear")
 
 
-def _size(output_size, images) -> tuple[int, int]:
+NATIVE = "native"   # output_size=NATIVE: no resize (feature maps at the layer's h, w; saliency at the input's)
+
+
+def _size(output_size, images) -> tuple[int, int] | None:
+    if output_size == NATIVE:
+        return None
     if output_size is None:
         return tuple(images.shape[1:3])
     return (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
@@ -257,7 +262,8 @@ def _maps(method: str, a, g, ok, size: tuple[int, int], **kw):
         m = FEATURE_MAPS[method](a, g, **kw)
         ok = ok & _finite_rows(a) & _finite_rows(g)
     ok = ok & _finite_rows(m)
-    return resize(jnp.where(ok[:, None, None], m, jnp.nan), size).astype(jnp.float32)
+    m = jnp.where(ok[:, None, None], m, jnp.nan)
+    return (m if size is None else resize(m, size)).astype(jnp.float32)
 
 
 def _check_reshape(reshape):

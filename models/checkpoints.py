@@ -1,14 +1,12 @@
-"""The converted-checkpoint cache: orbax save/restore of converted models with a SHA-256 manifest, and the
-published checkpoints (downloaded, converted once, verified).
+"""The converted-checkpoint store: orbax save/restore of converted models with a SHA-256 manifest, and load(),
+PyTorch checkpoint or orbax directory -> model. Nothing here downloads (the model layer imports nothing of data):
+URLs and the published checkpoints go through an injected `fetch`, which evaluation.checkpoints provides with the
+download cache (and its load_published: downloaded, verified, converted once under a lock).
 
     save(model, "out/convnext_tiny_dcls"); model = restore("out/convnext_tiny_dcls")
-    model = load("convnext_tiny_dcls", "ckpt.pth")        # a file, a URL, an orbax dir or None (published)
-    model = load_published("convnext_tiny_dcls", cache_dir)  # downloaded and converted once, verified
+    model = load("convnext_tiny_dcls", "ckpt.pth")        # a file or an orbax dir (a URL or None: pass fetch=)
 
-save() writes a SHA-256 manifest of its files and restore() checks it (CorruptCheckpointError);
-load_published() converts under a lock shared by the runs using one cache, converting again when the cached
-copy is corrupt. Downloads go through `fetch(url, cache_dir, filename, sha256) -> path`, by default
-data.download.cached_download (imported when first used).
+save() writes a SHA-256 manifest of its files and restore() checks it (CorruptCheckpointError).
 """
 from __future__ import annotations
 
@@ -70,57 +68,26 @@ def verify(directory: str | os.PathLike) -> bool:
     return True
 
 
-def download(url: str, cache_dir: str | os.PathLike | None = None, filename: str | None = None,
-             sha256: str | None = None) -> Path:
-    """The default `fetch`: data.download.cached_download (SHA-256 checked, or recorded at the first download)."""
-    from data.download import cached_download  # imported here: the model layer does not need data otherwise
-    return cached_download(url, cache_dir, filename=filename, sha256=sha256)
-
-
 def load(name: str, path: str | os.PathLike | None = None, key: str | None = None, *,
-         allow_nonfinite: bool = False, fetch: Fetch = download, **overrides) -> nnx.Module:
-    """from_state_dict(name, read_checkpoint(path, key)). `path` may also be a URL (downloaded to the cache),
-    an orbax directory written by save(), or None for the entry's published checkpoint (its SHA-256 checked
-    when the registry knows it, else the one recorded at its first download). URLs go through
-    `fetch(url, cache_dir, filename, sha256) -> local path`."""
-    if path is None:
-        ckpt = registry.get_entry(name).checkpoint
-        if ckpt is None:
-            raise ValueError(f"model {name!r} has no published checkpoint; pass a path")
-        path, key = fetch(ckpt.url, None, ckpt.filename, ckpt.sha256), key or ckpt.key
-    elif str(path).startswith(("http://", "https://")):
-        path = fetch(str(path), None, None, None)
+         allow_nonfinite: bool = False, fetch: Fetch | None = None, **overrides) -> nnx.Module:
+    """from_state_dict(name, read_checkpoint(path, key)), or restore() of an orbax directory written by save().
+    A URL, or None for the entry's published checkpoint (its registry SHA-256 passed on), is first turned into a
+    local file by `fetch(url, cache_dir, filename, sha256) -> path` (cache_dir None): evaluation.checkpoints.load
+    passes the download cache's; without one a URL is a ValueError."""
+    if path is None or str(path).startswith(("http://", "https://")):
+        if fetch is None:
+            raise ValueError(f"{'a URL' if path else 'the published checkpoint'} needs a download: use "
+                             "evaluation.checkpoints.load, or pass fetch=")
+        if path is None:
+            ckpt = registry.get_entry(name).checkpoint
+            if ckpt is None:
+                raise ValueError(f"model {name!r} has no published checkpoint; pass a path")
+            path, key = fetch(ckpt.url, None, ckpt.filename, ckpt.sha256), key or ckpt.key
+        else:
+            path = fetch(str(path), None, None, None)
     if Path(path).is_dir():
         return restore(name, path, allow_nonfinite=allow_nonfinite, **overrides)
     return from_state_dict(name, read_checkpoint(path, key), allow_nonfinite=allow_nonfinite, **overrides)
-
-
-def load_published(name: str, cache_dir: str | os.PathLike | None = None, *, allow_nonfinite: bool = False,
-                   fetch: Fetch = download, **overrides) -> nnx.Module:
-    """The entry's published checkpoint, downloaded (SHA-256 verified) and converted once into
-    `cache_dir/converted/<name>`, and restored (manifest verified) from there. Runs sharing the cache
-    serialise on a lock: the first converts, the others wait and restore what it wrote. A converted directory
-    that fails verification is converted again; temporary directories of killed runs are removed."""
-    ckpt = registry.get_entry(name).checkpoint
-    if ckpt is None:
-        raise ValueError(f"model {name!r} has no published checkpoint; pass a path")
-    from data.download import default_cache_dir, file_lock  # the cache's location and its inter-process lock
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    converted = root / "converted" / name
-    with file_lock(converted.with_name(f".{name}.lock")):
-        for stale in converted.parent.glob(f".{name}.*"):   # only a holder of the lock writes these
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        if converted.is_dir():
-            try:
-                return restore(name, converted, allow_nonfinite=allow_nonfinite, **overrides)
-            except CorruptCheckpointError as e:
-                warnings.warn(f"{e}; converting it again", stacklevel=2)
-        path = fetch(ckpt.url, root, ckpt.filename, ckpt.sha256)
-        model = from_state_dict(name, read_checkpoint(path, ckpt.key), allow_nonfinite=allow_nonfinite)
-        save(model, converted, name, overwrite=True)
-        del model
-        return restore(name, converted, allow_nonfinite=allow_nonfinite, **overrides)
 
 
 class CorruptCheckpointError(ValueError):

@@ -3,11 +3,13 @@ three parts, each in its own module.
 
     sd = read_checkpoint("convnext_dcls_tiny_1k_224_ema.pth")      # models.torchfile: no torch, no pickled code
     model = from_state_dict("convnext_tiny_dcls", sd)                # models.statedict: timm or original key names
-    model = load("convnext_tiny_dcls", "ckpt.pth")                   # both steps; also an orbax dir or a URL
+    model = load("convnext_tiny_dcls", "ckpt.pth")                   # both steps; also an orbax dir
     save(model, "out/convnext_tiny_dcls"); model = restore("out/convnext_tiny_dcls")   # models.checkpoints
-    model = load_published("convnext_tiny_dcls", cache_dir)         # downloaded and converted once, verified
 
-    python -m models.convert --model convnext_tiny_dcls --checkpoint FILE_OR_URL [--key model] --out DIR
+    python -m models.convert --model convnext_tiny_dcls --checkpoint FILE [--key model] --out DIR
+
+Downloads (URLs, the published checkpoints, the converted cache) are the evaluation layer's: evaluation.checkpoints
+(`load`, `load_published`, and the same command line accepting URLs: `python -m evaluation.checkpoints ...`).
 """
 from __future__ import annotations
 
@@ -16,24 +18,24 @@ import sys
 from pathlib import Path
 
 from models import registry
-from models.checkpoints import (CorruptCheckpointError, download, load, load_published, restore, save,  # noqa: F401
-                                verify)
+from models.checkpoints import CorruptCheckpointError, Fetch, load, restore, save, verify  # noqa: F401
 from models.statedict import _key, check_finite, from_state_dict, merge_state_dict  # noqa: F401
 from models.torchfile import (CONTAINER_KEYS, MAX_EXPANDED_BYTES, MAX_LISTED, MAX_PICKLE_BYTES,  # noqa: F401
                               MAX_PICKLE_OPS, MAX_RATIO, read_checkpoint)
 
-__all__ = ["CONTAINER_KEYS", "CorruptCheckpointError", "check_finite", "from_state_dict", "load", "load_published",
-           "main", "merge_state_dict", "read_checkpoint", "restore", "save", "verify"]
+__all__ = ["CONTAINER_KEYS", "CorruptCheckpointError", "check_finite", "from_state_dict", "load", "main",
+           "merge_state_dict", "read_checkpoint", "restore", "save", "verify"]
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.convert",
-                                     description="Convert a PyTorch checkpoint into an orbax checkpoint.")
+def main(argv: list[str] | None = None, *, fetch: Fetch | None = None, prog: str = "python -m models.convert") -> int:
+    """The converter's command line; URLs need `fetch` (evaluation.checkpoints.main passes the download cache's)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Convert a PyTorch checkpoint into an orbax checkpoint.")
     parser.add_argument("--model", required=True, help="registry name, e.g. convnext_tiny_dcls")
-    parser.add_argument("--checkpoint", required=True, help=".pth/.pth.tar/.safetensors file or URL")
+    parser.add_argument("--checkpoint", required=True, help=".pth/.pth.tar/.safetensors file" + (
+        " or URL" if fetch else " (a URL: python -m evaluation.checkpoints)"))
     parser.add_argument("--key", default=None,
                         help=f"container key (default: the first of {', '.join(CONTAINER_KEYS)})")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out).exists() and not args.force:
         parser.error(f"{args.out} already exists (pass --force to replace it)")
     try:
-        model = load(args.model, args.checkpoint, args.key, allow_nonfinite=args.allow_nonfinite)
+        if fetch is None and args.checkpoint.startswith(("http://", "https://")):
+            raise ValueError(f"{args.checkpoint} is a URL: download it first, or convert with "
+                             "`python -m evaluation.checkpoints` (same flags), which downloads into the cache")
+        model = load(args.model, args.checkpoint, args.key, allow_nonfinite=args.allow_nonfinite, fetch=fetch)
         out = save(model, args.out, args.model, overwrite=args.force)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,8 +16,11 @@ MODELS=${1:-resnet50,resnet50_dcls}
 FIRST=${MODELS%%,*}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-"$PY" evaluate.py --models "$MODELS" --sample --random-init --cam gradcam,threshold_gradcam \
-    --overlays "$OUT/overlays" --num-overlays 2 --output "$OUT/results.json" --plot "$OUT/table.png" --no-progress
+ROOT=$PWD
+case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; esac   # a relative interpreter path still works from $OUT
+# run in $OUT with relative output paths: the JSON's config records them as given, and no temporary path goes to docs/
+(cd "$OUT" && "$PY" "$ROOT/evaluate.py" --models "$MODELS" --sample --random-init --cam gradcam,threshold_gradcam \
+    --overlays overlays --num-overlays 2 --output results.json --plot table.png --no-progress)
 mkdir -p docs
 cp "$OUT/overlays/${FIRST}_000000_threshold_gradcam.png" docs/sample_overlay.png
 cp "$OUT/table.png" docs/sample_table.png

@@ -1,4 +1,5 @@
-"""models.convert (checkpoint reader, conversion engine, orbax, CLI) and data.download.
+"""models.convert (checkpoint reader, conversion engine, orbax, CLI), data.download and evaluation.checkpoints (URLs,
+the published-checkpoint cache).
 
 torch writes the reference files (torch.save) and holds the reference values; the engine is tested on tiny
 models registered here, independent of the architecture files.
@@ -565,16 +566,27 @@ def test_download_verification_and_errors(tmp_path, server, monkeypatch):
     assert path.parent.parent == tmp_path / "cache" / "127.0.0.1" and path.name == "file.bin"
 
 
+def checkpoints_with_downloads():
+    """evaluation.checkpoints: the published-checkpoint lookup and URL downloads (the model layer has none)."""
+    from evaluation import checkpoints as with_downloads
+    return with_downloads
+
+
 def test_load_from_url_and_published_checkpoint(tmp_path, server, torch_toy, monkeypatch):
     torch.save({"model": torch_toy.state_dict(), "epoch": 3}, tmp_path / "toy.pth")
     server.files["/toy.pth"] = (tmp_path / "toy.pth").read_bytes()
     monkeypatch.setenv("DCLS_JAX_CACHE", str(tmp_path / "cache"))
-    _assert_params_equal(convert.load(TOY, f"{server.url}/toy.pth"), torch_toy.state_dict())
+    _assert_params_equal(checkpoints_with_downloads().load(TOY, f"{server.url}/toy.pth"), torch_toy.state_dict())
     _register(registry.Entry("test_convert_published", Toy, "test", "blocks", 8, 8,
                              checkpoint=registry.Checkpoint(f"{server.url}/toy.pth", "model", "toy_published.pth"),
                              infer_overrides=registry.get_entry(TOY).infer_overrides))
-    _assert_params_equal(convert.load("test_convert_published"), torch_toy.state_dict())
+    _assert_params_equal(checkpoints_with_downloads().load("test_convert_published"), torch_toy.state_dict())
     assert cache_path(f"{server.url}/toy.pth", tmp_path / "cache", filename="toy_published.pth").exists()
+    # the converter's command line with downloads (models.convert's refuses URLs: the model layer downloads nothing)
+    out = tmp_path / "converted"
+    assert checkpoints_with_downloads().main(["--model", TOY, "--checkpoint", f"{server.url}/toy.pth", "--out",
+                                              str(out)]) == 0
+    _assert_params_equal(convert.restore(out), torch_toy.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -649,6 +661,7 @@ PUBLISHED_TOY = textwrap.dedent("""
     from flax import nnx
     import jax
     import jax.numpy as jnp
+    from evaluation import checkpoints
     from models import convert, registry
     from models.layers import BatchNorm2d, Conv2d, Dropout, Linear, Sequential
 
@@ -671,7 +684,7 @@ PUBLISHED_TOY = textwrap.dedent("""
         infer_overrides=lambda sd: {"num_classes": sd["head.weight"].shape[0]}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = convert.load_published("test_convert_race", sys.argv[2])
+        model = checkpoints.load_published("test_convert_race", sys.argv[2])
     flat = sorted((convert._key(p), np.asarray(v.get_value()).tobytes())
                   for p, v in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))))
     h = hashlib.sha256(b"".join(k.encode() + v for k, v in flat)).hexdigest()

@@ -1,5 +1,5 @@
 """data/: TFRecord + tf.train.Example reading, the tfds "clickme" builder (local and over HTTP), the study's
-preprocessing, the protocols and the input pipeline.
+preprocessing and the input pipeline (the protocols: tests/test_evaluation.py).
 
 References are independent of the code under test: CRC32C from its bitwise definition, tf.train.Example
 written by a small encoder here, TensorFlow's resize / blur semantics written from their definitions
@@ -23,7 +23,7 @@ import simplejpeg
 from PIL import Image
 from scipy.signal import correlate2d
 
-from data import clickme, pipeline, preprocess, protocols
+from data import clickme, pipeline, preprocess
 from data.download import cache_path, cached_download, download
 from data.tfrecord import RecordError, crc32c, encode_example, parse_example, read_records
 
@@ -481,43 +481,6 @@ def test_model_input_refuses_unknown_interpolation(records):
     image = preprocess.clickme_image(records[0][0])
     with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
         preprocess.model_input(image, _Entry(224, 224, "cubic"))        # even where nothing is resized
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Protocols
-
-
-def test_protocols(records):
-    import jax.numpy as jnp
-    import torch
-
-    rng = np.random.default_rng(0)
-    cam = rng.random((2, 7, 7)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(cam)[:, None], size=(224, 224), mode="bilinear",
-                                          align_corners=False)[:, 0].numpy()
-    for protocol in protocols.PROTOCOLS:
-        np.testing.assert_allclose(np.asarray(protocols.align_cam(cam, None, protocol)), ref, atol=1e-6)
-    heat = np.stack([preprocess.clickme_heatmap(h) for _, h, _ in records[:2]])
-    resnet, convnext, fastvit = _Entry(235, 224), _Entry(256, 224), _Entry(256, 256)
-    assert protocols.crop_window(resnet) == pytest.approx((6 * 224 / 235, 224 * 224 / 235))
-    assert protocols.crop_window(convnext) == pytest.approx((14.0, 196.0))
-    np.testing.assert_array_equal(np.asarray(protocols.align_heatmap(heat, resnet, "study")), heat)
-    np.testing.assert_array_equal(np.asarray(protocols.align_heatmap(heat, fastvit, "corrected")), heat)
-    for entry in (resnet, convnext):
-        start, extent = protocols.crop_window(entry)
-        # bilinear samples (half-pixel centres, edge clamp) of the human map over the crop window
-        pos = start + (np.arange(224) + 0.5) * extent / 224 - 0.5
-        f = np.floor(pos).astype(int)
-        w = pos - f
-        lo, hi = np.clip(f, 0, 223), np.clip(f + 1, 0, 223)
-        m = np.zeros((224, 224))
-        np.add.at(m, (np.arange(224), lo), 1 - w)
-        np.add.at(m, (np.arange(224), hi), w)
-        want = np.einsum("ij,bjk,lk->bil", m, heat.astype(np.float64), m, optimize=True)
-        got = np.asarray(protocols.align_heatmap(jnp.asarray(heat), entry, "corrected"))
-        assert np.abs(got - want).max() <= 1e-3          # 0-255 scale
-    with pytest.raises(ValueError, match="unknown protocol"):
-        protocols.align_heatmap(heat, resnet, "faithful")
 
 
 # ----------------------------------------------------------------------------------------------------------

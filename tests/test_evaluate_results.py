@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from data import download
-from evaluation import runtime
+from evaluation import PRECISIONS, SAMPLE_DIR, checkpoints, evaluator, runtime
+from evaluation.evaluator import Evaluator
 from PIL import Image
 
 from tests.test_evaluate import CROP, RESIZE, TINY, TINY_CONFIG, register_tiny
@@ -41,8 +42,21 @@ def tiny_pair():
     registry.MODELS.pop(TINY, None)
 
 
+EXTRA = "test_human_mean"           # a metric this module registers: one entry, seen in the JSON and the table
+
+
 @pytest.fixture(scope="module")
-def sample_run(tiny_pair, tmp_path_factory):
+def extra_metric():
+    """Registers EXTRA, the mean of the aligned human map, with a table column, for this module's runs (the step of
+    test_step_accuracy_equals_numpy_from_logits and sample_run's then compile alike)."""
+    from evaluation import metrics
+    metrics.register_metric(EXTRA, lambda cam, human: human.mean(axis=(1, 2)), columns={EXTRA: "human mean"})
+    yield EXTRA
+    metrics.unregister_metric(EXTRA)
+
+
+@pytest.fixture(scope="module")
+def sample_run(tiny_pair, extra_metric, tmp_path_factory):
     """One run over the bundled sample of both models, with every output: JSON, Markdown table, plot, overlays."""
     import evaluate
     d = tmp_path_factory.mktemp("sample_run")
@@ -72,14 +86,13 @@ def png(path) -> np.ndarray:
 # Accuracy
 
 
-def test_step_accuracy_equals_numpy_from_logits(tiny_pair):
+def test_step_accuracy_equals_numpy_from_logits(tiny_pair, extra_metric):
     """The step's predictions against numpy top-k of the logits of the model called directly, with labels chosen
-    at logit ranks 0, 1, 3, 4, 5, 9, 500, 2: top-1 and top-5 both true and false. (BASE at batch 8: the step
-    sample_run compiles too.)"""
+    at logit ranks 0, 1, 3, 4, 5, 9, 500, 2: top-1 and top-5 both true and false; the Evaluator's run() and
+    summary() over the same batch with two padding rows. (BASE at batch 8: the step sample_run compiles too.)"""
     import jax
     from flax import nnx
 
-    import evaluate
     import models
     entry = models.get_entry(BASE)
     model = models.create_model(BASE, rngs=nnx.Rngs(3))
@@ -91,10 +104,11 @@ def test_step_accuracy_equals_numpy_from_logits(tiny_pair):
     ranks = [0, 1, 3, 4, 5, 9, 500, 2]
     labels = order[np.arange(8), ranks].astype(np.int32)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    step = evaluate.build_step(model, entry, ["gradcam", "threshold_gradcam"], "study", "highest", mesh)
+    ev = Evaluator(model, entry, methods=["gradcam", "threshold_gradcam"], protocol="study", precision="highest",
+                   mesh=mesh)
     heat = rng.random((8, 224, 224)).astype(np.float32)
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    out = jax.device_get(step(nnx.split(model)[1], *(jax.device_put(a, data) for a in (x, heat, labels))))
+    out = jax.device_get(ev.step(nnx.split(model)[1], *(jax.device_put(a, data) for a in (x, heat, labels))))
     out = out["predictions"]
     pred, top1, top5 = numpy_topk(logits, labels)
     np.testing.assert_array_equal(out["predicted"], pred)
@@ -102,8 +116,22 @@ def test_step_accuracy_equals_numpy_from_logits(tiny_pair):
     np.testing.assert_array_equal(out["top5"], top5)
     assert top1.tolist() == [True] + [False] * 7 and top5.tolist() == [True] * 4 + [False] * 3 + [True]
     valid = np.array([True] * 6 + [False] * 2)      # padding rows do not count
-    acc = evaluate.accuracy(out, valid)
+    acc = evaluator.accuracy(out, valid)
     assert acc == {"top1": top1[:6].mean(), "top5": top5[:6].mean(), "n": 6}
+    index = np.array([4, 0, 1, 5, 3, 2, 0, 0])      # padding rows repeat an index, as the pipeline's do
+    batch = {"image": x, "heatmap": heat, "label": labels, "index": index, "valid": valid}
+    ((_, got),) = list(ev.run([batch]))
+    np.testing.assert_array_equal(got["predictions"]["predicted"], pred)
+    assert set(got) == {"gradcam", "threshold_gradcam", "predictions", "index", "valid"}
+    assert set(got["gradcam"]) == {"rho", "dice", "iou", EXTRA, "evaluated"} and got["gradcam"]["rho"].shape == (8,)
+    summary = ev.summary(6)
+    assert summary["accuracy"] == acc
+    assert summary["predicted_per_image"] == {int(i): int(p) for i, p in zip(index[:6], pred[:6])}
+    for c in summary["cams"].values():
+        assert c["n_evaluated"] + c["n_skipped"] == 6 and (c["top1"], c["top5"]) == (acc["top1"], acc["top5"])
+        assert sorted(c["rho_per_image"]) == list(range(6))
+    with pytest.raises(RuntimeError, match="do not match the requested 7"):
+        ev.summary(7)
 
 
 def test_sample_run_reports_accuracy(sample_run):
@@ -115,7 +143,7 @@ def test_sample_run_reports_accuracy(sample_run):
     from data import clickme, pipeline
     d, result, stdout, _ = sample_run
     source = clickme.data_source("validation", data_dir=d / "cache" / "sample_tfds",
-                                 clickme_dir=__import__("evaluate").SAMPLE_DIR, num_shards={"validation": 1})
+                                 clickme_dir=SAMPLE_DIR, num_shards={"validation": 1})
     for row in result["results"]:
         model = models.create_model(row["model"], rngs=nnx.Rngs(0))   # --seed 0
         model.eval()
@@ -134,13 +162,38 @@ def test_sample_run_reports_accuracy(sample_run):
     assert "| top-1 | top-5 |" in md and md.count(f"| {TINY} |") == 2
 
 
+def test_registered_metric_in_json_and_table(sample_run):
+    """EXTRA, registered by one register_metric call, is in every JSON row (the mean over the evaluated images, those
+    with a rho, of the pipeline's human maps averaged with numpy in float64) and in the table's columns."""
+    import models
+    from data import clickme, pipeline
+    d, result, stdout, _ = sample_run
+    source = clickme.data_source("validation", data_dir=d / "cache" / "sample_tfds", clickme_dir=SAMPLE_DIR,
+                                 num_shards={"validation": 1})
+    checked = 0
+    for row in result["results"]:
+        (b,) = list(pipeline.batches(source, models.get_entry(row["model"]), batch_size=len(source), workers=2))
+        human = {int(i): h.astype(np.float64).mean() for i, h in zip(b["index"], b["heatmap"])}
+        for c in row["cams"].values():
+            kept = [human[int(i)] for i, rho in c["rho_per_image"].items() if rho is not None]
+            assert len(kept) == c["n_evaluated"]
+            if kept:
+                assert c[EXTRA] == pytest.approx(np.mean(kept), rel=1e-6, abs=0)
+                checked += 1
+            else:
+                assert c[EXTRA] is None
+    assert checked >= 2
+    header = next(line for line in stdout.splitlines() if line.startswith("model "))
+    assert "alignment score  mean rho  human mean  top-1" in header
+    assert "| alignment score | mean rho | human mean | top-1 |" in (d / "table.md").read_text()
+
+
 def test_accuracy_warning():
-    import evaluate
     low = {"top1": 0.1, "top5": 0.3, "n": 100}
-    assert "implausibly low" in evaluate.accuracy_warning("m", low, "https://x/ckpt.pth")
-    assert evaluate.accuracy_warning("m", low, "random-init") is None
-    assert evaluate.accuracy_warning("m", {**low, "n": 5}, "ckpt") is None          # too few images to judge
-    assert evaluate.accuracy_warning("m", {**low, "top1": 0.8}, "ckpt") is None
+    assert "implausibly low" in evaluator.accuracy_warning("m", low, "https://x/ckpt.pth")
+    assert evaluator.accuracy_warning("m", low, "random-init") is None
+    assert evaluator.accuracy_warning("m", {**low, "n": 5}, "ckpt") is None          # too few images to judge
+    assert evaluator.accuracy_warning("m", {**low, "top1": 0.8}, "ckpt") is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,7 +208,6 @@ def test_precision_changes_the_jitted_computation(tiny_pair, sample_run):
     import jax
     from flax import nnx
 
-    import evaluate
     import models
     entry = models.get_entry(BASE)
     model = models.create_model(BASE, rngs=nnx.Rngs(0))
@@ -165,8 +217,8 @@ def test_precision_changes_the_jitted_computation(tiny_pair, sample_run):
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     args = (state, *(jax.ShapeDtypeStruct(shape, dtype, sharding=data) for shape, dtype in
                      (((2, CROP, CROP, 3), np.float32), ((2, 224, 224), np.float32), ((2,), np.int32))))
-    text = {p: evaluate.build_step(model, entry, ["gradcam"], "study", p, mesh).lower(*args).as_text()
-            for p in evaluate.PRECISIONS}
+    text = {p: Evaluator(model, entry, methods=["gradcam"], protocol="study", precision=p, mesh=mesh).step
+            .lower(*args).as_text() for p in PRECISIONS}
     convs = {p: re.findall(r"stablehlo.convolution.*", t) for p, t in text.items()}
     assert all(convs.values())
     assert all("HIGHEST" in c for c in convs["highest"])
@@ -174,7 +226,7 @@ def test_precision_changes_the_jitted_computation(tiny_pair, sample_run):
     assert not any("HIGHEST" in c for c in convs["bfloat16"])
     assert any("bf16" in c for c in convs["bfloat16"]) and not any("bf16" in c for c in convs["default"])
     with pytest.raises(ValueError, match="unknown precision"):
-        evaluate.precision_context("float16")
+        evaluator.precision_context("float16")
     _, result, _, _ = sample_run
     assert result["config"]["precision"] == "highest"
     assert all(r["precision"] == "highest" for r in result["results"])
@@ -207,17 +259,15 @@ def sha256sum_tree(directory) -> str:
 def test_checkpoint_sha256_recorded(tiny_pair, tmp_path):
     from flax import nnx
 
-    import evaluate
     import models
     from models import convert
     ckpt = tmp_path / "ckpt"
     convert.save(models.create_model(BASE, rngs=nnx.Rngs(5)), ckpt, BASE)
-    args = evaluate.parse_args(["--model", BASE, "--checkpoint", str(ckpt), "--sample"])
-    _, source, digest = evaluate.load_model(BASE, args)
+    _, source, digest = checkpoints.load_model(BASE, ckpt)
     assert source == str(ckpt) and digest == sha256sum_tree(ckpt)
     f = tmp_path / "file.bin"
     f.write_bytes(b"checkpoint bytes")
-    assert evaluate.checkpoint_sha256(f) == hashlib.sha256(b"checkpoint bytes").hexdigest()
+    assert checkpoints.checkpoint_sha256(f) == hashlib.sha256(b"checkpoint bytes").hexdigest()
 
 
 def test_wrong_pinned_hash_is_refused(tiny_pair, tmp_path, monkeypatch, capsys):
@@ -245,10 +295,11 @@ def test_wrong_pinned_hash_is_refused(tiny_pair, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "SHA-256 mismatch" in err and good in err and bad in err, err
     assert not (tmp_path / "x.json").exists()
+    with pytest.raises(checkpoints.ChecksumError, match="SHA-256 mismatch"):
+        checkpoints.load_model(BASE, cache_dir=cache)
     pin(good.upper())
-    args = evaluate.parse_args(["--model", BASE, "--sample", "--cache-dir", str(cache)])
     with pytest.raises(Exception) as e:             # the junk bytes are no checkpoint; but the hash was accepted
-        evaluate.load_model(BASE, args)
+        checkpoints.load_model(BASE, cache_dir=cache)
     assert "SHA-256" not in str(e.value)
 
 
@@ -382,7 +433,6 @@ def test_image_mode_errors(tiny_pair, tmp_path, capsys):
 
 
 def test_progress_in_a_log_is_plain_lines():
-    import evaluate
     log = io.StringIO()                      # not a terminal
     p = runtime.Progress(100, desc="m", log_every=0, file=log)
     for _ in range(4):

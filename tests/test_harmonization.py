@@ -374,12 +374,13 @@ def test_export_loads_in_evaluate(runs, stopped, tmp_path):
     import argparse
 
     import evaluate
+    from evaluation.checkpoints import checkpoint_sha256
     final, workdir = runs["harmonization"]
     exported = train.export_workdir(stopped[2], tmp_path / "model")
     for directory in (workdir / "model", exported):
         args = argparse.Namespace(random_init=False, checkpoint=str(directory), cache_dir=None, seed=0)
         model, source, digest = evaluate.load_model(MODEL, args)
-        assert source == str(directory) and digest == evaluate.checkpoint_sha256(directory)
+        assert source == str(directory) and digest == checkpoint_sha256(directory)
         for kind, prefix in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
             for p, v in nnx.to_flat_state(nnx.state(model, kind)):
                 k = ".".join(map(str, p))

@@ -5,6 +5,9 @@ Both maps end as (B, 224, 224) arrays given to cam.metrics.spearman:
     cam = align_cam(cam_maps)                          # CAM (any resolution) -> 224 x 224, bilinear
     human = align_heatmap(heatmaps, entry, protocol)   # the pipeline's (B, 224, 224) human map
 
+The CAM side is the same under both protocols (the CAM covers the model's input); only the human side depends on
+the protocol and on the model's transform (`entry`: resize_size, input_size).
+
 "study": faithful to the study. The CAM, which covers the model's input, i.e. the center crop of the resized
     224 x 224 image, is stretched to 224 x 224 and compared with the full human map. For models whose
     transform crops (ResNet-50: resize 235, crop 224; ConvNeXt: resize 256, crop 224) the two maps cover
@@ -31,15 +34,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dcls_jax.image import resize_bilinear
 from data.preprocess import SIZE, crop_offset
+from dcls_jax.image import resize_bilinear
+from evaluation import PROTOCOLS
 
-PROTOCOLS = ("study", "corrected")
+__all__ = ["PROTOCOLS", "SIZE", "align_cam", "align_heatmap", "check_protocol", "crop_window", "resize"]
 
 
-def _check(protocol: str) -> None:
+def check_protocol(protocol: str) -> str:
+    """`protocol`, or ValueError naming the valid ones."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    return protocol
 
 
 def crop_window(entry, size: int = SIZE) -> tuple[float, float]:
@@ -53,16 +59,16 @@ def resize(maps: jax.Array, size: int | tuple[int, int] = SIZE) -> jax.Array:
     return resize_bilinear(maps, size, axes=(1, 2))
 
 
-def align_cam(cam_maps: jax.Array, entry=None, protocol: str = "study", size: int = SIZE) -> jax.Array:
-    """The CAM side of both protocols: the (B, h, w) map bilinearly resized to (B, 224, 224)."""
-    _check(protocol)
+def align_cam(cam_maps: jax.Array, size: int = SIZE) -> jax.Array:
+    """The CAM side of both protocols: the (B, h, w) map (feature resolution, as the study resizes it once)
+    bilinearly resized to (B, size, size), float32."""
     return resize(jnp.asarray(cam_maps, jnp.float32), size)
 
 
 def align_heatmap(heatmaps: jax.Array, entry, protocol: str, size: int = SIZE) -> jax.Array:
     """The human side: (B, 224, 224) unchanged for "study"; for "corrected", resampled onto the crop window
     of `entry` (needs resize_size, input_size)."""
-    _check(protocol)
+    check_protocol(protocol)
     heatmaps = jnp.asarray(heatmaps, jnp.float32)
     start, extent = crop_window(entry, heatmaps.shape[-1])
     if protocol == "study" or (start, extent) == (0, heatmaps.shape[-1]):
