@@ -5,7 +5,7 @@
                          process_count=jax.process_count()):
         batch["image"]     # (B, S, S, 3) float32, the model's input (S = entry.input_size); with
                            # entry=None the (B, 224, 224, 3) float image in [0, 255] before the transform
-        batch["heatmap"]   # (B, 224, 224) float32 human map (the "study" protocol's; see data.protocols)
+        batch["heatmap"]   # (B, 224, 224) float32 human map (the "study" protocol's; see evaluation.protocols)
         batch["label"]     # (B,) int32
         batch["index"]     # (B,) int64, the record's index in the split (-1 for padding)
         batch["valid"]     # (B,) bool, False for padding
