@@ -416,7 +416,7 @@ def test_clickme_train_pipeline_order_shards_and_resume(clickme_fixture):
     np.testing.assert_array_equal(got_human, human[:, ::-1] if flipped else human)
     evaluation = list(clickme.TrainPipeline(source, clickme.TrainTransform(train=False, image_size=IMAGE), 24,
                                             seed=0).iterate())
-    assert [b["mask"].sum() for b in evaluation] == [24, 24, 16]
+    assert [b["valid"].sum() for b in evaluation] == [24, 24, 16]
 
 
 @pytest.mark.parametrize("sets, message", [
