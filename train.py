@@ -959,7 +959,7 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     state, rest = t.state, t.rest
 
     # ==================== checkpoints: resume ====================
-    manager, hashes, unsealed, data_state = None, None, [], None
+    manager, hashes, unsealed = None, None, []
 
     def open_manager():
         return ocp.CheckpointManager(
@@ -971,6 +971,14 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
         os.makedirs(cfg.workdir, exist_ok=True)
         manager, hashes = open_manager(), CheckpointHashes(cfg.workdir)
         manager, state, data_state = resume(manager, open_manager, hashes, state, cfg)
+        if data_state is not None:   # the input resumes where the checkpoint's run was (same order, same position)
+            try:
+                start = train_data.resume_step(data_state)
+            except ValueError as e:
+                raise ConfigError(f"cannot resume {cfg.workdir}: {e}") from None
+            if start != int(jax.device_get(state["step"])):
+                raise ConfigError(f"cannot resume {cfg.workdir}: its checkpoint of step {int(state['step'])} saved "
+                                  f"the data position of step {start}")
 
     def seal():
         """Waits for the pending asynchronous save, then writes the hash manifests of the steps it finished."""
@@ -1034,14 +1042,7 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
         if val_data is not None and cfg.eval_at_start and step == 0:
             last_eval = evaluate(0)
         stop = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
-        try:
-            start = step if data_state is None else train_data.resume_step(data_state)
-        except ValueError as e:
-            raise ConfigError(f"cannot resume {cfg.workdir}: {e}") from None
-        if start != step:
-            raise ConfigError(f"cannot resume {cfg.workdir}: its checkpoint of step {step} saved the data position "
-                              f"of step {start}")
-        for batch in train_data.iterate(start, stop - start):
+        for batch in train_data.iterate(step, stop - step):
             batch = train_batch({k: v for k, v in batch.items() if k not in ("index", "valid")}, step)
             with jax.transfer_guard("disallow"):   # every host <-> device copy in the loop is explicit
                 state, metrics = train_step(state, rest, batch)

@@ -39,8 +39,8 @@ import os
 from collections.abc import Iterator
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from data.preprocess import SIZE, ModelTransform, clickme_heatmap, clickme_image, model_input, resize_bilinear
 
@@ -200,15 +200,15 @@ class Loader:
     `workers` grain threads (threads=True) or worker processes (False: for PIL augmentations, which hold the
     GIL) read `prefetch` batches ahead; 0: one background thread."""
 
-    def __init__(self, source, transform, global_batch: int, *, seed: int, train: bool | None = None,
-                 process_index: int = 0, process_count: int = 1, workers: int = 0, prefetch: int = 2,
-                 threads: bool = True, num_classes: int | None = None):
+    def __init__(self, source, transform, global_batch: int, *, seed: int, process_index: int = 0,
+                 process_count: int = 1, workers: int = 0, prefetch: int = 2, threads: bool = True,
+                 num_classes: int | None = None):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
         self.source, self.transform, self.seed = source, transform, seed
-        self.train = transform.train if train is None else train
+        self.train = transform.train
         self.size = len(source)
         self.num_classes = num_classes if num_classes is not None else getattr(source, "num_classes", None)
         self.global_batch, self.local_batch = global_batch, global_batch // process_count
