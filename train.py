@@ -45,10 +45,10 @@ from jax.sharding import PartitionSpec as P
 import configs
 import dcls_jax
 import models
-from dcls_jax.optim import path_names as _names
 from cam import harmonization
 from data import augment, imagenet, pipeline
 from data.download import sha256_file
+from dcls_jax.optim import path_names as _names
 from evaluation import runtime
 
 OPTIMIZERS = ("adamw", "lamb")

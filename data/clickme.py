@@ -44,9 +44,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data.pipeline import ClickmeTransform as TrainTransform  # noqa: F401  (train.py's names, moved)
-from data.pipeline import Loader as TrainPipeline  # noqa: F401
 from data.download import cached_download, file_lock, read_record, sha256_file
+from data.pipeline import ClickmeTransform as TrainTransform  # noqa: F401  (the training names, moved)
+from data.pipeline import Loader as TrainPipeline  # noqa: F401
 from data.preprocess import jpeg_header
 from data.tfrecord import RecordError, parse_example, read_records
 

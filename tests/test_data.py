@@ -10,7 +10,6 @@ interpolate for the CAM upsampling.
 import http.server
 import io
 import math
-import os
 import shutil
 import struct
 import threading
