@@ -10,8 +10,9 @@ The global batch is sharded over a 1-D device mesh ("data"); parameters are repl
 optionally sharded, `shard_opt_state`). Each host reads only its rows of each global batch.
 
 The run resumes from the latest orbax checkpoint in `workdir/checkpoints`: the train state (step, parameters,
-batch statistics, optimizer state, EMA) is restored, and the data order and every random draw are functions of
-(seed, step), so a resumed run is bit-identical to an uninterrupted one.
+batch statistics, optimizer state, EMA) and the input position (data.pipeline.Loader.state: epoch, batch in
+the epoch) are restored; the data order and every random draw are functions of (seed, step), so a resumed run
+reads the same examples and is bit-identical to an uninterrupted one.
 
 Harmonization (data="clickme", objective="harmonization", configs/harmonize.py): cross-entropy plus the alignment
 of the model's input gradient (or a CAM) with the ClickMe human maps (cam/harmonization.py); export_dir writes the
@@ -45,8 +46,9 @@ import configs
 import dcls_jax
 import models
 from cam import harmonization
-from data import augment, imagenet
+from data import augment, imagenet, pipeline
 from data.download import sha256_file
+from dcls_jax.optim import path_names as _names
 from evaluation import runtime
 
 OPTIMIZERS = ("adamw", "lamb")
@@ -241,12 +243,6 @@ def lr_schedule(cfg: configs.Config, total_steps: int, steps_per_epoch: int):
     return schedule
 
 
-def _names(path) -> tuple[str, ...]:
-    """A key path into an nnx.State as strings, without the Variable's trailing `.value`."""
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
-                 if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
-
-
 def param_groups(params, cfg: configs.Config):
     """'position' (DCLS P/SIG: no weight decay, lr x position_lr_mult), 'no_decay' (1-d and biases), 'decay'."""
     positions = dcls_jax.position_labels(params, positions="position", default="default")
@@ -261,7 +257,9 @@ def param_groups(params, cfg: configs.Config):
     return jax.tree_util.tree_map_with_path(label, params, positions)
 
 
-def make_optimizer(cfg: configs.Config, schedule, groups) -> optax.GradientTransformation:
+def make_optimizer(cfg: configs.Config, schedule, groups, bounds=None) -> optax.GradientTransformation:
+    """AdamW or LAMB per parameter group (param_groups), after an optional global-norm clip; with `bounds`
+    (dcls_jax.position_bounds) the DCLS positions are clamped after each step (dcls_jax.clamp_positions_transform)."""
     def group(lr_mult, weight_decay):
         parts = [optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)]
         if weight_decay:
@@ -275,18 +273,9 @@ def make_optimizer(cfg: configs.Config, schedule, groups) -> optax.GradientTrans
                                 "position": group(cfg.position_lr_mult, 0.0)}, groups)
     if cfg.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    if bounds:
+        tx = optax.chain(tx, dcls_jax.clamp_positions_transform(bounds))
     return tx
-
-
-def clamp(params, bounds):
-    """Clamps each DCLS P (paths from dcls_jax.position_bounds) to [-(d_i // 2), d_i // 2], exactly."""
-    def f(path, p):
-        lim = bounds.get(_names(path))
-        if lim is None:
-            return p
-        lim = jnp.asarray(lim, p.dtype).reshape((-1,) + (1,) * (p.ndim - 1))
-        return jnp.clip(p, -lim, lim)
-    return jax.tree_util.tree_map_with_path(f, params)
 
 
 def repulsive_loss(params):
@@ -307,7 +296,7 @@ def repulsive_loss(params):
     return sum(losses) / len(losses)
 
 
-def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_per_epoch: int, state_sharding):
+def make_train_step(cfg: configs.Config, graphdef, tx, schedule, steps_per_epoch: int, state_sharding):
     """jitted (state, rest, batch) -> (state, metrics), `state` donated. `rest`: the model's other variables
     (RNG streams, reseeded every step). `batch`: global arrays, images and labels sharded over the batch, and
     the mixup parameters of each group (replicated) when mixup/cutmix is on."""
@@ -351,8 +340,6 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, bounds, steps_p
         batch_stats = nnx.state(model, nnx.BatchStat)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        if bounds:
-            params = clamp(params, bounds)
         new = {"step": step + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
         if "ema" in state:
             d = cfg.ema_decay
@@ -388,7 +375,7 @@ def make_eval_step(cfg: configs.Config, graphdef):
     def eval_fn(params, batch_stats, rest, batch):
         model = nnx.merge(graphdef, params, batch_stats, rest.unpack())
         logits = model(augment.normalize(batch["image"], entry.mean, entry.std, dtype)).astype(jnp.float32)
-        mask = batch["mask"]
+        mask = batch["valid"]
         correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return jnp.stack([correct.sum(), jnp.where(mask, ce, 0).sum(), mask.sum()])
@@ -459,36 +446,26 @@ def _flat(state) -> dict[str, np.ndarray]:
 
 
 def load_init_checkpoint(cfg: configs.Config, params, batch_stats):
-    """Parameters and batch statistics from `init_checkpoint` (via models.convert.load), except those whose
-    name matches `init_skip`, which keep their fresh values. Every other name must exist with the same shape."""
-    from models import convert
+    """Parameters and batch statistics from `init_checkpoint` (via models.convert.load), merged strictly by
+    models.statedict.merge_state_dict, except those whose name matches `init_skip`, which keep their fresh
+    values. Every other name must exist with the same shape."""
+    from models import convert, statedict
     source = convert.load(cfg.model, cfg.init_checkpoint, cfg.init_checkpoint_key, **cfg.model_kwargs)
     loaded = {**_flat(nnx.state(source, nnx.Param)), **_flat(nnx.state(source, nnx.BatchStat))}
-    skip = re.compile(cfg.init_skip) if cfg.init_skip else None
-    problems, used = [], set()
+    skip = re.compile(cfg.init_skip).search if cfg.init_skip else None
+    try:
+        model = statedict.merge_state_dict(nnx.eval_shape(lambda: build_model(cfg)), loaded, lambda: build_model(cfg),
+                                           what=f"model {cfg.model!r} (init_skip={cfg.init_skip!r})", skip=skip)
+    except ValueError as e:
+        raise ConfigError(f"init_checkpoint {cfg.init_checkpoint!r} does not fit: {e}") from None
+    fresh = {**_flat(params), **_flat(batch_stats)}
+    merged = {**_flat(nnx.state(model, nnx.Param)), **_flat(nnx.state(model, nnx.BatchStat))}
 
-    def take(path, fresh):
+    def take(path, x):   # the merged value, in the structure (and dtype) of the fresh state
         name = ".".join(_names(path))
-        if skip is not None and skip.search(name):
-            return np.asarray(fresh)
-        if name not in loaded:
-            problems.append(f" - {name} (missing from the checkpoint)")
-            return fresh
-        used.add(name)
-        value = np.asarray(loaded[name])
-        if value.shape != fresh.shape:
-            problems.append(f" ! {name}: checkpoint {value.shape} vs model {fresh.shape}")
-            return fresh
-        return value.astype(fresh.dtype)
+        return np.asarray(x) if skip is not None and skip(name) else np.asarray(merged[name], fresh[name].dtype)
 
-    params = jax.tree_util.tree_map_with_path(take, params)
-    batch_stats = jax.tree_util.tree_map_with_path(take, batch_stats)
-    problems += [f" + {name} (unused)" for name in sorted(set(loaded) - used)
-                 if not (skip is not None and skip.search(name))]
-    if problems:
-        raise ConfigError(f"init_checkpoint {cfg.init_checkpoint!r} does not fit model {cfg.model!r} "
-                          f"(init_skip={cfg.init_skip!r}):\n" + "\n".join(problems))
-    return params, batch_stats
+    return jax.tree_util.tree_map_with_path(take, params), jax.tree_util.tree_map_with_path(take, batch_stats)
 
 
 @dataclasses.dataclass
@@ -526,7 +503,7 @@ def create(cfg: configs.Config, mesh, total_steps: int, steps_per_epoch: int) ->
     eval_graphdef = nnx.graphdef(abstract)
     bounds = dcls_jax.position_bounds(abstract) if cfg.clamp_positions else {}
     schedule = lr_schedule(cfg, total_steps, steps_per_epoch)
-    tx = make_optimizer(cfg, schedule, param_groups(abs_params, cfg))
+    tx = make_optimizer(cfg, schedule, param_groups(abs_params, cfg), bounds)
 
     abs_opt = jax.eval_shape(tx.init, abs_params)
     opt_sharding = (opt_state_sharding(abs_opt, mesh) if cfg.shard_opt_state
@@ -556,51 +533,40 @@ def create(cfg: configs.Config, mesh, total_steps: int, steps_per_epoch: int) ->
 # Synthetic data (data="synthetic"): a smoke test of the whole loop without any dataset
 
 
-class SyntheticData:
-    """The interface of data.imagenet.Pipeline (steps_per_epoch, num_classes, iterate) over `synthetic_size`
-    generated images per split: image i has class i % num_classes, a colour of that class plus uniform noise,
-    a function of (split, i) only. Global batch b of training holds images (b * batch + r) % size; each process
-    yields its rows. The erasing boxes are drawn from (seed, 1, step, row) like the real pipeline's."""
+class SyntheticSource:
+    """`synthetic_size` generated examples of a split, random access like the real sources: image i has class
+    i % num_classes, a colour of that class plus uniform noise, a function of (split, i) only."""
 
-    def __init__(self, cfg: configs.Config, split: str, training: bool, global_batch: int,
-                 process_index: int, process_count: int):
-        if global_batch % process_count:
-            raise ConfigError(f"global batch {global_batch} is not divisible by the {process_count} processes")
-        self.cfg, self.split, self.training = cfg, split, training
-        self.size, self.num_classes = cfg.synthetic_size, cfg.num_classes
-        self.global_batch, self.local_batch = global_batch, global_batch // process_count
-        self.lo = process_index * self.local_batch
+    def __init__(self, cfg: configs.Config, split: str):
+        self.size, self.num_classes, self.image_size = cfg.synthetic_size, cfg.num_classes, cfg.image_size
         self.split_key = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
         self.palette = np.random.default_rng((7, cfg.num_classes)).integers(0, 256, (cfg.num_classes, 3))
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.size // self.global_batch if self.training else -(-self.size // self.global_batch)
+    def __len__(self):
+        return self.size
 
-    def image(self, index: int) -> np.ndarray:
-        s = self.cfg.image_size
+    def __getitem__(self, index: int) -> dict:
+        s = self.image_size
         noise = np.random.default_rng((self.split_key, index)).integers(-48, 49, (s, s, 3))
-        return np.clip(self.palette[index % self.num_classes] + noise, 0, 255).astype(np.uint8)
+        image = np.clip(self.palette[index % self.num_classes] + noise, 0, 255).astype(np.uint8)
+        return {"image": image, "label": index % self.num_classes}
 
-    def iterate(self, start_step: int = 0, num_steps: int | None = None):
-        rows = range(self.lo, self.lo + self.local_batch)
-        if not self.training:
-            for b in range(self.steps_per_epoch):
-                index = np.array([b * self.global_batch + r for r in rows])
-                mask = index < self.size
-                yield {"image": np.stack([self.image(int(i)) if m else np.zeros_like(self.image(0))
-                                          for i, m in zip(index, mask)]),
-                       "label": np.where(mask, index % self.num_classes, 0).astype(np.int32), "mask": mask}
-            return
-        step = start_step
-        while num_steps is None or step < start_step + num_steps:
-            index = [(step * self.global_batch + r) % self.size for r in rows]
-            s = self.cfg.image_size
-            yield {"image": np.stack([self.image(i) for i in index]),
-                   "label": np.array([i % self.num_classes for i in index], np.int32),
-                   "erase": np.stack([augment.erase_box(s, s, np.random.default_rng((self.cfg.seed, 1, step, r)),
-                                                        self.cfg.random_erasing) for r in rows])}
-            step += 1
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTransform:
+    """The generated image as it is, and in training a random-erasing box (data.imagenet.Transform's outputs)."""
+    train: bool
+    image_size: int
+    erase_prob: float
+
+    def __call__(self, example: dict, rng) -> dict:
+        if not self.train:
+            return {"image": example["image"]}
+        s = self.image_size
+        return {"image": example["image"], "erase": augment.erase_box(s, s, rng, self.erase_prob)}
+
+    def empty(self) -> dict:
+        return {"image": np.zeros((self.image_size, self.image_size, 3), np.uint8)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -688,7 +654,7 @@ def _finite_or_none(v):
 
 def clickme_pipeline(cfg: configs.Config, split: str, training: bool, batch: int, process_index: int,
                      process_count: int):
-    """The ClickMe split as data.clickme.TrainPipeline batches (image, heatmap, label). The tfds build
+    """The ClickMe split as data.pipeline.Loader batches (image, heatmap, label). The tfds build
     "clickme/with_train" in data_dir is prepared on first use from clickme_dir, clickme_url or the official
     bucket; with several processes, process 0 prepares it first."""
     from jax.experimental import multihost_utils
@@ -712,11 +678,12 @@ def clickme_pipeline(cfg: configs.Config, split: str, training: bool, batch: int
         multihost_utils.sync_global_devices(f"clickme {split} prepared")
         if source is None:
             source = prepare()
-    transform = clickme.TrainTransform(train=training, image_size=cfg.image_size,
-                                       hflip=cfg.hflip if training else 0.0)
-    try:
-        return clickme.TrainPipeline(source, transform, batch, seed=cfg.seed, process_index=process_index,
-                                     process_count=process_count, workers=cfg.data_workers, prefetch=cfg.prefetch)
+    transform = pipeline.ClickmeTransform(train=training, image_size=cfg.image_size,
+                                          hflip=cfg.hflip if training else 0.0)
+    try:   # JPEG decoding and numpy resizing release the GIL: threads
+        return pipeline.Loader(source, transform, batch, seed=cfg.seed, process_index=process_index,
+                               process_count=process_count, workers=cfg.data_workers, prefetch=cfg.prefetch,
+                               num_classes=clickme.NUM_CLASSES)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -945,27 +912,31 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     pidx, pcount = jax.process_index(), jax.process_count()
 
     # ==================== input ====================
-    def pipeline(split, training, batch):
-        if cfg.data == "synthetic":
-            return SyntheticData(cfg, split, training, batch, pidx, pcount)
+    def loader(split, training, batch):
         if cfg.data == "clickme":
             return clickme_pipeline(cfg, split, training, batch, pidx, pcount)
-        transform = imagenet.Transform(
-            train=training, image_size=cfg.image_size, crop_pct=cfg.eval_crop_pct, interpolation=cfg.interpolation,
-            scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), hflip=cfg.hflip, rand_augment=cfg.rand_augment,
-            erase_prob=cfg.random_erasing, mean=models.get_entry(cfg.model).mean)
         try:
-            pipe = imagenet.Pipeline((cfg.data, cfg.data_dir, split, cfg.tfds_name), transform, batch,
-                                     seed=cfg.seed, process_index=pidx, process_count=pcount,
-                                     workers=cfg.data_workers, prefetch=cfg.prefetch)
+            if cfg.data == "synthetic":
+                source = SyntheticSource(cfg, split)
+                transform = SyntheticTransform(training, cfg.image_size, cfg.random_erasing)
+            else:
+                source = imagenet.open_source(cfg.data, cfg.data_dir, split, cfg.tfds_name)
+                transform = imagenet.Transform(
+                    train=training, image_size=cfg.image_size, crop_pct=cfg.eval_crop_pct,
+                    interpolation=cfg.interpolation, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio),
+                    hflip=cfg.hflip, rand_augment=cfg.rand_augment, erase_prob=cfg.random_erasing,
+                    mean=models.get_entry(cfg.model).mean)
+            # PIL augmentations hold the GIL: worker processes
+            pipe = pipeline.Loader(source, transform, batch, seed=cfg.seed, process_index=pidx, process_count=pcount,
+                                   workers=cfg.data_workers, prefetch=cfg.prefetch, threads=cfg.data == "synthetic")
         except (ValueError, OSError) as e:
             raise ConfigError(str(e)) from None
         if pipe.num_classes != cfg.num_classes:
             raise ConfigError(f"split {split!r} has {pipe.num_classes} classes but num_classes={cfg.num_classes}")
         return pipe
 
-    train_data = pipeline(cfg.train_split, True, cfg.batch_size)
-    val_data = pipeline(cfg.val_split, False, cfg.eval_batch_size or cfg.batch_size) if cfg.val_split else None
+    train_data = loader(cfg.train_split, True, cfg.batch_size)
+    val_data = loader(cfg.val_split, False, cfg.eval_batch_size or cfg.batch_size) if cfg.val_split else None
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = cfg.total_steps or max(1, round(cfg.epochs * steps_per_epoch))
     eval_every = steps_per_epoch if cfg.eval_every < 0 else cfg.eval_every
@@ -999,7 +970,15 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     if cfg.workdir:
         os.makedirs(cfg.workdir, exist_ok=True)
         manager, hashes = open_manager(), CheckpointHashes(cfg.workdir)
-        manager, state = resume(manager, open_manager, hashes, state, cfg)
+        manager, state, data_state = resume(manager, open_manager, hashes, state, cfg)
+        if data_state is not None:   # the input resumes where the checkpoint's run was (same order, same position)
+            try:
+                start = train_data.resume_step(data_state)
+            except ValueError as e:
+                raise ConfigError(f"cannot resume {cfg.workdir}: {e}") from None
+            if start != int(jax.device_get(state["step"])):
+                raise ConfigError(f"cannot resume {cfg.workdir}: its checkpoint of step {int(state['step'])} saved "
+                                  f"the data position of step {start}")
 
     def seal():
         """Waits for the pending asynchronous save, then writes the hash manifests of the steps it finished."""
@@ -1011,15 +990,13 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
     def save(step):
         if manager is not None:
             seal()   # orbax waits for the previous save here anyway
-            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-            meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                    "config": dataclasses.asdict(cfg)}
+            meta = {"step": step, "data": train_data.state(step), "config": dataclasses.asdict(cfg)}
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)))
             unsealed.append(step)
 
     # ==================== update and evaluation steps ====================
-    train_step = make_train_step(cfg, t.graphdef, t.tx, t.schedule, t.bounds, steps_per_epoch, t.state_sharding)
+    train_step = make_train_step(cfg, t.graphdef, t.tx, t.schedule, steps_per_epoch, t.state_sharding)
     eval_step = make_eval_step(cfg, t.eval_graphdef)
 
     def evaluate(step):
@@ -1028,6 +1005,7 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
             variants["ema_"] = state["ema"]
         totals = {prefix: np.zeros(3) for prefix in variants}
         for batch in val_data.iterate():
+            batch.pop("index")
             batch = to_global(batch)
             for prefix, v in variants.items():
                 totals[prefix] += np.asarray(jax.device_get(eval_step(v["params"], v["batch_stats"], rest, batch)))
@@ -1064,9 +1042,8 @@ def _train(args, cfg: configs.Config, cleanup: contextlib.ExitStack):
         if val_data is not None and cfg.eval_at_start and step == 0:
             last_eval = evaluate(0)
         stop = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
-        batches = train_data.iterate(step, stop - step)
-        for batch in batches:
-            batch = train_batch(batch, step)
+        for batch in train_data.iterate(step, stop - step):
+            batch = train_batch({k: v for k, v in batch.items() if k not in ("index", "valid")}, step)
             with jax.transfer_guard("disallow"):   # every host <-> device copy in the loop is explicit
                 state, metrics = train_step(state, rest, batch)
             check_finite()   # the previous step's, done by now
@@ -1112,10 +1089,11 @@ RESUME_KEYS.update({k: (lambda a, b: (a > 0) == (b > 0)) for k in ("ema_decay", 
 def resume(manager, open_manager, hashes: CheckpointHashes, state, cfg: configs.Config):
     """Restores the newest checkpoint that verifies (hash manifest) and restores; a corrupt newer one is moved to
     workdir/checkpoints_corrupt/ with a warning, and the run goes on from the previous good one. -> (manager,
-    state); `state` is unchanged when the directory holds no checkpoint."""
+    state, data position saved with it (data.pipeline.Loader.state; None for a checkpoint without one));
+    `state` is unchanged when the directory holds no checkpoint."""
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
-        return manager, state
+        return manager, state, None
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     def error(e):
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -1157,7 +1135,7 @@ def resume(manager, open_manager, hashes: CheckpointHashes, state, cfg: configs.
                 from jax.experimental import multihost_utils
                 multihost_utils.sync_global_devices("corrupt checkpoints moved")
             manager = open_manager()
-        return manager, restored_state
+        return manager, restored_state, meta.get("data")
     raise ConfigError(f"no usable checkpoint in {hashes.ckpt_dir}: steps {sorted(steps)} are all corrupt (see the "
                       "warnings above); move the directory away to start afresh")
 

@@ -37,7 +37,7 @@ class Config:
     image_size: int = 224
     eval_crop_pct: float = 0.875
     interpolation: str = "bicubic"
-    data_workers: int = 8                  # decoding/augmentation processes per host (0: a thread)
+    data_workers: int = 8                  # grain workers per host: processes for ImageNet, else threads (0: one)
     prefetch: int = 2                      # batches prepared ahead
     # --- augmentation and regularisation
     rrc_scale: tuple = (0.08, 1.0)

@@ -7,11 +7,12 @@ smoothing 0.1; P gets 5x the learning rate and is clamped to +-8 after every ste
 
     python train.py --config configs/convnext_dcls.py --set data_dir=$TFDS_DIR --workdir /ckpt/cnx_t_dcls
     python train.py --config configs/convnext_dcls.py:small --set data=imagefolder --set data_dir=/imagenet ...
-    python train.py --config configs/convnext_dcls.py:runlocal   # a few steps on tiny synthetic-size settings
+    python train.py --config configs/convnext_dcls.py:runlocal --set data_dir=/small/imagefolder   # smoke test
 
 Expected ImageNet-1k top-1 (224, EMA, as published): tiny 82.5 (ConvNeXt-T 82.1), small 83.7 (83.1),
 base 84.1 (83.8). Argument: tiny (default), small, base, with "_plain" for the non-DCLS baseline
-(e.g. "tiny_plain"), and "runlocal" (tiny model, 2 epochs of 64 images at 32x32, for a smoke test).
+(e.g. "tiny_plain"), and "runlocal" (a tiny model at 32 x 32, batch 16, 2 epochs of a small 10-class ImageFolder
+with train/ and val/ splits: a smoke test).
 """
 from configs import Config
 

@@ -4,7 +4,7 @@ ConvNeXt-dcls recipe except that P and SIG are both in the position group (no we
 and P is not clamped.
 
     python train.py --config configs/gauss.py --set data_dir=$TFDS_DIR --workdir /ckpt/gauss
-    python train.py --config configs/gauss.py:runlocal   # a few steps on tiny synthetic-size settings
+    python train.py --config configs/gauss.py:runlocal --set data_dir=/small/imagefolder   # smoke test
 
 Argument: tiny (default) or runlocal. Published checkpoint of the same model: zenodo record 8029747
 (`python evaluate.py --model convnext_tiny_dcls_gauss` downloads and converts it). Expected numbers: those of

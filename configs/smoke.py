@@ -1,6 +1,6 @@
 """Smoke test: a tiny ConvNeXt-dcls trained for a few steps on generated images: no dataset, no download.
 
-    python train.py --config configs/smoke.py                          # about a minute on a laptop CPU
+    python train.py --config configs/smoke.py                          # a few steps on CPU
     python train.py --config configs/smoke.py --workdir /tmp/smoke     # with checkpoints, metrics.jsonl, TensorBoard
     python train.py --config configs/smoke.py --set total_steps=50 --set model=resnet50_dcls \
         --set model_kwargs="{'layers': (1, 1, 1, 1), 'channels': (8, 16, 32, 64)}"

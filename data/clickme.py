@@ -22,19 +22,16 @@ dataset whose source no longer matches (another --clickme-dir with other shards,
 subset) is rebuilt; a call that names no source (no clickme_dir, base_url or num_shards) uses whatever is
 prepared. A shard without records is an error (unless allow_empty_shards / $DCLS_JAX_ALLOW_EMPTY_SHARDS=1).
 
-Training (train.py data="clickme", the harmonization objective): `TrainPipeline` yields shuffled, host-sharded,
-resumable batches of the Harmonization pipeline's float images and blurred human maps (`TrainTransform`):
+Training (train.py data="clickme", the harmonization objective): data.pipeline.Loader yields shuffled, host-sharded, resumable batches of the Harmonization pipeline's float images and blurred human
+maps (data.pipeline.ClickmeTransform):
 
     source = data_source("train", data_dir=..., config="with_train")
-    pipe = TrainPipeline(source, TrainTransform(train=True), 64, seed=0)
+    pipe = pipeline.Loader(source, pipeline.ClickmeTransform(train=True), 64, seed=0)
     for batch in pipe.iterate(start_step):      # image (L, 224, 224, 3) float32, heatmap (L, 224, 224), label
         ...
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import dataclasses
 import json
 import logging
 import os
@@ -46,7 +43,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data import imagenet
 from data.download import cached_download, file_lock, read_record, sha256_file, write_atomic
 from data.preprocess import jpeg_header
 from data.tfrecord import RecordError, parse_example, read_records
@@ -283,114 +279,3 @@ def _same_source(recorded, current: dict) -> dict | None:
     except (KeyError, TypeError, OSError):
         pass
     return None
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Training batches (train.py data="clickme"): the Harmonization training pipeline's images and human maps
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainTransform:
-    """One example -> (image float32 (S, S, 3) in [0, 255], human map float32 (S, S)).
-
-    Harmonization's loader (`common/clickme_dataset.py: parse_clickme_prototype`): the 224 x 224 float image
-    (not cast to uint8: the model is fed floats) and the blurred 224 x 224 heatmap, exactly as
-    data.preprocess. Harmonization trains on them as they are; `image_size` != 224 resizes both (TensorFlow's
-    bilinear, no antialias: small test models) and `hflip` flips both together with that probability (a
-    sample's draw depends only on (seed, epoch, position), as data.imagenet's). Nothing that would move the
-    image off its map (crops, RandAugment, erasing, mixup) exists here."""
-    train: bool
-    image_size: int = 224
-    hflip: float = 0.0
-
-    def __call__(self, example, rng: np.random.Generator | None):
-        from data.preprocess import clickme_heatmap, clickme_image, resize_bilinear
-        image, heatmap = clickme_image(example["image"]), clickme_heatmap(example["heatmap"])
-        s = self.image_size
-        if image.shape[:2] != (s, s):
-            image, heatmap = resize_bilinear(image, (s, s)), resize_bilinear(heatmap, (s, s))
-        if self.train and self.hflip > 0 and rng.random() < self.hflip:
-            image, heatmap = image[:, ::-1], heatmap[:, ::-1]
-        return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(heatmap, np.float32)
-
-
-class TrainPipeline(imagenet.Pipeline):
-    """ClickMe batches in data.imagenet.Pipeline's order, host sharding, resume position and prefetching (its
-    `_items` and `iterate`): epoch e of training visits default_rng((seed, e)).permutation(n) in global batches
-    (the last partial one dropped); evaluation reads the split in order, padding the last batch (mask False).
-
-    A batch: image float32 (L, S, S, 3) in [0, 255], heatmap float32 (L, S, S), label int32 (L,), and in
-    evaluation mask bool (L,). `source`: a random-access sequence of ClickMe examples (`data_source(...)`).
-    Decoding runs on `workers` threads (0: in the prefetching thread)."""
-
-    def __init__(self, source, transform: TrainTransform, global_batch: int, *, seed: int, process_index: int = 0,
-                 process_count: int = 1, workers: int = 0, prefetch: int = 2, chunk: int = 16):
-        if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
-        self.source, self.transform, self.seed = source, transform, seed
-        self.size, self.num_classes = len(source), NUM_CLASSES
-        self.global_batch, self.local_batch = global_batch, global_batch // process_count
-        self.process_index = process_index
-        self.workers, self.prefetch, self.chunk = workers, prefetch, chunk
-        if self.size == 0:
-            raise ValueError("the ClickMe split holds no records")
-        if transform.train and self.size < global_batch:
-            raise ValueError(f"the ClickMe training split has {self.size} images, fewer than one global batch "
-                             f"({global_batch})")
-
-    def _load(self, items) -> list:
-        s = self.transform.image_size
-        indices = [i for i, _ in items if i >= 0]
-        examples = iter(_read(self.source, indices))
-        out = []
-        for index, entropy in items:
-            if index < 0:
-                out.append((np.zeros((s, s, 3), np.float32), np.zeros((s, s), np.float32), -1))
-                continue
-            ex = next(examples)
-            rng = np.random.default_rng(entropy) if entropy is not None else None
-            try:
-                image, heatmap = self.transform(ex, rng)
-            except Exception as e:
-                raise ValueError(f"ClickMe record {index}: {e}") from e
-            out.append((image, heatmap, int(ex["label"])))
-        return out
-
-    def _samples(self, items):
-        chunks = imagenet._chunked(items, self.chunk)
-        if self.workers == 0:
-            for c in chunks:
-                yield from self._load(c)
-            return
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            pending = collections.deque()
-            window = max(2 * self.workers, (self.prefetch + 1) * self.local_batch // self.chunk + 1)
-            for c in chunks:
-                pending.append(pool.submit(self._load, c))
-                if len(pending) >= window:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-
-    def _batches(self, start_step: int, num_steps: int | None):
-        rows = []
-        for row in self._samples(self._items(start_step, num_steps)):
-            rows.append(row)
-            if len(rows) == self.local_batch:
-                images, heatmaps, labels = zip(*rows)
-                label = np.asarray(labels, np.int32)
-                batch = {"image": np.stack(images), "heatmap": np.stack(heatmaps), "label": np.maximum(label, 0)}
-                if not self.transform.train:
-                    batch["mask"] = label >= 0
-                yield batch
-                rows = []
-
-
-def _read(source, indices) -> list:
-    if not indices:
-        return []
-    if hasattr(source, "__getitems__"):
-        return list(source.__getitems__(list(indices)))
-    return [source[i] for i in indices]

@@ -38,8 +38,9 @@ from dcls_jax.layers import _DclsNd
 POSITION_NAMES = ("P", "SIG")
 
 
-def _names(path) -> tuple[str, ...]:
-    """A jax key path as a tuple of strings, without the trailing `.value` of an nnx Variable."""
+def path_names(path) -> tuple[str, ...]:
+    """A jax key path as a tuple of strings, without the trailing `.value` of an nnx Variable: the one key-path
+    naming of the project ('.'.join(path_names(p)) is a parameter's PyTorch/timm state-dict key)."""
     out = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -60,7 +61,7 @@ def position_labels(params, positions: str = "positions", default: str = "defaul
 
     Pass the function itself as `param_labels` (it is called on whatever pytree the optimizer sees)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: positions if _names(path)[-1:] and _names(path)[-1] in POSITION_NAMES else default,
+        lambda path, _: positions if path_names(path)[-1:] and path_names(path)[-1] in POSITION_NAMES else default,
         params)
 
 
@@ -100,7 +101,7 @@ def clamp_positions_transform(bounds: dict[tuple[str, ...], tuple[int, ...]]) ->
             raise ValueError("clamp_positions_transform needs `params` in tx.update(grads, state, params)")
 
         def f(path, u, p):
-            lim = bounds.get(_names(path))
+            lim = bounds.get(path_names(path))
             return u if lim is None else _clip(p + u, lim) - p
 
         return jax.tree_util.tree_map_with_path(f, updates, params), state

@@ -175,7 +175,7 @@ def test_alignment_gradient_reaches_weights(name, kwargs, offsets):
 
 
 SIDE = 64              # JPEG side of the fixture records (ClickMe's are 256)
-IMAGE = 64             # model input (TrainTransform resizes the 224 Harmonization image to this)
+IMAGE = 64             # model input (ClickmeTransform resizes the 224 Harmonization image to this)
 MODEL = "convnext_tiny_dcls"
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "kernel_count": 3, "dilated_kernel_size": 3}
 LAYER = "stages.1"     # Grad-CAM at stride 8: 8 x 8 maps
@@ -301,10 +301,10 @@ def runs(clickme_fixture, two_devices, tmp_path_factory):
 
 
 def _held_out(root):
-    from data import augment, clickme
+    from data import augment, clickme, pipeline
     source = clickme.data_source("validation", data_dir=root / "tfds", config="with_train",
                                  clickme_dir=root / "shards", num_shards={"train": 1, "validation": 1})
-    batch = next(clickme.TrainPipeline(source, clickme.TrainTransform(train=False, image_size=IMAGE), 32,
+    batch = next(pipeline.Loader(source, pipeline.ClickmeTransform(train=False, image_size=IMAGE), 32,
                                        seed=0).iterate())
     entry = models.get_entry(MODEL)
     return np.asarray(augment.normalize(batch["image"], entry.mean, entry.std)), batch["heatmap"], batch["label"]
@@ -388,15 +388,15 @@ def test_export_loads_in_evaluate(runs, stopped, tmp_path):
 
 
 def test_clickme_train_pipeline_order_shards_and_resume(clickme_fixture):
-    """data.clickme.TrainPipeline: Harmonization's pixels (data.preprocess) resized together with their maps; the
+    """data.pipeline.Loader on ClickMe: Harmonization's pixels (data.preprocess) resized together with their maps; the
     imagenet pipeline's order (an epoch is a permutation), hosts reading their rows, and a resume position."""
-    from data import clickme, preprocess
+    from data import clickme, pipeline, preprocess
     source = clickme.data_source("train", data_dir=clickme_fixture / "tfds", config="with_train",
                                  clickme_dir=clickme_fixture / "shards", num_shards={"train": 1, "validation": 1})
-    transform = clickme.TrainTransform(train=True, image_size=IMAGE, hflip=0.5)
-    one = clickme.TrainPipeline(source, transform, 16, seed=3)
+    transform = pipeline.ClickmeTransform(train=True, image_size=IMAGE, hflip=0.5)
+    one = pipeline.Loader(source, transform, 16, seed=3)
     whole = list(one.iterate(0, 5))                  # 4 steps per epoch: crosses an epoch boundary
-    halves = [list(clickme.TrainPipeline(source, transform, 16, seed=3, process_index=i, process_count=2,
+    halves = [list(pipeline.Loader(source, transform, 16, seed=3, process_index=i, process_count=2,
                                          workers=2).iterate(0, 5)) for i in range(2)]
     for step, batch in enumerate(whole):
         assert batch["image"].shape == (16, IMAGE, IMAGE, 3) and batch["heatmap"].shape == (16, IMAGE, IMAGE)
@@ -415,9 +415,9 @@ def test_clickme_train_pipeline_order_shards_and_resume(clickme_fixture):
     flipped = not np.array_equal(got_image, image)
     np.testing.assert_array_equal(got_image, image[:, ::-1] if flipped else image)
     np.testing.assert_array_equal(got_human, human[:, ::-1] if flipped else human)
-    evaluation = list(clickme.TrainPipeline(source, clickme.TrainTransform(train=False, image_size=IMAGE), 24,
+    evaluation = list(pipeline.Loader(source, pipeline.ClickmeTransform(train=False, image_size=IMAGE), 24,
                                             seed=0).iterate())
-    assert [b["mask"].sum() for b in evaluation] == [24, 24, 16]
+    assert [b["valid"].sum() for b in evaluation] == [24, 24, 16]
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -26,7 +26,7 @@ from PIL import Image
 
 import configs
 import train
-from data import augment, imagenet
+from data import augment, imagenet, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "kernel_count": 3, "dilated_kernel_size": 3}
@@ -189,21 +189,49 @@ def spawned(folder, tmp_path_factory):
             proc.wait()
 
 
+class SeenExamples:
+    """Records the training examples each batch of train.main holds (their indices in the split) and the step
+    each run starts its input at, by wrapping data.pipeline.Loader.iterate."""
+
+    def __init__(self):
+        self.batches, self.starts = [], []
+
+    def __enter__(self):
+        self.patch = pytest.MonkeyPatch()
+        iterate = pipeline.Loader.iterate
+
+        def recording(loader, start_step=0, num_steps=None):
+            if loader.train:
+                self.starts.append(start_step)
+            for batch in iterate(loader, start_step, num_steps):
+                if loader.train:
+                    self.batches.append(batch["index"].copy())
+                yield batch
+
+        self.patch.setattr(pipeline.Loader, "iterate", recording)
+        return self
+
+    def __exit__(self, *exc):
+        self.patch.undo()
+
+
 @pytest.fixture(scope="module")
 def full_run(folder, spawned, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
-    state, evaluation = train.main(_args(folder, *FULL, f"workdir={workdir}"))
-    return _flat(state), evaluation, workdir
+    with SeenExamples() as seen:
+        state, evaluation = train.main(_args(folder, *FULL, f"workdir={workdir}"))
+    return _flat(state), evaluation, workdir, seen
 
 
 @pytest.fixture(scope="module")
 def stopped_run(folder, tmp_path_factory):
     """The full recipe stopped at step STOP (checkpointed), then the same command again to STEPS."""
     workdir = str(tmp_path_factory.mktemp("resumed"))
-    state, _ = train.main(_args(folder, *FULL, f"workdir={workdir}", f"stop_at_step={STOP}"))
-    at_stop = _flat(state)
-    state, _ = train.main(_args(folder, *FULL, f"workdir={workdir}"))
-    return at_stop, _flat(state)
+    with SeenExamples() as seen:
+        state, _ = train.main(_args(folder, *FULL, f"workdir={workdir}", f"stop_at_step={STOP}"))
+        at_stop = _flat(state)
+        state, _ = train.main(_args(folder, *FULL, f"workdir={workdir}"))
+    return at_stop, _flat(state), seen, workdir
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -226,7 +254,7 @@ def test_loss_falls(data, full_run, tfds_dir, tmp_path):
 
 
 def test_full_recipe_positions_clamped_and_evaluated(folder, full_run):
-    final, evaluation, workdir = full_run
+    final, evaluation, workdir, _ = full_run
     _, cfg = train.parse_args(_args(folder, *FULL))
     init = _flat({"params": nnx.state(train.build_model(cfg), nnx.Param)})   # the run's initial parameters
     positions = [k for k in final if k.startswith("params.") and k.endswith(".P")]
@@ -241,8 +269,19 @@ def test_full_recipe_positions_clamped_and_evaluated(folder, full_run):
 
 
 def test_resume_is_bit_exact(full_run, stopped_run):
-    final, _, _ = full_run
-    _, resumed = stopped_run
+    """Stopped mid-epoch at STOP and resumed from the checkpoint, the run reads exactly the examples of the
+    uninterrupted run (checked against the permutation the order is defined by) and ends with the same bits."""
+    final, _, _, seen = full_run
+    _, resumed, resumed_seen, workdir = stopped_run
+    steps_per_epoch = 32 // 8
+    assert 0 < STOP % steps_per_epoch and STEPS <= steps_per_epoch   # resumed mid-epoch
+    order = np.random.default_rng((0, 0)).permutation(32)   # epoch 0 of seed 0
+    np.testing.assert_array_equal(np.concatenate(seen.batches), order[:STEPS * 8])
+    assert seen.starts == [0] and resumed_seen.starts == [0, STOP]
+    np.testing.assert_array_equal(np.concatenate(resumed_seen.batches), order[:STEPS * 8])
+    with open(os.path.join(workdir, "checkpoints", str(STOP), "meta", "metadata")) as f:
+        meta = json.load(f)
+    assert meta["data"] == {"epoch": 0, "batch_in_epoch": STOP, "seed": 0, "size": 32, "global_batch": 8}
     assert final.keys() == resumed.keys()
     for k in final:
         np.testing.assert_array_equal(resumed[k], final[k], err_msg=k)
@@ -250,9 +289,7 @@ def test_resume_is_bit_exact(full_run, stopped_run):
 
 def test_devices_and_processes_match_one_device(full_run, stopped_run, spawned):
     """4 simulated devices give the single-device parameters after STEPS steps; two processes after STOP steps."""
-    final, _, _ = full_run
-    at_stop, _ = stopped_run
-    out, procs = spawned
+    final, at_stop, (out, procs) = full_run[0], stopped_run[0], spawned
     log = _wait(procs["four"][0])
     assert "CONFIG ERROR: batch_size 6 is not divisible by the 4 devices" in log, log[-2000:]
     for proc in procs["multi"]:
@@ -283,6 +320,34 @@ def test_bad_config_fails_before_compute(folder, sets, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train.main(_args(folder, *sets))
     assert len(jax.live_arrays()) == before
+
+
+def test_init_checkpoint_merge_skips_the_head(tmp_path):
+    """init_checkpoint (a PyTorch .pth written here) goes through models.statedict.merge_state_dict: every
+    parameter and batch statistic comes from the checkpoint except those init_skip names, which keep the run's
+    fresh values; a checkpoint that does not fit is a ConfigError listing the mismatch."""
+    import dataclasses
+
+    import torch
+
+    def flat(tree):
+        return {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    base = configs.Config(model="convnext_tiny_dcls", model_kwargs=TINY, num_classes=4, seed=5)
+    source = flat({"p": nnx.state(train.build_model(dataclasses.replace(base, seed=1, num_classes=1000)),
+                                   nnx.Param)})          # an ImageNet checkpoint, fine-tuned on 4 classes
+    path = tmp_path / "init.pth"
+    torch.save({k[2:]: torch.from_numpy(np.array(v)) for k, v in source.items()}, path)
+    cfg = dataclasses.replace(base, init_checkpoint=str(path), init_skip=r"^head\.fc\.")
+    _, params, batch_stats, _ = nnx.split(train.build_model(cfg), nnx.Param, nnx.BatchStat, ...)
+    fresh = flat(params)
+    got = flat(train.load_init_checkpoint(cfg, params, batch_stats)[0])
+    assert got.keys() == fresh.keys() and any(k.startswith("head.fc.") for k in got)
+    for k in got:
+        want = fresh[k] if k.startswith("head.fc.") else source[f"p.{k}"]
+        np.testing.assert_array_equal(got[k], want, err_msg=k)
+    assert not np.array_equal(source["p.head.fc.weight"], fresh["head.fc.weight"])   # the test can tell them apart
+    with pytest.raises(train.ConfigError, match="head.fc.weight: checkpoint \\(1000, 64\\) vs model \\(4, 64\\)"):
+        train.load_init_checkpoint(dataclasses.replace(cfg, init_skip=None), params, batch_stats)
 
 
 def test_device_divisibility():
@@ -375,27 +440,37 @@ def test_repulsive_loss_matches_convnext_dcls():
 
 
 def test_hosts_read_their_rows_and_resume_position(folder):
+    """data.pipeline.Loader on an ImageFolder: two hosts' rows make the one-host batch; a start step, worker
+    processes or threads give the same data; an epoch is the permutation default_rng((seed, epoch)) of the split;
+    evaluation pads the last batch (valid False, index -1)."""
     transform = imagenet.Transform(train=True, image_size=16)
-    source = ("imagefolder", folder, "train")
-    one = imagenet.Pipeline(source, transform, 8, seed=3)
-    halves = [imagenet.Pipeline(source, transform, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
+    source = imagenet.ImageFolder(folder, "train")
+    one = pipeline.Loader(source, transform, 8, seed=3)
+    halves = [pipeline.Loader(source, transform, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
     whole = list(one.iterate(0, 6))                 # 6 steps: crosses the epoch boundary (4 steps per epoch)
     parts = [list(h.iterate(0, 6)) for h in halves]
     for step, batch in enumerate(whole):
-        for key in ("image", "label", "erase"):
+        for key in ("image", "label", "erase", "index"):
             np.testing.assert_array_equal(np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key])
     for step, batch in enumerate(one.iterate(3, 3), start=3):
         np.testing.assert_array_equal(batch["image"], whole[step]["image"])
-    workers = imagenet.Pipeline(source, transform, 8, seed=3, workers=1)   # a spawned decoding process
-    for step, batch in enumerate(workers.iterate(0, 2)):
-        np.testing.assert_array_equal(batch["image"], whole[step]["image"])
-    epoch0 = np.concatenate([b["label"] for b in whole[:4]])
-    assert sorted(epoch0.tolist()) == sorted(one.source.labels.tolist())   # an epoch is a permutation
+    for threads in (False, True):                   # 2 grain worker processes / threads
+        workers = pipeline.Loader(source, transform, 8, seed=3, workers=2, threads=threads)
+        for step, batch in enumerate(workers.iterate(2, 3), start=2):
+            for key in ("image", "erase", "index"):
+                np.testing.assert_array_equal(batch[key], whole[step][key])
+    order = np.concatenate([np.random.default_rng((3, e)).permutation(32) for e in range(2)])
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in whole]), order[:48])
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in whole]), source.labels[order[:48]])
     assert not np.array_equal(whole[0]["image"], whole[4]["image"])      # ... reshuffled every epoch
-    evaluation = imagenet.Pipeline(("imagefolder", folder, "val"), imagenet.Transform(train=False, image_size=16),
-                                   6, seed=0)
+    assert one.resume_step(one.state(6)) == 6
+    with pytest.raises(ValueError, match="seed 3 then, 4 now"):
+        pipeline.Loader(source, transform, 8, seed=4).resume_step(one.state(6))
+    evaluation = pipeline.Loader(imagenet.ImageFolder(folder, "val"), imagenet.Transform(train=False, image_size=16),
+                                 6, seed=0)
     batches = list(evaluation.iterate())
-    assert len(batches) == 2 and batches[1]["mask"].tolist() == [True, True, False, False, False, False]
+    assert len(batches) == 2 and batches[1]["valid"].tolist() == [True, True, False, False, False, False]
+    assert batches[1]["index"].tolist() == [6, 7, -1, -1, -1, -1] and not batches[1]["image"][2:].any()
 
 
 # ------------------------------------------------------------------------------------------------------------
