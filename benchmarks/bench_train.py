@@ -1,4 +1,5 @@
-"""Train-step throughput: train.py's jitted step against the PyTorch reference (timm + dcls) in the same run.
+"""Train-step throughput: the jitted train step (evaluation.training, what train.py runs) against the PyTorch
+reference (timm + dcls) in the same run.
 
 Both sides run forward, label-smoothed cross-entropy, backward and AdamW on the same batch of random images at
 the same precision (bf16: autocast in PyTorch, bfloat16 compute in JAX with float32 parameters); the DCLS
@@ -29,7 +30,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import configs  # noqa: E402
-import train  # noqa: E402
+from evaluation import training  # noqa: E402
 
 TINY = {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)}
 TINY_DCLS = {"kernel_count": 6, "dilated_kernel_size": 7}
@@ -41,8 +42,8 @@ def jax_step(name: str, batch: int, size: int, precision: str, tiny: bool, steps
                          compute_dtype={"bf16": "bfloat16", "fp32": "float32"}[precision], mixup=0.0, cutmix=0.0,
                          random_erasing=0.0, ema_decay=0.0, warmup_steps=0, total_steps=10_000, lr_base_batch=0)
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    t = train.create(cfg, mesh, cfg.total_steps, cfg.total_steps)
-    step = train.make_train_step(cfg, t.graphdef, t.tx, t.schedule, t.bounds, cfg.total_steps, t.state_sharding)
+    t = training.create(cfg, mesh, cfg.total_steps, cfg.total_steps)
+    step = training.make_train_step(cfg, t.graphdef, t.tx, t.schedule, cfg.total_steps, t.state_sharding)
     rng = np.random.default_rng(0)
     data = NamedSharding(mesh, P("data"))
     inputs = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),

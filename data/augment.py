@@ -180,7 +180,8 @@ class RandAugment:
         for part in parts[1:]:
             m = re.fullmatch(r"([a-z]+)(\d.*)", part)
             if m is None or m[1] not in _SECTIONS:
-                raise ValueError(f"bad RandAugment section {part!r} in {spec!r} (known: {', '.join(_SECTIONS)})")
+                what = "bad" if part.rstrip("0123456789.") in _SECTIONS else "unknown"   # a known one, no value
+                raise ValueError(f"{what} RandAugment section {part!r} in {spec!r} (known: {', '.join(_SECTIONS)})")
             field, parse = _SECTIONS[m[1]]
             args[field] = parse(m[2])
         increasing = args.pop("increasing", False)

@@ -23,6 +23,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from evaluation import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -295,7 +296,7 @@ def test_non_finite_loss_stops_training(tmp_path, monkeypatch, capsys):
     import jax.numpy as jnp
 
     import train
-    make = train.make_train_step
+    make = training.make_train_step
     poison = jax.jit(lambda step, loss: jnp.where(step >= 3, jnp.nan, loss))
 
     def make_poisoned(*args, **kwargs):

@@ -18,6 +18,7 @@ import train
 from models.registry import get_entry
 from tests.test_convnext import convert
 from tests.torch_ref import check_cut_points, dclsify, random_images, randomize_params
+from evaluation import training
 
 NAME = "convnext_tiny_dcls_gauss"
 REDUCED = dict(depths=(2, 1, 2, 1))
@@ -86,7 +87,7 @@ def test_config_trains_a_step(tmp_path):
         argv += ["--set", s]
     _, cfg = train.parse_args(argv)
     assert cfg.model == NAME and not cfg.clamp_positions
-    init = nnx.state(train.build_model(cfg), nnx.Param)
+    init = nnx.state(training.build_model(cfg), nnx.Param)
     init = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(init)}
     state, _ = train.main(argv)
     final = {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}

@@ -468,7 +468,7 @@ def test_rand_augment_spec_matches_timm():
         assert [o.name for o in timm_ra.ops] == list(ours.ops) and timm_ra.num_layers == ours.num_layers, spec
         assert (op.prob, op.magnitude, op.magnitude_std) == (ours.prob, ours.magnitude, ours.magnitude_std), spec
         assert (op.magnitude_max or augment._LEVEL_DENOM) == ours.magnitude_max, spec
-    for spec, match in (("rnd-m9", "must start with 'rand-'"), ("rand-q3", "bad RandAugment section 'q3'"),
+    for spec, match in (("rnd-m9", "must start with 'rand-'"), ("rand-q3", "unknown RandAugment section 'q3'"),
                         ("rand-m", "bad RandAugment section 'm'")):
         with pytest.raises(ValueError, match=match):
             augment.RandAugment.from_string(spec)

@@ -27,6 +27,7 @@ import train
 from cam import harmonization as H
 from cam import metrics
 from data.tfrecord import write_records
+from evaluation import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden", "harmonization.npz")
@@ -322,7 +323,7 @@ def test_harmonization_raises_alignment_and_ce_does_not(clickme_fixture, runs):
     from models import convert
     images, human, labels = _held_out(clickme_fixture)
     _, cfg = train.parse_args(_argv(clickme_fixture, "ce"))
-    before = _alignment(train.build_model(cfg), images, human, labels)   # the runs start from it (seed 0)
+    before = _alignment(training.build_model(cfg), images, human, labels)   # the runs start from it (seed 0)
     after = {}
     for objective, (_, workdir) in runs.items():
         model = convert.restore(workdir / "model")            # the export evaluate.py --checkpoint reads
@@ -430,7 +431,7 @@ def test_clickme_train_pipeline_order_shards_and_resume(clickme_fixture):
 def test_bad_harmonization_config(clickme_fixture, sets, message):
     _, cfg = train.parse_args(_argv(clickme_fixture, "harmonization", *sets))
     with pytest.raises(train.ConfigError, match=message):
-        train.check_config(cfg)
+        training.check_config(cfg)
 
 
 def test_weight_l2_skips_normalisation_and_positions():

@@ -27,6 +27,7 @@ from PIL import Image
 import configs
 import train
 from data import augment, imagenet, pipeline
+from evaluation import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "kernel_count": 3, "dilated_kernel_size": 3}
@@ -256,7 +257,7 @@ def test_loss_falls(data, full_run, tfds_dir, tmp_path):
 def test_full_recipe_positions_clamped_and_evaluated(folder, full_run):
     final, evaluation, workdir, _ = full_run
     _, cfg = train.parse_args(_args(folder, *FULL))
-    init = _flat({"params": nnx.state(train.build_model(cfg), nnx.Param)})   # the run's initial parameters
+    init = _flat({"params": nnx.state(training.build_model(cfg), nnx.Param)})   # the run's initial parameters
     positions = [k for k in final if k.startswith("params.") and k.endswith(".P")]
     assert len(positions) == 4   # one P per stage, shared by the stage's blocks
     bound = TINY["dilated_kernel_size"] // 2
@@ -333,28 +334,28 @@ def test_init_checkpoint_merge_skips_the_head(tmp_path):
     def flat(tree):
         return {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     base = configs.Config(model="convnext_tiny_dcls", model_kwargs=TINY, num_classes=4, seed=5)
-    source = flat({"p": nnx.state(train.build_model(dataclasses.replace(base, seed=1, num_classes=1000)),
+    source = flat({"p": nnx.state(training.build_model(dataclasses.replace(base, seed=1, num_classes=1000)),
                                    nnx.Param)})          # an ImageNet checkpoint, fine-tuned on 4 classes
     path = tmp_path / "init.pth"
     torch.save({k[2:]: torch.from_numpy(np.array(v)) for k, v in source.items()}, path)
     cfg = dataclasses.replace(base, init_checkpoint=str(path), init_skip=r"^head\.fc\.")
-    _, params, batch_stats, _ = nnx.split(train.build_model(cfg), nnx.Param, nnx.BatchStat, ...)
+    _, params, batch_stats, _ = nnx.split(training.build_model(cfg), nnx.Param, nnx.BatchStat, ...)
     fresh = flat(params)
-    got = flat(train.load_init_checkpoint(cfg, params, batch_stats)[0])
+    got = flat(training.load_init_checkpoint(cfg, params, batch_stats)[0])
     assert got.keys() == fresh.keys() and any(k.startswith("head.fc.") for k in got)
     for k in got:
         want = fresh[k] if k.startswith("head.fc.") else source[f"p.{k}"]
         np.testing.assert_array_equal(got[k], want, err_msg=k)
     assert not np.array_equal(source["p.head.fc.weight"], fresh["head.fc.weight"])   # the test can tell them apart
     with pytest.raises(train.ConfigError, match="head.fc.weight: checkpoint \\(1000, 64\\) vs model \\(4, 64\\)"):
-        train.load_init_checkpoint(dataclasses.replace(cfg, init_skip=None), params, batch_stats)
+        training.load_init_checkpoint(dataclasses.replace(cfg, init_skip=None), params, batch_stats)
 
 
 def test_device_divisibility():
     cfg = configs.Config(batch_size=6)
     with pytest.raises(train.ConfigError, match="batch_size 6 is not divisible by the 4 devices"):
-        train.check_devices(cfg, 4, 1)
-    assert train.check_devices(configs.Config(batch_size=8), 4, 2) == 2
+        training.check_devices(cfg, 4, 1)
+    assert training.check_devices(configs.Config(batch_size=8), 4, 2) == 2
 
 
 def test_command_line_exit_status(folder):
@@ -370,8 +371,8 @@ def test_command_line_exit_status(folder):
 
 def test_weight_decay_groups_and_position_lr():
     cfg = configs.Config(model="convnext_tiny_dcls", model_kwargs=TINY, num_classes=4, weight_decay=0.05)
-    params = nnx.state(train.build_model(cfg), nnx.Param)
-    groups = train.param_groups(params, cfg)
+    params = nnx.state(training.build_model(cfg), nnx.Param)
+    groups = training.param_groups(params, cfg)
     names = {".".join(train._names(p)): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
     assert names["stages.0.blocks.0.conv_dw.P"] == "position"
     assert names["stages.0.blocks.0.conv_dw.weight"] == "decay"       # (O, 1, K) DCLS weights decay
@@ -381,7 +382,7 @@ def test_weight_decay_groups_and_position_lr():
               "head.fc.bias", "head.norm.weight"):
         assert names[k] == "no_decay", k
     lr = 0.01
-    tx = train.make_optimizer(cfg, lambda step: lr, groups)
+    tx = training.make_optimizer(cfg, lambda step: lr, groups)
     flat = {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def first_update(grad_value):
@@ -404,7 +405,7 @@ def test_weight_decay_groups_and_position_lr():
 def test_lr_schedule_matches_convnext():
     cfg = configs.Config(lr=4e-3, lr_base_batch=4096, batch_size=2048, min_lr=1e-6, warmup_epochs=2)
     spe, epochs = 5, 10
-    sched = train.lr_schedule(cfg, epochs * spe, spe)
+    sched = training.lr_schedule(cfg, epochs * spe, spe)
     # ConvNeXt utils.cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs)
     base, warm = 2e-3, 2 * spe
     iters = np.arange(epochs * spe - warm)
@@ -430,8 +431,8 @@ def test_repulsive_loss_matches_convnext_dcls():
 
     expected = reference([torch.from_numpy(p) for p in ps]).item()
     tree = {"a": {"P": jnp.asarray(ps[0]), "weight": jnp.ones(3)}, "b": {"P": jnp.asarray(ps[1])}}
-    np.testing.assert_allclose(float(train.repulsive_loss(tree)), expected, rtol=1e-5)
-    grads = jax.jit(jax.grad(train.repulsive_loss))(tree)
+    np.testing.assert_allclose(float(training.repulsive_loss(tree)), expected, rtol=1e-5)
+    grads = jax.jit(jax.grad(training.repulsive_loss))(tree)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
