@@ -172,7 +172,7 @@ def restore(name_or_directory: str | os.PathLike, directory: str | os.PathLike |
         tree = checkpointer.restore(state_dir, target)
     finally:
         checkpointer.close()
-    flat = {_key(tuple(getattr(k, "key", k) for k in path)): leaf
+    flat = {_key(path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     return from_state_dict(name, flat, allow_nonfinite=allow_nonfinite, **overrides)
 

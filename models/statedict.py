@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dcls_jax.optim import path_names
 from models import registry
 from models.torchfile import MAX_LISTED
 
@@ -54,7 +55,8 @@ def from_state_dict(name: str, state_dict: Mapping[str, np.ndarray], *, strict: 
 
 
 def _key(path) -> str:
-    return ".".join(map(str, path))
+    """The state-dict key of an nnx state path or a jax key path ("stages.0.blocks.1.conv_dw.weight")."""
+    return ".".join(path_names(path))
 
 
 def _aliases(model) -> dict[str, list[str]]:
