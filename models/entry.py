@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flax import nnx
 
+from models.layers import ConvSpec
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,7 +35,7 @@ class Entry:
     name: str
     builder: Callable[..., nnx.Module]   # builder(*, rngs, **overrides) -> model
     family: str                          # "resnet", "convnext", "metaformer", "fastvit"
-    target_layer: str                    # the study's CAM layer (what forward_features returns)
+    target_layer: str                    # the study's CAM layer: the model class's (models.layers.CutModel)
     resize_size: int                     # resize (bicubic) of the shorter side
     input_size: int                      # center crop
     checkpoint: Checkpoint | None = None
@@ -71,13 +73,21 @@ def register(entry: Entry) -> Entry:
 
 
 def override(config, overrides: Mapping):
-    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields."""
+    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields.
+
+    A config's `conv` (a `models.layers.ConvSpec`) can also be changed field by field: overrides named like
+    its fields (`kernel_count`, `dilated_kernel_size`, `kernel_size`, `version`, `init`) replace them in
+    `conv` (after a `conv` override, if both are given), so such overrides stay JSON-serialisable."""
     fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - fields)
+    spec_fields = ({f.name for f in dataclasses.fields(ConvSpec)} - {"kind"} - fields
+                   if isinstance(getattr(config, "conv", None), ConvSpec) else set())
+    unknown = sorted(set(overrides) - fields - spec_fields)
     if unknown:
         raise ValueError(f"unknown config override(s) {unknown} for {type(config).__module__}."
-                         f"{type(config).__qualname__}; valid: {sorted(fields)}")
-    return dataclasses.replace(config, **overrides)
+                         f"{type(config).__qualname__}; valid: {sorted(fields | spec_fields)}")
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
+    spec = {k: v for k, v in overrides.items() if k in spec_fields}
+    return dataclasses.replace(config, conv=dataclasses.replace(config.conv, **spec)) if spec else config
 
 
 def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
@@ -88,3 +98,19 @@ def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
         w = state_dict.get(key)
         return {"kernel_count": int(w.shape[-1])} if w is not None and w.ndim == 3 else {}
     return infer
+
+
+TEST_SIZE = 64       # input (and resize) size of the tiny `test_*` variants
+TEST_CLASSES = 10    # ... and their class count
+
+
+def register_test(name: str, builder: Callable[..., nnx.Module], family: str, target_layer: str,
+                  **fields) -> Entry:
+    """Registers a tiny variant of a family for tests (name `test_*`): random weights only (no checkpoint), a
+    TEST_SIZE input, TEST_CLASSES classes (its builder's preset must say so), not one of the study's models.
+    tests/test_registry_sweep.py runs every registered name; these are the ones it checks in depth."""
+    if not name.startswith("test_"):
+        raise ValueError(f"a test variant's name starts with 'test_', got {name!r}")
+    return register(Entry(name=name, builder=builder, family=family, target_layer=target_layer,
+                          resize_size=TEST_SIZE, input_size=TEST_SIZE, num_classes=TEST_CLASSES, in_study=False,
+                          **fields))
