@@ -4,8 +4,8 @@ Attribute names follow timm's state-dict paths (`stem.0`, `stages.1.downsample.1
 `stages.2.blocks.5.conv_dw`, `head.norm`, `head.fc`), so a timm state dict maps one to one onto
 `nnx.state(model)`. The depthwise convolution of every block is `Config.conv` (a `models.layers.ConvSpec`):
 the plain models use a 7x7 Conv2d; the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v0") whose
-positions are shared within each stage; `convnext_tiny_dcls_gauss` a Dcls2d "gauss" (23 / 26) sharing P and SIG per stage (arXiv
-2306.00817). `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
+positions are shared within each stage; `convnext_tiny_dcls_gauss` a Dcls2d "gauss" (23 / 26) sharing P and SIG
+per stage (arXiv 2306.00817). `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ import numpy as np
 from flax import nnx
 
 from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu,
-                           global_avg_pool, identity, share_positions, trunc_normal)
-from models.entry import TEST_CLASSES, Checkpoint, Entry, infer_kernel_count, override, register, register_test
+                           check_stages, drop_path_rates, global_avg_pool, identity, share_positions,
+                           trunc_normal)
+from models.entry import (TEST_CLASSES, Checkpoint, Entry, infer_kernel_count, override, register, register_test,
+                          rename_keys)
 
 zeros = jax.nn.initializers.zeros
 
@@ -123,22 +125,16 @@ class ConvNeXt(CutModel):
     target_layer = "stages.3"
 
     def __init__(self, cfg: Config = Config(), *, rngs: nnx.Rngs):
-        if len(cfg.depths) != 4 or len(cfg.dims) != 4:
-            raise ValueError(f"ConvNeXt needs 4 depths and 4 dims, got depths={cfg.depths} dims={cfg.dims}")
+        check_stages("ConvNeXt", cfg, ("depths", "dims"))
         self.config = cfg
         self.stem = Sequential([
             Conv2d(3, cfg.dims[0], 4, stride=4, rngs=rngs, weight_init=trunc_normal(0.02), bias_init=zeros),
             LayerNorm(cfg.dims[0], eps=1e-6)])
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
-        starts = np.cumsum((0,) + tuple(cfg.depths))
-        dims_in = (cfg.dims[0],) + tuple(cfg.dims[:-1])
+        dims_in = (cfg.dims[0], *cfg.dims[:-1])
         self.stages = Sequential([
-            Stage(dims_in[i], cfg.dims[i], 1 if i == 0 else 2, cfg, rates[starts[i]:starts[i + 1]], rngs=rngs)
-            for i in range(4)])
+            Stage(dims_in[i], cfg.dims[i], 1 if i == 0 else 2, cfg, rates, rngs=rngs)
+            for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
-
-    def _parts(self):
-        return (self.stem, *self.stages)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,15 +160,7 @@ _FAIR_RULES = (
 def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """FAIR ConvNeXt / ConvNeXt-dcls key names -> timm names (identity on timm names). FAIR's pointwise convs are
     already Linear (2-D) weights and its layer norms have timm's shapes, so values pass through unchanged."""
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _FAIR_RULES:
-            new = pattern.sub(repl, new)
-        if new in out:
-            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {new!r}")
-        out[new] = value
-    return out
+    return rename_keys(state_dict, _FAIR_RULES)
 
 
 _FAIR_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_{}_1k_224_ema.pth"
@@ -180,8 +168,8 @@ _DCLS_URL = "https://zenodo.org/record/7112021/files/convnext_dcls_{}_1k_224_ema
 
 
 def _register(name: str, config: Config, url: str | None, *, test: bool = False, in_study: bool = True):
-    fields = dict(remap_keys=remap_keys,
-                  infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight") if config.conv.is_dcls else None)
+    infer = infer_kernel_count("stages.0.blocks.0.conv_dw.weight") if config.conv.is_dcls else None
+    fields = dict(remap_keys=remap_keys, infer_overrides=infer)
     if test:
         register_test(name, functools.partial(_build, config), "convnext", ConvNeXt.target_layer, **fields)
         return
@@ -204,6 +192,5 @@ _register("convnext_tiny_dcls_gauss", Config.tiny(conv=GAUSS), _GAUSS_URL.format
 
 # Tiny variants for tests (models.entry.register_test): one block per stage, 8..32 wide, small DCLS kernels.
 _TEST = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=TEST_CLASSES)
-for _name, _conv in (("test_convnext", DENSE), ("test_convnext_dcls", ConvSpec.dcls(5, 7, "v0", "trunc_normal")),
-                     ("test_convnext_dcls_gauss", ConvSpec.dcls(5, 7, "gauss", "trunc_normal"))):
+for _name, _conv in (("test_convnext", DENSE), ("test_convnext_dcls", ConvSpec.dcls(5, 7, "v0", "trunc_normal"))):
     _register(_name, Config(**_TEST, conv=_conv), None, test=True)

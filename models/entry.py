@@ -9,7 +9,8 @@ repository's state-dict names to ours (timm's names).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
@@ -88,6 +89,26 @@ def override(config, overrides: Mapping):
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
     spec = {k: v for k, v in overrides.items() if k in spec_fields}
     return dataclasses.replace(config, conv=dataclasses.replace(config.conv, **spec)) if spec else config
+
+
+def rename_keys(state_dict: Mapping[str, np.ndarray],
+                rename: Callable[[str], str] | Sequence[tuple[re.Pattern, str]]) -> dict[str, np.ndarray]:
+    """{rename(key): value} for a family's `remap_keys`, with a ValueError naming two keys that collide. `rename`
+    is a function or a sequence of (compiled pattern, replacement) rules applied in order with `re.sub`."""
+    if not callable(rename):
+        rules = tuple(rename)
+
+        def rename(key: str) -> str:
+            for pattern, repl in rules:
+                key = pattern.sub(repl, key)
+            return key
+    out = {}
+    for key, value in state_dict.items():
+        new = rename(key)
+        if new in out:
+            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {new!r}")
+        out[new] = value
+    return out
 
 
 def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:

@@ -30,8 +30,9 @@ import numpy as np
 from flax import nnx
 
 from models.layers import (Attention, BatchNorm2d, Conv2d, ConvSpec, CutModel, DropPath, Dropout, Linear, Mlp,
-                           Sequential, gelu, global_avg_pool, identity, share_positions, trunc_normal)
-from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test
+                           Sequential, check_stages, drop_path_rates, gelu, global_avg_pool, identity,
+                           share_positions, trunc_normal)
+from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test, rename_keys
 
 zeros = jax.nn.initializers.zeros
 
@@ -403,9 +404,8 @@ class FastVit(CutModel):
 
     def __init__(self, cfg: Config = Config(), *, rngs: nnx.Rngs):
         n = len(cfg.layers)
-        for field in ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs", "downsamples", "se_downsamples"):
-            if len(getattr(cfg, field)) != n:
-                raise ValueError(f"Config.{field} needs {n} entries (one per stage), got {getattr(cfg, field)}")
+        check_stages("FastViT", cfg, ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs", "downsamples",
+                                      "se_downsamples"), n)
         self.config = cfg
         dims = cfg.embed_dims
         mode = dict(inference_mode=cfg.inference_mode, use_scale_branch=cfg.stem_use_scale_branch, rngs=rngs)
@@ -413,11 +413,9 @@ class FastVit(CutModel):
             MobileOneBlock(3, dims[0], 3, 2, **mode),
             MobileOneBlock(dims[0], dims[0], 3, 2, groups=dims[0], **mode),
             MobileOneBlock(dims[0], dims[0], 1, 1, **mode)])
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.layers)).tolist()
-        starts = np.cumsum((0,) + tuple(cfg.layers))
-        dims_in = (dims[0],) + tuple(dims[:-1])
-        self.stages = Sequential([
-            FastVitStage(i, dims_in[i], dims[i], cfg, rates[starts[i]:starts[i + 1]], rngs=rngs) for i in range(n)])
+        dims_in = (dims[0], *dims[:-1])
+        self.stages = Sequential([FastVitStage(i, dims_in[i], dims[i], cfg, rates, rngs=rngs)
+                                  for i, rates in enumerate(drop_path_rates(cfg.layers, cfg.drop_path_rate))])
         final = int(dims[-1] * cfg.cls_ratio)
         self.final_conv = MobileOneBlock(dims[-1], final, 3, 1, groups=dims[-1], use_se=True,
                                          inference_mode=cfg.inference_mode, rngs=rngs)
@@ -426,7 +424,6 @@ class FastVit(CutModel):
 
     def _parts(self):
         return (self.stem, *self.stages, self.final_conv)
-
 
 
 _REPARAM = (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc)
@@ -494,9 +491,8 @@ def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(state_dict)
     # the network list alternates stages and their downsamplers: a stage ends before each `network.N.proj`
     stage_ends = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"network\.(\d+)\.proj\.", k))})
-    out = {}
-    for key, value in state_dict.items():
-        k = key
+
+    def rename(k: str) -> str:
         for old, new in _RENAMES:
             k = k.replace(old, new)
         k = re.sub(r"layer_scale(_[0-9])?$", r"layer_scale\1.gamma", k)
@@ -507,10 +503,9 @@ def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             part = ("downsample.proj" if child == "proj" else "pos_emb.pos_enc" if child == "pe" else
                     "pos_emb.reparam_conv" if child == "reparam_conv" else f"blocks.{child}")
             k = f"stages.{stage}.{part}" + k[m.end():]
-        if k in out:
-            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {k!r}")
-        out[k] = value
-    return out
+        return k
+
+    return rename_keys(state_dict, rename)
 
 
 def infer_overrides(state_dict: Mapping[str, np.ndarray]) -> dict:

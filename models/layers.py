@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dcls_jax import VERSIONS, Dcls2d
@@ -163,39 +164,50 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def drop_path(x, rate: float, key: jax.Array):
-    """Stochastic depth per sample, scaled by 1/keep as timm's drop_path (scale_by_keep=True)."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+class Dropout(nnx.Module):
+    """torch.nn.Dropout in train mode: each element zeroed with probability `rate`, the others scaled by
+    1/(1 - rate); the identity in eval mode (`deterministic`) or at rate 0. Keys come from the 'dropout' stream of
+    the rngs it was built with."""
 
-
-class DropPath(nnx.Module):
     def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs | None = None):
         self.rate = rate
         self.deterministic = False
         self.rngs = rngs.fork() if (rngs is not None and rate > 0) else None
+
+    def _mask_shape(self, x) -> tuple[int, ...]:
+        return x.shape
 
     def __call__(self, x):
         if self.deterministic or self.rate == 0.0:
             return x
         if self.rngs is None:
-            raise ValueError("DropPath with rate > 0 in train mode needs rngs (pass rngs with a 'dropout' stream)")
-        return drop_path(x, self.rate, self.rngs.dropout())
-
-
-class Dropout(nnx.Module):
-    def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs | None = None):
-        self.rate = rate
-        self.deterministic = False
-        self.rngs = rngs.fork() if (rngs is not None and rate > 0) else None
-
-    def __call__(self, x):
-        if self.deterministic or self.rate == 0.0:
-            return x
+            raise ValueError(f"{type(self).__name__} with rate > 0 in train mode needs rngs (pass rngs with a "
+                             "'dropout' stream)")
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs.dropout(), keep, x.shape)
+        mask = jax.random.bernoulli(self.rngs.dropout(), keep, self._mask_shape(x))
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class DropPath(Dropout):
+    """Stochastic depth: timm's drop_path (scale_by_keep=True), one draw per sample for the whole branch."""
+
+    def _mask_shape(self, x) -> tuple[int, ...]:
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def drop_path_rates(depths, rate: float) -> list[list[float]]:
+    """Per stage, the stochastic-depth rate of each block: linear in the block index over the whole network, from 0
+    to `rate` (timm's `np.linspace(0, drop_path_rate, sum(depths)).split(depths)`)."""
+    rates = np.linspace(0.0, rate, sum(depths)).tolist()
+    starts = np.cumsum((0,) + tuple(depths)).tolist()
+    return [rates[starts[i]:starts[i + 1]] for i in range(len(depths))]
+
+
+def check_stages(model: str, config, fields: tuple[str, ...], n: int = 4) -> None:
+    """ValueError unless each config field of `fields` holds `n` values (one per stage)."""
+    if any(len(getattr(config, f)) != n for f in fields):
+        raise ValueError(f"{model} needs {n} stages ({', '.join(f'{n} {f}' for f in fields)}), got "
+                         + ", ".join(f"{f}={getattr(config, f)}" for f in fields))
 
 
 class Mlp(nnx.Module):
@@ -358,7 +370,8 @@ class CutModel(nnx.Module):
     target_layer: str
 
     def _parts(self) -> tuple:
-        raise NotImplementedError
+        """The modules `layer_names` name, in order (default: the stem, then each stage)."""
+        return (self.stem, *self.stages)
 
     def _index(self, layer: str | None) -> int:
         layer = self.target_layer if layer is None else layer

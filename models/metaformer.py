@@ -8,7 +8,8 @@ MLPs; here every stage is NHWC, and the parameters keep timm's shapes (1x1 conv 
 SepConv stages, Linear weights (O, I) in the attention stages). ConvFormer and CAFormer differ only in their
 per-stage token mixers. The depthwise conv of every SepConv is `Config.conv` (a `models.layers.ConvSpec`): the
 plain models use timm's 7x7 Conv2d, the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v1")
-whose positions are shared within each stage. `remap_keys` maps the original sail-sg MetaFormer state-dict names to timm's.
+whose positions are shared within each stage. `remap_keys` maps the original sail-sg MetaFormer state-dict names
+to timm's.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from flax import nnx
 
 import models.layers as layers
 from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential,
-                           global_avg_pool, identity, share_positions, trunc_normal)
-from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test
+                           check_stages, drop_path_rates, global_avg_pool, identity, share_positions,
+                           trunc_normal)
+from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test, rename_keys
 
 zeros = jax.nn.initializers.zeros
 INIT = {"weight_init": trunc_normal(0.02), "bias_init": zeros}   # timm MetaFormer._init_weights
@@ -205,27 +207,14 @@ class MetaFormer(CutModel):
     target_layer = "stages.3"
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        n = len(cfg.depths)
-        per_stage = {"dims": cfg.dims, "token_mixers": cfg.token_mixers,
-                     "layer_scale_init_values": cfg.layer_scale_init_values,
-                     "res_scale_init_values": cfg.res_scale_init_values}
-        bad = {k: v for k, v in per_stage.items() if len(v) != 4}
-        if n != 4 or bad:
-            raise ValueError(f"MetaFormer needs 4 stages and one value per stage: got depths={cfg.depths}"
-                             + "".join(f", {k}={v}" for k, v in bad.items()))
+        check_stages("MetaFormer", cfg, ("depths", "dims", "token_mixers", "layer_scale_init_values",
+                                         "res_scale_init_values"))
         self.config = cfg
         self.stem = Stem(3, cfg.dims[0], rngs=rngs)
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
-        starts = np.cumsum((0,) + tuple(cfg.depths))
-        dims_in = (cfg.dims[0],) + tuple(cfg.dims[:-1])
-        self.stages = Sequential([
-            MetaFormerStage(i, dims_in[i], cfg, rates[starts[i]:starts[i + 1]], rngs=rngs)
-            for i in range(n)])
+        dims_in = (cfg.dims[0], *cfg.dims[:-1])
+        self.stages = Sequential([MetaFormerStage(i, dims_in[i], cfg, rates, rngs=rngs)
+                                  for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
-
-    def _parts(self):
-        return (self.stem, *self.stages)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,14 +241,7 @@ def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """sail-sg MetaFormer key names and Linear weights -> timm names and shapes (identity on timm state dicts)."""
     if "stem.conv.weight" in state_dict:
         return dict(state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _SAIL_RULES:
-            new = pattern.sub(repl, new)
-        if new in out:
-            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {new!r}")
-        out[new] = value
+    out = rename_keys(state_dict, _SAIL_RULES)
     for key, value in out.items():
         m = _POINTWISE.match(key)
         if m and np.ndim(value) == 2 and (m[2].startswith("token_mixer")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import (BatchNorm2d, Conv2d, ConvSpec, CutModel, DropPath, Dropout, Linear, Sequential,
-                           global_avg_pool, kaiming_normal_fan_out, share_positions)
+                           check_stages, global_avg_pool, kaiming_normal_fan_out, share_positions)
 from models.entry import TEST_CLASSES, Checkpoint, Entry, infer_kernel_count, override, register, register_test
 
 EXPANSION = 4     # bottleneck output channels / width
@@ -89,8 +89,7 @@ class ResNet(CutModel):
     target_layer = "layer4"
 
     def __init__(self, cfg: Config = Config(), *, rngs: nnx.Rngs):
-        if len(cfg.layers) != 4 or len(cfg.channels) != 4:
-            raise ValueError(f"ResNet needs 4 stages, got layers={cfg.layers} channels={cfg.channels}")
+        check_stages("ResNet", cfg, ("layers", "channels"))
         self.config = cfg
         self.conv1 = Conv2d(3, STEM_WIDTH, 7, stride=2, padding=3, bias=False, rngs=rngs,
                             weight_init=kaiming_normal_fan_out)
