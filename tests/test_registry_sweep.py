@@ -13,7 +13,10 @@ remapping (timm layout) and whose inferred overrides agree with the model's own 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +26,23 @@ from flax import nnx
 
 import cam.methods
 import models
+from dcls_jax import Dcls2d
 from models import convert, registry
+from models.layers import ConvSpec
 
 NAMES = models.list_models()
 TESTS = [n for n in NAMES if n.startswith("test_")]
 REAL = [n for n in NAMES if not n.startswith("test_")]
 BATCH = 2
+
+
+def test_every_family_file_is_listed():
+    """models.registry.FAMILIES names exactly the files of models/ that register entries (a new family file that is
+    not listed would silently register nothing)."""
+    root = Path(models.__file__).parent
+    registering = {p.stem for p in root.glob("*.py")
+                   if p.stem != "entry" and re.search(r"\bregister(_test)?\(", p.read_text())}
+    assert registering == set(registry.FAMILIES)
 
 
 def test_registry_lists():
@@ -44,15 +58,37 @@ def test_registry_lists():
         assert entry.builder.args[0].conv.is_dcls == ("_dcls" in name), name     # the preset's Config.conv
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Real names: abstract builds, one block per stage
-
-
-def _one_block_per_stage(entry) -> dict:
-    """The override that leaves one block per stage (the preset's `depths` or `layers`), else none."""
+def _blocks_per_stage(entry, n: int) -> dict:
+    """The override that leaves n blocks per stage (the preset's `depths` or `layers`), else none."""
     cfg = entry.builder.args[0]
     field = next((f for f in ("depths", "layers") if hasattr(cfg, f)), None)
-    return {} if field is None else {field: (1,) * len(getattr(cfg, field))}
+    return {} if field is None else {field: (n,) * len(getattr(cfg, field))}
+
+
+def test_conv_spec_is_the_one_injection():
+    """Config.conv decides dense or DCLS in every family; its fields can be overridden one by one (JSON-friendly)."""
+    for family in registry.FAMILIES:
+        plain = next(n for n in TESTS if models.get_entry(n).family == family and "_dcls" not in n)
+        spec = ConvSpec.dcls(3, 5, "gauss")
+        two = _blocks_per_stage(models.get_entry(plain), 2)
+        m = nnx.eval_shape(lambda: models.create_model(plain, conv=spec, kernel_count=4, **two))
+        layers = [(path, v) for path, v in nnx.iter_graph(m) if isinstance(v, Dcls2d)]
+        assert layers and m.config.conv == dataclasses.replace(spec, kernel_count=4), family
+        assert all(layer.kernel_count == 4 and layer.version == "gauss" and layer.dilated_kernel_size == (5, 5)
+                   for _, layer in layers), family
+        stages = {}       # stage -> the ids of its layers' P and SIG: one of each per stage, shared by its layers
+        for path, layer in layers:
+            stages.setdefault(path[:2] if path[0] == "stages" else path[:1], set()).add((id(layer.P), id(layer.SIG)))
+        assert all(len(ids) == 1 for ids in stages.values()) and len(set().union(*stages.values())) == len(stages)
+    with pytest.raises(ValueError, match="unknown config override"):
+        models.create_model("test_resnet", kernel_cnt=3)
+    for bad in (dict(kind="sparse"), dict(version="v2"), dict(init="uniform"), dict(kernel_count=0)):
+        with pytest.raises(ValueError, match="ConvSpec"):
+            ConvSpec(**bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real names: abstract builds, one block per stage
 
 
 @pytest.mark.parametrize("name", REAL)
@@ -63,7 +99,7 @@ def test_real_names_abstract(name):
     static = {}
 
     def run(x):
-        m = models.create_model(name, **_one_block_per_stage(entry))
+        m = models.create_model(name, **_blocks_per_stage(entry, 1))
         m.eval()
         static.update(target=m.target_layer, layers=m.layer_names, name=registry.model_name(m), cfg=m.config)
         a = m.forward_features(x)
