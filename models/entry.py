@@ -1,5 +1,6 @@
 """What an architecture file registers: `Entry` (one per model name) and its `Checkpoint`, with `register`
-and the builders' helpers. It imports no architecture file, so they can import it while models.registry
+(`register_test` for its tiny `test_*` variants) and the builders' helpers (`override`, `rename_keys`,
+`infer_kernel_count`). It imports no architecture file, so they can import it while models.registry
 imports them (lazily, on the first lookup): the import graph stays acyclic.
 
 Each entry carries what a user of the name needs besides the network: its preprocessing (the study's

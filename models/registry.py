@@ -28,7 +28,7 @@ def get_entry(name: str) -> Entry:
 
 
 def list_models(*, study_only: bool = False) -> list[str]:
-    """Every registered name, or only the study's 16 models."""
+    """Every registered name (the tiny `test_*` variants of each family included), or only the study's 16 models."""
     _load_families()
     return sorted(n for n, e in MODELS.items() if e.in_study or not study_only)
 
