@@ -2,10 +2,10 @@
 
 Attribute names follow timm's state-dict paths (`stem.0`, `stages.1.downsample.1`,
 `stages.2.blocks.5.conv_dw`, `head.norm`, `head.fc`), so a timm state dict maps one to one onto
-`nnx.state(model)`. The depthwise convolution of every block is an injected factory: the plain models use a 7x7
-Conv2d; the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v0") whose positions are shared
-within each stage; `convnext_tiny_dcls_gauss` a Dcls2d "gauss" (23 / 26) sharing P and SIG per stage (arXiv
-2306.00817). `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
+`nnx.state(model)`. The depthwise convolution of every block is `Config.conv` (a `models.layers.ConvSpec`):
+the plain models use a 7x7 Conv2d; the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v0") whose
+positions are shared within each stage; `convnext_tiny_dcls_gauss` a Dcls2d "gauss" (23 / 26) sharing P and SIG
+per stage (arXiv 2306.00817). `remap_keys` maps the original FAIR (and ConvNeXt-dcls) state-dict names to timm's.
 """
 from __future__ import annotations
 
@@ -19,12 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcls_jax import Dcls2d
-from models.layers import (Conv2d, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu,
-                           global_avg_pool, identity, share_positions, trunc_normal)
-from models.entry import Checkpoint, Entry, infer_kernel_count, override, register
+from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu,
+                           check_stages, drop_path_rates, global_avg_pool, identity, share_positions,
+                           trunc_normal)
+from models.entry import (TEST_CLASSES, Checkpoint, Entry, infer_kernel_count, override, register, register_test,
+                          rename_keys)
 
 zeros = jax.nn.initializers.zeros
+
+
+DENSE = ConvSpec.dense(7)                                  # the plain models' 7x7 conv_dw
+# ConvNeXt-dcls: 34 (tiny) or 40 (small, base) taps in a 17x17 kernel, trunc_normal(.02) weights as that repository
+# initialises them; the Gaussian model (arXiv 2306.00817): 26 taps in 23x23, P and SIG shared per stage.
+DCLS = {size: ConvSpec.dcls(count, 17, "v0", "trunc_normal") for size, count in (("tiny", 34), ("small", 40),
+                                                                                 ("base", 40))}
+GAUSS = ConvSpec.dcls(26, 23, "gauss", "trunc_normal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +46,7 @@ class Config:
     head_init_scale: float = 1.0
     drop_rate: float = 0.0               # dropout before the classifier
     drop_path_rate: float = 0.0          # stochastic depth, linear in the block index from 0 to this
-    kernel_size: int = 7                 # the plain depthwise conv
-    kernel_count: int = 34               # the DCLS depthwise conv (`_dcls` models): elements per kernel
-    dilated_kernel_size: int = 17        # ... and the size of the dense kernel they are placed in
+    conv: ConvSpec = DENSE               # every block's depthwise conv_dw (models.layers.ConvSpec)
 
     @classmethod
     def tiny(cls, **kw):
@@ -47,39 +54,20 @@ class Config:
 
     @classmethod
     def small(cls, **kw):
-        return cls(**{"depths": (3, 3, 27, 3), "kernel_count": 40, **kw})
+        return cls(**{"depths": (3, 3, 27, 3), **kw})
 
     @classmethod
     def base(cls, **kw):
-        return cls(**{"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024), "kernel_count": 40, **kw})
-
-
-def dense_conv_dw(cfg: Config) -> Callable[..., nnx.Module]:
-    """The plain depthwise conv factory: kxk Conv2d, trunc_normal(.02) weight, zero bias (timm's init)."""
-    return functools.partial(Conv2d, kernel_size=cfg.kernel_size, padding=cfg.kernel_size // 2,
-                             weight_init=trunc_normal(0.02), bias_init=zeros)
-
-
-def dcls_conv_dw(cfg: Config, version: str = "v0") -> Callable[..., nnx.Module]:
-    """The DCLS depthwise conv factory of ConvNeXt-dcls: Dcls2d (v0; "gauss" for the Gaussian models), weight
-    trunc_normal(.02), zero bias (as that repository's `_init_weights`); its positions keep Dcls2d's own init
-    N(0, 0.5) clamped to +-d//2 (and SIG 0.23 for gauss)."""
-    def build(in_channels, out_channels, *, groups, rngs, P=None, SIG=None):
-        layer = Dcls2d(in_channels, out_channels, kernel_count=cfg.kernel_count,
-                       dilated_kernel_size=cfg.dilated_kernel_size, padding=cfg.dilated_kernel_size // 2,
-                       groups=groups, bias=True, version=version, rngs=rngs, P=P, SIG=SIG)
-        layer.weight.set_value(trunc_normal(0.02)(rngs.params(), layer.weight.get_value().shape))
-        layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
-        return layer
-    return build
+        return cls(**{"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024), **kw})
 
 
 class Block(nnx.Module):
     """conv_dw -> LayerNorm -> Linear -> GELU -> Linear -> * gamma -> drop_path, plus the residual."""
 
-    def __init__(self, dim: int, conv_dw: Callable[..., nnx.Module], cfg: Config, drop_path: float, *,
+    def __init__(self, dim: int, conv: Callable[..., nnx.Module], cfg: Config, drop_path: float, *,
                  rngs: nnx.Rngs):
-        self.conv_dw = conv_dw(dim, dim, groups=dim, rngs=rngs)
+        self.conv_dw = conv(dim, dim, groups=dim, bias=True, rngs=rngs, weight_init=trunc_normal(0.02),
+                            bias_init=zeros)
         self.norm = LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(cfg.mlp_ratio * dim), act=gelu, rngs=rngs, weight_init=trunc_normal(0.02),
                        bias_init=zeros)
@@ -97,8 +85,8 @@ class Stage(nnx.Module):
     """Downsample (LayerNorm + stride x stride conv; none in the first stage), then blocks whose depthwise convs
     share DCLS positions (the first block's conv owns them)."""
 
-    def __init__(self, in_dim: int, dim: int, stride: int, conv_dw: Callable[..., nnx.Module], cfg: Config,
-                 drop_paths: list[float], *, rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, dim: int, stride: int, cfg: Config, drop_paths: list[float], *,
+                 rngs: nnx.Rngs):
         if in_dim != dim or stride > 1:
             self.downsample = Sequential([
                 LayerNorm(in_dim, eps=1e-6),
@@ -106,8 +94,8 @@ class Stage(nnx.Module):
                        bias_init=zeros)])
         else:
             self.downsample = identity
-        conv_dw = share_positions(conv_dw)
-        self.blocks = Sequential([Block(dim, conv_dw, cfg, dp, rngs=rngs) for dp in drop_paths])
+        conv = share_positions(cfg.conv)
+        self.blocks = Sequential([Block(dim, conv, cfg, dp, rngs=rngs) for dp in drop_paths])
 
     def __call__(self, x):
         return self.blocks(self.downsample(x))
@@ -130,41 +118,30 @@ class Head(nnx.Module):
 
 
 class ConvNeXt(CutModel):
-    """ConvNeXt on NHWC inputs. `conv_dw(in, out, *, groups, rngs[, P]) -> module` builds the depthwise convs.
-    Cut points: the stem and each stage; the CAM target is the last stage's output, before the head's norm."""
+    """ConvNeXt on NHWC inputs (the surface: `models.layers.CutModel`); `cfg.conv` builds the depthwise convs.
+    Cut points: the stem and each stage. CAM target: the last stage's output, before the head's norm."""
 
     layer_names = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
     target_layer = "stages.3"
 
-    def __init__(self, cfg: Config = Config(), *, conv_dw: Callable[..., nnx.Module] | None = None,
-                 rngs: nnx.Rngs):
-        if len(cfg.depths) != 4 or len(cfg.dims) != 4:
-            raise ValueError(f"ConvNeXt needs 4 depths and 4 dims, got depths={cfg.depths} dims={cfg.dims}")
-        conv_dw = conv_dw or dense_conv_dw(cfg)
+    def __init__(self, cfg: Config = Config(), *, rngs: nnx.Rngs):
+        check_stages("ConvNeXt", cfg, ("depths", "dims"))
         self.config = cfg
         self.stem = Sequential([
             Conv2d(3, cfg.dims[0], 4, stride=4, rngs=rngs, weight_init=trunc_normal(0.02), bias_init=zeros),
             LayerNorm(cfg.dims[0], eps=1e-6)])
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
-        starts = np.cumsum((0,) + tuple(cfg.depths))
-        dims_in = (cfg.dims[0],) + tuple(cfg.dims[:-1])
+        dims_in = (cfg.dims[0], *cfg.dims[:-1])
         self.stages = Sequential([
-            Stage(dims_in[i], cfg.dims[i], 1 if i == 0 else 2, conv_dw, cfg, rates[starts[i]:starts[i + 1]],
-                  rngs=rngs)
-            for i in range(4)])
+            Stage(dims_in[i], cfg.dims[i], 1 if i == 0 else 2, cfg, rates, rngs=rngs)
+            for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
-
-    def _parts(self):
-        return (self.stem, *self.stages)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries
 
-def _build(preset: Config, conv_dw: Callable[[Config], Callable[..., nnx.Module]], *, rngs: nnx.Rngs,
-           **overrides) -> ConvNeXt:
-    cfg = override(preset, overrides)
-    return ConvNeXt(cfg, conv_dw=conv_dw(cfg), rngs=rngs)
+def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> ConvNeXt:
+    return ConvNeXt(override(preset, overrides), rngs=rngs)
 
 
 # Original FAIR ConvNeXt (and ConvNeXt-dcls) names -> timm names, as timm's `checkpoint_filter_fn`. Every rule is
@@ -183,44 +160,37 @@ _FAIR_RULES = (
 def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """FAIR ConvNeXt / ConvNeXt-dcls key names -> timm names (identity on timm names). FAIR's pointwise convs are
     already Linear (2-D) weights and its layer norms have timm's shapes, so values pass through unchanged."""
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _FAIR_RULES:
-            new = pattern.sub(repl, new)
-        if new in out:
-            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {new!r}")
-        out[new] = value
-    return out
+    return rename_keys(state_dict, _FAIR_RULES)
 
 
 _FAIR_URL = "https://dl.fbaipublicfiles.com/convnext/convnext_{}_1k_224_ema.pth"
 _DCLS_URL = "https://zenodo.org/record/7112021/files/convnext_dcls_{}_1k_224_ema.pth"
 
 
-def _register(name: str, config: Config, conv_dw, url: str, *, dcls: bool, in_study: bool = True):
-    register(Entry(
-        name=name,
-        builder=functools.partial(_build, config, conv_dw),
-        family="convnext",
-        target_layer=ConvNeXt.target_layer,
-        resize_size=256,
-        input_size=224,
-        checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]),
-        remap_keys=remap_keys,
-        infer_overrides=infer_kernel_count("stages.0.blocks.0.conv_dw.weight") if dcls else None,
-        in_study=in_study,
-    ))
+def _register(name: str, config: Config, url: str | None, *, test: bool = False, in_study: bool = True):
+    infer = infer_kernel_count("stages.0.blocks.0.conv_dw.weight") if config.conv.is_dcls else None
+    fields = dict(remap_keys=remap_keys, infer_overrides=infer)
+    if test:
+        register_test(name, functools.partial(_build, config), "convnext", ConvNeXt.target_layer, **fields)
+        return
+    register(Entry(name=name, builder=functools.partial(_build, config), family="convnext",
+                   target_layer=ConvNeXt.target_layer, resize_size=256, input_size=224,
+                   checkpoint=Checkpoint(url=url, key="model", filename=url.rsplit("/", 1)[1]), in_study=in_study,
+                   **fields))
 
 
 for _size in ("tiny", "small", "base"):
-    _register(f"convnext_{_size}", getattr(Config, _size)(), dense_conv_dw, _FAIR_URL.format(_size), dcls=False)
-    _register(f"convnext_{_size}_dcls", getattr(Config, _size)(), dcls_conv_dw, _DCLS_URL.format(_size), dcls=True)
+    _register(f"convnext_{_size}", getattr(Config, _size)(), _FAIR_URL.format(_size))
+    _register(f"convnext_{_size}_dcls", getattr(Config, _size)(conv=DCLS[_size]), _DCLS_URL.format(_size))
 
 
 # Gaussian-interpolation ConvNeXt-dcls (arXiv 2306.00817): every depthwise conv -> Dcls2d "gauss", 23 x 23 with 26
 # taps, P and SIG shared per stage. Only the tiny model is published (FAIR key layout, inside "model"); small and
 # base would have no checkpoint, so only tiny is registered. Not one of the study's 16 (`--models all`).
 _GAUSS_URL = "https://zenodo.org/record/8029747/files/convnext_dcls_gauss_{}_1k_224_ema.pth"
-_register("convnext_tiny_dcls_gauss", Config.tiny(kernel_count=26, dilated_kernel_size=23),
-          functools.partial(dcls_conv_dw, version="gauss"), _GAUSS_URL.format("tiny"), dcls=True, in_study=False)
+_register("convnext_tiny_dcls_gauss", Config.tiny(conv=GAUSS), _GAUSS_URL.format("tiny"), in_study=False)
+
+# Tiny variants for tests (models.entry.register_test): one block per stage, 8..32 wide, small DCLS kernels.
+_TEST = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=TEST_CLASSES)
+for _name, _conv in (("test_convnext", DENSE), ("test_convnext_dcls", ConvSpec.dcls(5, 7, "v0", "trunc_normal"))):
+    _register(_name, Config(**_TEST, conv=_conv), None, test=True)

@@ -1,5 +1,6 @@
 """What an architecture file registers: `Entry` (one per model name) and its `Checkpoint`, with `register`
-and the builders' helpers. It imports no architecture file, so they can import it while models.registry
+(`register_test` for its tiny `test_*` variants) and the builders' helpers (`override`, `rename_keys`,
+`infer_kernel_count`). It imports no architecture file, so they can import it while models.registry
 imports them (lazily, on the first lookup): the import graph stays acyclic.
 
 Each entry carries what a user of the name needs besides the network: its preprocessing (the study's
@@ -9,10 +10,13 @@ repository's state-dict names to ours (timm's names).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
+
+from models.layers import ConvSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,7 +37,7 @@ class Entry:
     name: str
     builder: Callable[..., nnx.Module]   # builder(*, rngs, **overrides) -> model
     family: str                          # "resnet", "convnext", "metaformer", "fastvit"
-    target_layer: str                    # the study's CAM layer (what forward_features returns)
+    target_layer: str                    # the study's CAM layer: the model class's (models.layers.CutModel)
     resize_size: int                     # resize (bicubic) of the shorter side
     input_size: int                      # center crop
     checkpoint: Checkpoint | None = None
@@ -71,13 +75,41 @@ def register(entry: Entry) -> Entry:
 
 
 def override(config, overrides: Mapping):
-    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields."""
+    """`dataclasses.replace(config, **overrides)` for a builder, with a ValueError naming unknown fields.
+
+    A config's `conv` (a `models.layers.ConvSpec`) can also be changed field by field: overrides named like
+    its fields (`kernel_count`, `dilated_kernel_size`, `kernel_size`, `version`, `init`) replace them in
+    `conv` (after a `conv` override, if both are given), so such overrides stay JSON-serialisable."""
     fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - fields)
+    spec_fields = ({f.name for f in dataclasses.fields(ConvSpec)} - {"kind"} - fields
+                   if isinstance(getattr(config, "conv", None), ConvSpec) else set())
+    unknown = sorted(set(overrides) - fields - spec_fields)
     if unknown:
         raise ValueError(f"unknown config override(s) {unknown} for {type(config).__module__}."
-                         f"{type(config).__qualname__}; valid: {sorted(fields)}")
-    return dataclasses.replace(config, **overrides)
+                         f"{type(config).__qualname__}; valid: {sorted(fields | spec_fields)}")
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
+    spec = {k: v for k, v in overrides.items() if k in spec_fields}
+    return dataclasses.replace(config, conv=dataclasses.replace(config.conv, **spec)) if spec else config
+
+
+def rename_keys(state_dict: Mapping[str, np.ndarray],
+                rename: Callable[[str], str] | Sequence[tuple[re.Pattern, str]]) -> dict[str, np.ndarray]:
+    """{rename(key): value} for a family's `remap_keys`, with a ValueError naming two keys that collide. `rename`
+    is a function or a sequence of (compiled pattern, replacement) rules applied in order with `re.sub`."""
+    if not callable(rename):
+        rules = tuple(rename)
+
+        def rename(key: str) -> str:
+            for pattern, repl in rules:
+                key = pattern.sub(repl, key)
+            return key
+    out = {}
+    for key, value in state_dict.items():
+        new = rename(key)
+        if new in out:
+            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {new!r}")
+        out[new] = value
+    return out
 
 
 def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
@@ -88,3 +120,19 @@ def infer_kernel_count(key: str) -> Callable[[Mapping[str, np.ndarray]], dict]:
         w = state_dict.get(key)
         return {"kernel_count": int(w.shape[-1])} if w is not None and w.ndim == 3 else {}
     return infer
+
+
+TEST_SIZE = 64       # input (and resize) size of the tiny `test_*` variants
+TEST_CLASSES = 10    # ... and their class count
+
+
+def register_test(name: str, builder: Callable[..., nnx.Module], family: str, target_layer: str,
+                  **fields) -> Entry:
+    """Registers a tiny variant of a family for tests (name `test_*`): random weights only (no checkpoint), a
+    TEST_SIZE input, TEST_CLASSES classes (its builder's preset must say so), not one of the study's models.
+    tests/test_registry_sweep.py runs every registered name; these are the ones it checks in depth."""
+    if not name.startswith("test_"):
+        raise ValueError(f"a test variant's name starts with 'test_', got {name!r}")
+    return register(Entry(name=name, builder=builder, family=family, target_layer=target_layer,
+                          resize_size=TEST_SIZE, input_size=TEST_SIZE, num_classes=TEST_CLASSES, in_study=False,
+                          **fields))

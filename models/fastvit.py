@@ -10,8 +10,8 @@ branch), RepMixer (mixer - norm, layer scale) and RepCPE (pos_enc + x). `inferen
 reparameterised form (one `reparam_conv` each); `reparameterize(model)` computes it from a train-form model as
 timm's `reparameterize` methods do and returns a new model (the argument is left unchanged).
 
-The 7x7 depthwise convs of ConvMlp (ConvFFN) and RepCPE come from `Config.dw_conv`: `DenseDw` (nn.Conv2d) or
-`DclsDw` (Dcls2d v1, 34 elements in a 17x17 kernel), positions shared per stage: the first DCLS layer of a stage
+The 7x7 depthwise convs of ConvMlp (ConvFFN) and RepCPE are `Config.conv` (a `models.layers.ConvSpec`): a Conv2d or
+a Dcls2d (v1, 34 elements in a 17x17 kernel), positions shared per stage: the first DCLS layer of a stage
 (stage 3: RepCPE's) owns P, the others use it. With DCLS, reparameterisation folds RepCPE's identity into the
 dense 17x17 DCLS kernel (a plain 17x17 depthwise conv, as timm's RepCPE with spatial_shape 17 gives; timm's own
 `reparameterize_model` cannot do this and raises); the ConvMlp DCLS convs stay DCLS, as timm leaves ConvMlp as is.
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcls_jax import Dcls2d
-from models.layers import (Attention, BatchNorm2d, Conv2d, CutModel, DropPath, Dropout, Linear, Mlp, Sequential, gelu,
-                           global_avg_pool, identity, share_positions, trunc_normal)
-from models.entry import Checkpoint, Entry, override, register
+from models.layers import (Attention, BatchNorm2d, Conv2d, ConvSpec, CutModel, DropPath, Dropout, Linear, Mlp,
+                           Sequential, check_stages, drop_path_rates, gelu, global_avg_pool, identity,
+                           share_positions, trunc_normal)
+from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test, rename_keys
 
 zeros = jax.nn.initializers.zeros
 
@@ -40,34 +40,8 @@ zeros = jax.nn.initializers.zeros
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 
-@dataclasses.dataclass(frozen=True)
-class DenseDw:
-    """The plain kxk depthwise conv (nn.Conv2d), initialised as the calling module does in timm (`weight_init`:
-    ConvMlp's trunc_normal(.02); None: PyTorch's default, as RepCPE's)."""
-    kernel_size: int = 7
-
-    def __call__(self, dim: int, *, bias: bool, rngs: nnx.Rngs, weight_init=None) -> nnx.Module:
-        k = self.kernel_size
-        return Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=bias, rngs=rngs, weight_init=weight_init)
-
-
-@dataclasses.dataclass(frozen=True)
-class DclsDw:
-    """The study's DCLS depthwise conv: Dcls2d(dim, dim, kernel_count, dilated_kernel_size=kernel_size,
-    padding=kernel_size // 2, groups=dim), weight N(0, 0.02) and zero bias wherever it is used (its
-    `replace_depthwise_dcls`; `weight_init` is ignored), positions P as Dcls2d initialises them or `P` to share."""
-    kernel_count: int = 34
-    kernel_size: int = 17          # the dilated (dense) kernel size
-    version: str = "v1"
-
-    def __call__(self, dim: int, *, bias: bool, rngs: nnx.Rngs, weight_init=None, P=None) -> nnx.Module:
-        layer = Dcls2d(dim, dim, self.kernel_count, padding=self.kernel_size // 2,
-                       dilated_kernel_size=self.kernel_size, groups=dim, bias=bias, version=self.version,
-                       rngs=rngs, P=P)
-        layer.weight.set_value(0.02 * jax.random.normal(rngs.params(), layer.weight.get_value().shape))
-        if layer.bias is not None:
-            layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
-        return layer
+DENSE = ConvSpec.dense(7)                  # timm's 7x7 depthwise convs of ConvMlp and RepCPE
+DCLS = ConvSpec.dcls(34, 17, "v1")         # the study's (`replace_depthwise_dcls`): 34 taps in 17x17, N(0, .02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +65,7 @@ class Config:
     lkc_use_act: bool = False            # GELU after the RepLK conv (the original weights had none)
     stem_use_scale_branch: bool = True
     inference_mode: bool = False         # build the reparameterised form
-    dw_conv: DenseDw | DclsDw = DenseDw()
+    conv: ConvSpec = DENSE               # the depthwise convs of ConvMlp and RepCPE (models.layers.ConvSpec)
 
     @classmethod
     def sa24(cls, **kw):
@@ -306,11 +280,11 @@ class RepMixer(nnx.Module):
 class ConvMlp(Mlp):
     """ConvFFN: depthwise 7x7 conv + BN, then the 1x1-conv Mlp (fc1 -> GELU -> drop -> fc2 -> drop)."""
 
-    def __init__(self, dim: int, hidden: int, dw_conv: Callable[..., nnx.Module], drop: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, conv: Callable[..., nnx.Module], drop: float, *, rngs: nnx.Rngs):
         init = trunc_normal(0.02)
         super().__init__(dim, hidden, act=gelu, drop=drop, rngs=rngs, weight_init=init, bias_init=zeros,
                          use_conv=True)
-        self.conv = ConvNorm(dw_conv(dim, bias=False, rngs=rngs, weight_init=init), dim)
+        self.conv = ConvNorm(conv(dim, dim, groups=dim, bias=False, rngs=rngs, weight_init=init), dim)
 
     def __call__(self, x):
         return super().__call__(self.conv(x))
@@ -319,7 +293,7 @@ class ConvMlp(Mlp):
 class RepConditionalPosEnc(nnx.Module):
     """RepCPE: pos_enc(x) + x with a depthwise conv (or one reparam_conv of the same dense kernel size)."""
 
-    def __init__(self, dim: int, dw_conv: Callable[..., nnx.Module], kernel_size: int, *,
+    def __init__(self, dim: int, conv: Callable[..., nnx.Module], kernel_size: int, *,
                  inference_mode: bool = False, rngs: nnx.Rngs):
         self.dim, self.kernel_size = dim, kernel_size
         if inference_mode:
@@ -327,7 +301,7 @@ class RepConditionalPosEnc(nnx.Module):
             self.pos_enc = None
         else:
             self.reparam_conv = None
-            self.pos_enc = dw_conv(dim, bias=True, rngs=rngs)
+            self.pos_enc = conv(dim, dim, groups=dim, bias=True, rngs=rngs)   # PyTorch's default init
 
     def __call__(self, x):
         if self.reparam_conv is not None:
@@ -341,10 +315,10 @@ class RepConditionalPosEnc(nnx.Module):
 
 
 class RepMixerBlock(nnx.Module):
-    def __init__(self, dim: int, cfg: Config, mlp_ratio: float, dw_conv, drop_path: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, cfg: Config, mlp_ratio: float, conv, drop_path: float, *, rngs: nnx.Rngs):
         self.token_mixer = RepMixer(dim, cfg.repmixer_kernel_size, cfg.layer_scale_init_value,
                                     inference_mode=cfg.inference_mode, rngs=rngs)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dw_conv, cfg.proj_drop_rate, rngs=rngs)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), conv, cfg.proj_drop_rate, rngs=rngs)
         self.layer_scale = _layer_scale(dim, cfg.layer_scale_init_value)
         self.drop_path = DropPath(drop_path, rngs=rngs)
 
@@ -354,12 +328,12 @@ class RepMixerBlock(nnx.Module):
 
 
 class AttentionBlock(nnx.Module):
-    def __init__(self, dim: int, cfg: Config, mlp_ratio: float, dw_conv, drop_path: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, cfg: Config, mlp_ratio: float, conv, drop_path: float, *, rngs: nnx.Rngs):
         self.norm = BatchNorm2d(dim)
         self.token_mixer = Attention(dim, rngs=rngs, weight_init=trunc_normal(0.02), bias_init=zeros)
         self.layer_scale_1 = _layer_scale(dim, cfg.layer_scale_init_value)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), dw_conv, cfg.proj_drop_rate, rngs=rngs)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), conv, cfg.proj_drop_rate, rngs=rngs)
         self.layer_scale_2 = _layer_scale(dim, cfg.layer_scale_init_value)
         self.drop_path2 = DropPath(drop_path, rngs=rngs)
 
@@ -390,16 +364,16 @@ class FastVitStage(nnx.Module):
     def __init__(self, i: int, dim: int, dim_out: int, cfg: Config, drop_paths: list[float], *, rngs: nnx.Rngs):
         if cfg.token_mixers[i] not in _BLOCKS:
             raise ValueError(f"unknown token mixer {cfg.token_mixers[i]!r}; valid: {tuple(_BLOCKS)}")
-        dw_conv = share_positions(cfg.dw_conv)
+        conv = share_positions(cfg.conv)
         if cfg.downsamples[i] or dim != dim_out:
             self.downsample = PatchEmbed(dim, dim_out, cfg, cfg.se_downsamples[i], rngs=rngs)
         else:
             self.downsample = identity
-        self.pos_emb = (RepConditionalPosEnc(dim_out, dw_conv, cfg.dw_conv.kernel_size,
+        self.pos_emb = (RepConditionalPosEnc(dim_out, conv, cfg.conv.extent,
                                              inference_mode=cfg.inference_mode, rngs=rngs)
                         if cfg.pos_embs[i] else identity)
         block = _BLOCKS[cfg.token_mixers[i]]
-        self.blocks = Sequential([block(dim_out, cfg, cfg.mlp_ratios[i], dw_conv, dp, rngs=rngs)
+        self.blocks = Sequential([block(dim_out, cfg, cfg.mlp_ratios[i], conv, dp, rngs=rngs)
                                   for dp in drop_paths])
 
     def __call__(self, x):
@@ -422,16 +396,16 @@ class ClassifierHead(nnx.Module):
 # Model
 
 class FastVit(CutModel):
-    """FastViT on NHWC inputs. `forward_features` defaults to the study's CAM target, the output of final_conv
-    (the original code's `conv_exp`: MobileOne 3x3 depthwise, SE, GELU; 1024 x 8 x 8 at 256 x 256 input)."""
+    """FastViT on NHWC inputs (the surface: `models.layers.CutModel`); `cfg.conv` builds the depthwise convs of
+    ConvMlp and RepCPE. Cut points: the stem, each stage and final_conv. CAM target: the output of final_conv (the
+    original code's `conv_exp`: MobileOne 3x3 depthwise, SE, GELU; 1024 x 8 x 8 at 256 x 256 input)."""
 
     target_layer = "final_conv"
 
     def __init__(self, cfg: Config = Config(), *, rngs: nnx.Rngs):
         n = len(cfg.layers)
-        for field in ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs", "downsamples", "se_downsamples"):
-            if len(getattr(cfg, field)) != n:
-                raise ValueError(f"Config.{field} needs {n} entries (one per stage), got {getattr(cfg, field)}")
+        check_stages("FastViT", cfg, ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs", "downsamples",
+                                      "se_downsamples"), n)
         self.config = cfg
         dims = cfg.embed_dims
         mode = dict(inference_mode=cfg.inference_mode, use_scale_branch=cfg.stem_use_scale_branch, rngs=rngs)
@@ -439,11 +413,9 @@ class FastVit(CutModel):
             MobileOneBlock(3, dims[0], 3, 2, **mode),
             MobileOneBlock(dims[0], dims[0], 3, 2, groups=dims[0], **mode),
             MobileOneBlock(dims[0], dims[0], 1, 1, **mode)])
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.layers)).tolist()
-        starts = np.cumsum((0,) + tuple(cfg.layers))
-        dims_in = (dims[0],) + tuple(dims[:-1])
-        self.stages = Sequential([
-            FastVitStage(i, dims_in[i], dims[i], cfg, rates[starts[i]:starts[i + 1]], rngs=rngs) for i in range(n)])
+        dims_in = (dims[0], *dims[:-1])
+        self.stages = Sequential([FastVitStage(i, dims_in[i], dims[i], cfg, rates, rngs=rngs)
+                                  for i, rates in enumerate(drop_path_rates(cfg.layers, cfg.drop_path_rate))])
         final = int(dims[-1] * cfg.cls_ratio)
         self.final_conv = MobileOneBlock(dims[-1], final, 3, 1, groups=dims[-1], use_se=True,
                                          inference_mode=cfg.inference_mode, rngs=rngs)
@@ -452,7 +424,6 @@ class FastVit(CutModel):
 
     def _parts(self):
         return (self.stem, *self.stages, self.final_conv)
-
 
 
 _REPARAM = (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc)
@@ -520,9 +491,8 @@ def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(state_dict)
     # the network list alternates stages and their downsamplers: a stage ends before each `network.N.proj`
     stage_ends = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"network\.(\d+)\.proj\.", k))})
-    out = {}
-    for key, value in state_dict.items():
-        k = key
+
+    def rename(k: str) -> str:
         for old, new in _RENAMES:
             k = k.replace(old, new)
         k = re.sub(r"layer_scale(_[0-9])?$", r"layer_scale\1.gamma", k)
@@ -533,10 +503,9 @@ def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             part = ("downsample.proj" if child == "proj" else "pos_emb.pos_enc" if child == "pe" else
                     "pos_emb.reparam_conv" if child == "reparam_conv" else f"blocks.{child}")
             k = f"stages.{stage}.{part}" + k[m.end():]
-        if k in out:
-            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {k!r}")
-        out[k] = value
-    return out
+        return k
+
+    return rename_keys(state_dict, rename)
 
 
 def infer_overrides(state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -563,4 +532,11 @@ def _register(name: str, cfg: Config, filename: str):
 
 for _size, _preset in (("sa24", Config.sa24), ("sa36", Config.sa36)):
     _register(f"fastvit_{_size}", _preset(), f"fastvit_{_size}_seed0.pth.tar")
-    _register(f"fastvit_{_size}_dcls", _preset(dw_conv=DclsDw()), f"fastvit_{_size}_v1_17lim_34el_seed0.pth.tar")
+    _register(f"fastvit_{_size}_dcls", _preset(conv=DCLS), f"fastvit_{_size}_v1_17lim_34el_seed0.pth.tar")
+
+# Tiny variants for tests (models.entry.register_test): one block per stage (SA24's mixers: RepCPE and attention in
+# the last stage), 16..64 wide, DCLS 5 taps in 7x7.
+for _suffix, _conv in (("", DENSE), ("_dcls", ConvSpec.dcls(5, 7, "v1"))):
+    _tiny = Config.sa24(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 64), num_classes=TEST_CLASSES, conv=_conv)
+    register_test(f"test_fastvit{_suffix}", functools.partial(_build, _tiny), "fastvit", FastVit.target_layer,
+                  remap_keys=remap_keys, infer_overrides=infer_overrides)

@@ -10,14 +10,17 @@ batch norms `use_running_average`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from dcls_jax import VERSIONS, Dcls2d
 from dcls_jax.conv import conv
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -107,7 +110,7 @@ class Conv2d(nnx.Module):
     def __call__(self, x):
         w = self.weight[...].astype(x.dtype)
         if w.shape[2:] == (1, 1) and self.groups == 1 and self.stride in (1, (1, 1)) and self.padding in (0, (0, 0)):
-            y = jnp.einsum("...i,oi->...o", x, w[:, :, 0, 0])   # pointwise: a matmul (2.5x XLA's CPU conv)
+            y = jnp.einsum("...i,oi->...o", x, w[:, :, 0, 0])   # pointwise: a matmul (faster than XLA's CPU conv)
         else:
             y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)
@@ -161,39 +164,50 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def drop_path(x, rate: float, key: jax.Array):
-    """Stochastic depth per sample, scaled by 1/keep as timm's drop_path (scale_by_keep=True)."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+class Dropout(nnx.Module):
+    """torch.nn.Dropout in train mode: each element zeroed with probability `rate`, the others scaled by
+    1/(1 - rate); the identity in eval mode (`deterministic`) or at rate 0. Keys come from the 'dropout' stream of
+    the rngs it was built with."""
 
-
-class DropPath(nnx.Module):
     def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs | None = None):
         self.rate = rate
         self.deterministic = False
         self.rngs = rngs.fork() if (rngs is not None and rate > 0) else None
+
+    def _mask_shape(self, x) -> tuple[int, ...]:
+        return x.shape
 
     def __call__(self, x):
         if self.deterministic or self.rate == 0.0:
             return x
         if self.rngs is None:
-            raise ValueError("DropPath with rate > 0 in train mode needs rngs (pass rngs with a 'dropout' stream)")
-        return drop_path(x, self.rate, self.rngs.dropout())
-
-
-class Dropout(nnx.Module):
-    def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs | None = None):
-        self.rate = rate
-        self.deterministic = False
-        self.rngs = rngs.fork() if (rngs is not None and rate > 0) else None
-
-    def __call__(self, x):
-        if self.deterministic or self.rate == 0.0:
-            return x
+            raise ValueError(f"{type(self).__name__} with rate > 0 in train mode needs rngs (pass rngs with a "
+                             "'dropout' stream)")
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs.dropout(), keep, x.shape)
+        mask = jax.random.bernoulli(self.rngs.dropout(), keep, self._mask_shape(x))
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class DropPath(Dropout):
+    """Stochastic depth: timm's drop_path (scale_by_keep=True), one draw per sample for the whole branch."""
+
+    def _mask_shape(self, x) -> tuple[int, ...]:
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def drop_path_rates(depths, rate: float) -> list[list[float]]:
+    """Per stage, the stochastic-depth rate of each block: linear in the block index over the whole network, from 0
+    to `rate` (timm's `np.linspace(0, drop_path_rate, sum(depths)).split(depths)`)."""
+    rates = np.linspace(0.0, rate, sum(depths)).tolist()
+    starts = np.cumsum((0,) + tuple(depths)).tolist()
+    return [rates[starts[i]:starts[i + 1]] for i in range(len(depths))]
+
+
+def check_stages(model: str, config, fields: tuple[str, ...], n: int = 4) -> None:
+    """ValueError unless each config field of `fields` holds `n` values (one per stage)."""
+    if any(len(getattr(config, f)) != n for f in fields):
+        raise ValueError(f"{model} needs {n} stages ({', '.join(f'{n} {f}' for f in fields)}), got "
+                         + ", ".join(f"{f}={getattr(config, f)}" for f in fields))
 
 
 class Mlp(nnx.Module):
@@ -219,10 +233,85 @@ def global_avg_pool(x):
     return x.mean(axis=(1, 2))
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """The convolution DCLS replaces in a model, and its one factory. Every family's config has one field
+    `conv: ConvSpec` (ResNet: each bottleneck's 3x3 `conv2`; ConvNeXt: each block's `conv_dw`; MetaFormer: each
+    SepConv's `dwconv`; FastViT: each ConvMlp's and RepCPE's depthwise conv); the `_dcls` registry entries differ
+    from the plain ones only by it. Builder overrides named like its fields (`kernel_count=3`,
+    `dilated_kernel_size=5`, ...) replace those fields of the preset's spec (`models.entry.override`).
+
+    kind "dense": a `Conv2d(kernel_size)` initialised by the caller's `weight_init` / `bias_init` (the family's
+    timm init). kind "dcls": a `dcls_jax.Dcls2d` with `kernel_count` taps in a `dilated_kernel_size` kernel,
+    interpolation `version`, weight initialised by `init` -- "normal": N(0, 0.02), as the study's replacement
+    functions (`replace_depthwise_dcls`) do; "trunc_normal": trunc_normal(0.02), ConvNeXt-dcls's `_init_weights`
+    -- and a zero bias; positions keep Dcls2d's own init. Both are padded to keep the spatial size (stride 1).
+
+    Calling the spec builds one layer: `spec(in_channels, out_channels, *, stride, groups, bias, rngs, weight_init,
+    bias_init, P, SIG)`; `P` / `SIG` are a DCLS layer's shared positions (see `share_positions`), ignored by a
+    dense layer."""
+    kind: str = "dense"
+    kernel_size: int = 7               # dense
+    kernel_count: int = 34             # dcls: taps per kernel
+    dilated_kernel_size: int = 17      # dcls: the size of the dense kernel they are placed in
+    version: str = "v0"                # dcls: "v0", "v1", "gauss" (dcls_jax.VERSIONS)
+    init: str = "normal"               # dcls weight init: "normal" or "trunc_normal"
+
+    def __post_init__(self):
+        if self.kind not in ("dense", "dcls"):
+            raise ValueError(f"ConvSpec.kind must be 'dense' or 'dcls', got {self.kind!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"ConvSpec.version must be one of {VERSIONS}, got {self.version!r}")
+        if self.init not in _DCLS_INITS:
+            raise ValueError(f"ConvSpec.init must be one of {tuple(_DCLS_INITS)}, got {self.init!r}")
+        for name in ("kernel_size", "kernel_count", "dilated_kernel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ConvSpec.{name} must be a positive int, got {getattr(self, name)!r}")
+
+    @classmethod
+    def dense(cls, kernel_size: int) -> ConvSpec:
+        return cls("dense", kernel_size=kernel_size)
+
+    @classmethod
+    def dcls(cls, kernel_count: int, dilated_kernel_size: int, version: str, init: str = "normal") -> ConvSpec:
+        return cls("dcls", kernel_count=kernel_count, dilated_kernel_size=dilated_kernel_size, version=version,
+                   init=init)
+
+    @property
+    def is_dcls(self) -> bool:
+        return self.kind == "dcls"
+
+    @property
+    def extent(self) -> int:
+        """The side of the dense kernel the layer applies (kernel_size, or dilated_kernel_size for DCLS)."""
+        return self.dilated_kernel_size if self.is_dcls else self.kernel_size
+
+    def __call__(self, in_channels: int, out_channels: int, *, stride: int = 1, groups: int = 1, bias: bool = True,
+                 rngs: nnx.Rngs, weight_init: Init | None = None, bias_init: Init | None = None, P=None,
+                 SIG=None) -> nnx.Module:
+        if not self.is_dcls:
+            return Conv2d(in_channels, out_channels, self.kernel_size, stride=stride, padding=self.kernel_size // 2,
+                          groups=groups, bias=bias, rngs=rngs, weight_init=weight_init, bias_init=bias_init)
+        d = self.dilated_kernel_size
+        layer = Dcls2d(in_channels, out_channels, self.kernel_count, stride=stride, padding=d // 2,
+                       dilated_kernel_size=d, groups=groups, bias=bias, version=self.version, rngs=rngs, P=P, SIG=SIG)
+        layer.weight.set_value(_DCLS_INITS[self.init](rngs.params(), layer.weight.get_value().shape))
+        if layer.bias is not None:
+            layer.bias.set_value(jnp.zeros_like(layer.bias.get_value()))
+        return layer
+
+
+def _normal_002(key, shape, dtype=jnp.float32):
+    return 0.02 * jax.random.normal(key, shape, dtype)
+
+
+_DCLS_INITS = {"normal": _normal_002, "trunc_normal": trunc_normal(0.02)}
+
+
 def share_positions(factory: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
-    """Wraps a conv factory for one stage: each layer built after the first gets the first one's DCLS positions
-    (`P=first.P`, and `SIG=first.SIG` where it has one), as the published DCLS models share them per stage.
-    Layers without positions (plain convolutions) are built unchanged."""
+    """Wraps a conv factory (a `ConvSpec`) for one stage: each layer built after the first gets the first one's
+    DCLS positions (`P=first.P`, and `SIG=first.SIG` where it has one), as the published DCLS models share them per
+    stage. Layers without positions (plain convolutions) are built unchanged."""
     first = None
 
     def build(*args, **kwargs):
@@ -263,17 +352,26 @@ class Attention(nnx.Module):
 
 
 class CutModel(nnx.Module):
-    """The surface every architecture shares: the network is the sequence `_parts()` (stem, stages, ...)
-    whose outputs are named `layer_names`, followed by `head`; it can be cut at any of them.
+    """The surface every model of the registry shares (documented here only).
 
-    `forward_features(x, layer)` runs the parts up to `layer` (default `target_layer`, the study's CAM layer),
-    `forward_head(a, layer)` the rest and the head, so forward_head(forward_features(x, l), l) == model(x)."""
+    The network is the sequence `_parts()` (stem, stages, ...) whose outputs are named `layer_names` (e.g.
+    ResNet's "stem", "layer1" .. "layer4"; the others' "stem", "stages.0" .. "stages.3", FastViT's also
+    "final_conv"), followed by `head`; it can be cut at any of them:
+      model(x)                        logits (B, num_classes) from images x (B, H, W, 3), normalised, NHWC
+      forward_features(x, layer)      the activations (B, h, w, C) at `layer` (default: `target_layer`)
+      forward_head(a, layer)          the rest of the network and the head from those activations (pre_logits=True:
+                                      the pooled features), so forward_head(forward_features(x, l), l) == model(x)
+    `target_layer` is the study's CAM target: each family's class sets it (its docstring says which activations
+    those are) and its registry entries repeat it as `Entry.target_layer`. Any other module is reachable by its
+    attribute path (timm's state-dict names), which cam.capture accepts. `model.train()` / `model.eval()` switch
+    dropout, drop path and BatchNorm statistics."""
 
     layer_names: tuple[str, ...]
     target_layer: str
 
     def _parts(self) -> tuple:
-        raise NotImplementedError
+        """The modules `layer_names` name, in order (default: the stem, then each stage)."""
+        return (self.stem, *self.stages)
 
     def _index(self, layer: str | None) -> int:
         layer = self.target_layer if layer is None else layer

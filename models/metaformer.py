@@ -6,9 +6,10 @@ Attribute names follow timm's state-dict paths (`stem.conv`, `stages.1.downsampl
 timm runs the non-attention stages in NCHW with 1x1-conv MLPs and the attention stages on tokens with Linear
 MLPs; here every stage is NHWC, and the parameters keep timm's shapes (1x1 conv weights (O, I, 1, 1) in the
 SepConv stages, Linear weights (O, I) in the attention stages). ConvFormer and CAFormer differ only in their
-per-stage token mixers. The depthwise conv of every SepConv is an injected factory: the plain models use timm's
-7x7 Conv2d, the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v1") whose positions are shared
-within each stage. `remap_keys` maps the original sail-sg MetaFormer state-dict names to timm's.
+per-stage token mixers. The depthwise conv of every SepConv is `Config.conv` (a `models.layers.ConvSpec`): the
+plain models use timm's 7x7 Conv2d, the `_dcls` models a `dcls_jax.Dcls2d` (dilated kernel 17, version "v1")
+whose positions are shared within each stage. `remap_keys` maps the original sail-sg MetaFormer state-dict names
+to timm's.
 """
 from __future__ import annotations
 
@@ -22,14 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dcls_jax import Dcls2d
 import models.layers as layers
-from models.layers import (Conv2d, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, global_avg_pool,
-                           identity, share_positions, trunc_normal)
-from models.entry import Checkpoint, Entry, override, register
+from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential,
+                           check_stages, drop_path_rates, global_avg_pool, identity, share_positions,
+                           trunc_normal)
+from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test, rename_keys
 
 zeros = jax.nn.initializers.zeros
 INIT = {"weight_init": trunc_normal(0.02), "bias_init": zeros}   # timm MetaFormer._init_weights
+DENSE = ConvSpec.dense(7)                                         # timm's SepConv: 7x7
+# The study's DCLS SepConvs (`replace_depthwise_dcls_metaformers`): Dcls2d v1 in 17x17, weight N(0, .02), with 40
+# (ConvFormer) or 34 (CAFormer) taps.
+DCLS = {"convformer": ConvSpec.dcls(40, 17, "v1"), "caformer": ConvSpec.dcls(34, 17, "v1")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,35 +51,15 @@ class Config:
     drop_rate: float = 0.0               # dropout before the MLP head
     proj_drop_rate: float = 0.0          # dropout in the MLPs and after the attention projection
     drop_path_rate: float = 0.0          # stochastic depth, linear in the block index from 0 to this
-    kernel_size: int = 7                 # the plain SepConv depthwise conv
-    kernel_count: int = 34               # the DCLS depthwise conv (`_dcls` models): elements per kernel
-    dilated_kernel_size: int = 17        # ... and the size of the dense kernel they are placed in
+    conv: ConvSpec = DENSE               # every SepConv's depthwise dwconv (models.layers.ConvSpec)
 
     @classmethod
     def convformer_s18(cls, **kw):
-        return cls(**{"token_mixers": (SepConv,) * 4, "kernel_count": 40, **kw})
+        return cls(**{"token_mixers": (SepConv,) * 4, **kw})
 
     @classmethod
     def caformer_s18(cls, **kw):
-        return cls(**{"token_mixers": (SepConv, SepConv, Attention, Attention), "kernel_count": 34, **kw})
-
-
-def dense_conv_dw(cfg: Config) -> Callable[..., nnx.Module]:
-    """SepConv's depthwise conv: kxk Conv2d without bias, trunc_normal(.02) weight (timm)."""
-    return functools.partial(Conv2d, kernel_size=cfg.kernel_size, padding=cfg.kernel_size // 2, bias=False,
-                             weight_init=INIT["weight_init"])
-
-
-def dcls_conv_dw(cfg: Config) -> Callable[..., nnx.Module]:
-    """The DCLS depthwise conv of the study: Dcls2d v1 without bias, weight N(0, .02) (as its
-    `replace_depthwise_dcls_metaformers`); positions keep Dcls2d's own init N(0, 0.5) clamped to +-d//2."""
-    def build(in_channels, out_channels, *, groups, rngs, P=None):
-        layer = Dcls2d(in_channels, out_channels, kernel_count=cfg.kernel_count,
-                       dilated_kernel_size=cfg.dilated_kernel_size, padding=cfg.dilated_kernel_size // 2,
-                       groups=groups, bias=False, version="v1", rngs=rngs, P=P)
-        layer.weight.set_value(0.02 * jax.random.normal(rngs.params(), layer.weight.get_value().shape))
-        return layer
-    return build
+        return cls(**{"token_mixers": (SepConv, SepConv, Attention, Attention), **kw})
 
 
 def squared_relu(x):
@@ -105,12 +90,12 @@ class Scale(nnx.Module):
 class SepConv(nnx.Module):
     """Inverted separable conv (MobileNetV2): 1x1 conv -> StarReLU -> depthwise conv -> 1x1 conv, no biases."""
 
-    def __init__(self, dim: int, *, conv_dw: Callable[..., nnx.Module], rngs: nnx.Rngs, expansion_ratio: float = 2,
+    def __init__(self, dim: int, *, conv: Callable[..., nnx.Module], rngs: nnx.Rngs, expansion_ratio: float = 2,
                  **_):
         mid = int(expansion_ratio * dim)
         self.pwconv1 = Conv2d(dim, mid, 1, bias=False, rngs=rngs, **INIT)
         self.act1 = StarReLU()
-        self.dwconv = conv_dw(mid, mid, groups=mid, rngs=rngs)
+        self.dwconv = conv(mid, mid, groups=mid, bias=False, rngs=rngs, weight_init=INIT["weight_init"])
         self.pwconv2 = Conv2d(mid, dim, 1, bias=False, rngs=rngs, **INIT)
 
     def __call__(self, x):
@@ -127,13 +112,13 @@ class Attention(layers.Attention):
 class MetaFormerBlock(nnx.Module):
     """x = res_scale1(x) + layer_scale1(drop_path(token_mixer(norm1(x)))); then the same with norm2 and mlp."""
 
-    def __init__(self, dim: int, token_mixer: type, conv_dw: Callable[..., nnx.Module], cfg: Config,
+    def __init__(self, dim: int, token_mixer: type, conv: Callable[..., nnx.Module], cfg: Config,
                  drop_path: float, layer_scale: float | None, res_scale: float | None, *, rngs: nnx.Rngs):
         def scale(value):
             return identity if value is None else Scale(dim, value)
 
         self.norm1 = LayerNorm(dim, eps=1e-6, bias=False)
-        self.token_mixer = token_mixer(dim, conv_dw=conv_dw, head_dim=cfg.head_dim, proj_drop=cfg.proj_drop_rate,
+        self.token_mixer = token_mixer(dim, conv=conv, head_dim=cfg.head_dim, proj_drop=cfg.proj_drop_rate,
                                        rngs=rngs)
         self.drop_path1 = DropPath(drop_path, rngs=rngs)
         self.layer_scale1, self.res_scale1 = scale(layer_scale), scale(res_scale)
@@ -175,13 +160,12 @@ class MetaFormerStage(nnx.Module):
     """Downsampling (when the width changes), then blocks whose depthwise convs share DCLS positions (the first
     block's conv owns them)."""
 
-    def __init__(self, i: int, in_dim: int, cfg: Config, conv_dw: Callable[..., nnx.Module],
-                 drop_paths: list[float], *, rngs: nnx.Rngs):
+    def __init__(self, i: int, in_dim: int, cfg: Config, drop_paths: list[float], *, rngs: nnx.Rngs):
         dim = cfg.dims[i]
         self.downsample = identity if in_dim == dim else Downsampling(in_dim, dim, rngs=rngs)
-        conv_dw = share_positions(conv_dw)
+        conv = share_positions(cfg.conv)
         self.blocks = Sequential([
-            MetaFormerBlock(dim, cfg.token_mixers[i], conv_dw, cfg, dp, cfg.layer_scale_init_values[i],
+            MetaFormerBlock(dim, cfg.token_mixers[i], conv, cfg, dp, cfg.layer_scale_init_values[i],
                             cfg.res_scale_init_values[i], rngs=rngs)
             for dp in drop_paths])
 
@@ -216,44 +200,28 @@ class Head(nnx.Module):
 
 
 class MetaFormer(CutModel):
-    """MetaFormer on NHWC inputs. `conv_dw(in, out, *, groups, rngs[, P]) -> module` builds SepConv's
-    depthwise convs."""
+    """MetaFormer on NHWC inputs (the surface: `models.layers.CutModel`); `cfg.conv` builds SepConv's depthwise
+    convs. Cut points: the stem and each stage. CAM target: the last stage's output, before the head's norm."""
 
     layer_names = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
     target_layer = "stages.3"
 
-    def __init__(self, cfg: Config, *, conv_dw: Callable[..., nnx.Module] | None = None, rngs: nnx.Rngs):
-        n = len(cfg.depths)
-        per_stage = {"dims": cfg.dims, "token_mixers": cfg.token_mixers,
-                     "layer_scale_init_values": cfg.layer_scale_init_values,
-                     "res_scale_init_values": cfg.res_scale_init_values}
-        bad = {k: v for k, v in per_stage.items() if len(v) != 4}
-        if n != 4 or bad:
-            raise ValueError(f"MetaFormer needs 4 stages and one value per stage: got depths={cfg.depths}"
-                             + "".join(f", {k}={v}" for k, v in bad.items()))
-        conv_dw = conv_dw or dense_conv_dw(cfg)
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        check_stages("MetaFormer", cfg, ("depths", "dims", "token_mixers", "layer_scale_init_values",
+                                         "res_scale_init_values"))
         self.config = cfg
         self.stem = Stem(3, cfg.dims[0], rngs=rngs)
-        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
-        starts = np.cumsum((0,) + tuple(cfg.depths))
-        dims_in = (cfg.dims[0],) + tuple(cfg.dims[:-1])
-        self.stages = Sequential([
-            MetaFormerStage(i, dims_in[i], cfg, conv_dw, rates[starts[i]:starts[i + 1]], rngs=rngs)
-            for i in range(n)])
+        dims_in = (cfg.dims[0], *cfg.dims[:-1])
+        self.stages = Sequential([MetaFormerStage(i, dims_in[i], cfg, rates, rngs=rngs)
+                                  for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
-
-    def _parts(self):
-        return (self.stem, *self.stages)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries
 
-def _build(preset: Callable[..., Config], conv_dw: Callable[[Config], Callable[..., nnx.Module]], *,
-           rngs: nnx.Rngs, **overrides) -> MetaFormer:
-    cfg = override(preset(), overrides)
-    return MetaFormer(cfg, conv_dw=conv_dw(cfg), rngs=rngs)
+def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> MetaFormer:
+    return MetaFormer(override(preset, overrides), rngs=rngs)
 
 
 # sail-sg MetaFormer names -> timm names, as timm's `checkpoint_filter_fn` (which leaves timm names alone).
@@ -273,14 +241,7 @@ def remap_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """sail-sg MetaFormer key names and Linear weights -> timm names and shapes (identity on timm state dicts)."""
     if "stem.conv.weight" in state_dict:
         return dict(state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in _SAIL_RULES:
-            new = pattern.sub(repl, new)
-        if new in out:
-            raise ValueError(f"state-dict keys collide after renaming: {key!r} -> {new!r}")
-        out[new] = value
+    out = rename_keys(state_dict, _SAIL_RULES)
     for key, value in out.items():
         m = _POINTWISE.match(key)
         if m and np.ndim(value) == 2 and (m[2].startswith("token_mixer")
@@ -296,12 +257,12 @@ for _arch, _dcls_file in (("caformer", "caformer_s18_v1_17lim_34el_seed0.pth.tar
                           ("convformer", "convformer_s18_v1_17lim_40el_seed0.pth.tar")):
     _preset = getattr(Config, f"{_arch}_s18")
     for _suffix, _conv, _ckpt in (
-            ("", dense_conv_dw, Checkpoint(url=_SAIL.format(_arch), key=None, filename=f"{_arch}_s18.pth")),
-            ("_dcls", dcls_conv_dw, Checkpoint(url=_DCLS.format(_dcls_file), key="state_dict_ema",
-                                               filename=_dcls_file))):
+            ("", DENSE, Checkpoint(url=_SAIL.format(_arch), key=None, filename=f"{_arch}_s18.pth")),
+            ("_dcls", DCLS[_arch], Checkpoint(url=_DCLS.format(_dcls_file), key="state_dict_ema",
+                                              filename=_dcls_file))):
         register(Entry(
             name=f"{_arch}_s18{_suffix}",
-            builder=functools.partial(_build, _preset, _conv),
+            builder=functools.partial(_build, _preset(conv=_conv)),
             family="metaformer",
             target_layer=MetaFormer.target_layer,
             resize_size=224,
@@ -309,3 +270,8 @@ for _arch, _dcls_file in (("caformer", "caformer_s18_v1_17lim_34el_seed0.pth.tar
             checkpoint=_ckpt,
             remap_keys=remap_keys,
         ))
+    # Tiny variants for tests (models.entry.register_test): one block per stage, 8..32 wide, DCLS 5 taps in 7x7.
+    for _suffix, _conv in (("", DENSE), ("_dcls", ConvSpec.dcls(5, 7, "v1"))):
+        _tiny = _preset(depths=(1, 1, 1, 1), dims=(8, 16, 32, 32), num_classes=TEST_CLASSES, conv=_conv)
+        register_test(f"test_{_arch}{_suffix}", functools.partial(_build, _tiny), "metaformer",
+                      MetaFormer.target_layer, remap_keys=remap_keys)

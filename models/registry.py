@@ -8,13 +8,15 @@
 """
 from __future__ import annotations
 
+import importlib
+
 from flax import nnx
 
 from models.entry import (IMAGENET_MEAN, IMAGENET_STD, MODELS, Checkpoint, Entry, Origin, infer_kernel_count,
-                          override, register)
+                          override, register, register_test)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "Checkpoint", "Entry", "Origin", "create_model",
-           "get_entry", "infer_kernel_count", "list_models", "model_name", "override", "register"]
+__all__ = ["FAMILIES", "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "Checkpoint", "Entry", "Origin", "create_model",
+           "get_entry", "infer_kernel_count", "list_models", "model_name", "override", "register", "register_test"]
 
 
 def get_entry(name: str) -> Entry:
@@ -26,7 +28,7 @@ def get_entry(name: str) -> Entry:
 
 
 def list_models(*, study_only: bool = False) -> list[str]:
-    """Every registered name, or only the study's 16 models."""
+    """Every registered name (the tiny `test_*` variants of each family included), or only the study's 16 models."""
     _load_families()
     return sorted(n for n, e in MODELS.items() if e.in_study or not study_only)
 
@@ -39,12 +41,14 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx
     return model
 
 
+# The architecture files (models/<family>.py); importing one registers its entries. A new family is one file that
+# registers its entries (and a tiny `test_*` variant, models.entry.register_test), its name here, and its test.
+FAMILIES = ("resnet", "convnext", "metaformer", "fastvit")
+
+
 def _load_families():
-    # Importing the architecture files registers their entries.
-    import models.convnext  # noqa: F401
-    import models.fastvit  # noqa: F401
-    import models.metaformer  # noqa: F401
-    import models.resnet  # noqa: F401
+    for family in FAMILIES:
+        importlib.import_module(f"models.{family}")
 
 
 def model_name(model: nnx.Module) -> str | None:

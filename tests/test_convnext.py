@@ -180,7 +180,7 @@ def test_train_mode_drops_whole_residual_branches():
     model.eval()
     assert all(b.drop_path.deterministic for s in model.stages for b in s.blocks)
 
-    block = convnext.Block(8, convnext.dense_conv_dw(convnext.Config()), convnext.Config(ls_init_value=0.5), 0.5,
+    block = convnext.Block(8, convnext.DENSE, convnext.Config(ls_init_value=0.5), 0.5,
                            rngs=nnx.Rngs(0))
     forward = nnx.jit(lambda m, x: m(x))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 5, 5, 8), dtype=np.float32))
