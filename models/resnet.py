@@ -26,7 +26,6 @@ STEM_WIDTH = 64   # timm's single-conv stem is always 64 wide
 
 DENSE = ConvSpec.dense(3)                          # `resnet50`: timm's 3x3 conv2
 DCLS = ConvSpec.dcls(5, 7, "v0")                   # `resnet50_dcls`: 5 taps in a 7x7 kernel, weight N(0, .02)
-dense_conv2, dcls_conv2 = DENSE, DCLS              # (earlier names, still used by tests/test_evaluate*.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +121,7 @@ class ResNet(CutModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries
 
-def _build(preset: Config, conv: ConvSpec | None = None, *, rngs: nnx.Rngs, **overrides) -> ResNet:
-    """`conv`: the preset's `conv` replaced (before `overrides`), as `tests/test_evaluate*.py` register tiny models."""
-    preset = preset if conv is None else dataclasses.replace(preset, conv=conv)
+def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> ResNet:
     return ResNet(override(preset, overrides), rngs=rngs)
 
 

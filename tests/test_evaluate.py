@@ -40,7 +40,7 @@ def register_tiny() -> None:
     registry.get_entry("resnet50")   # loads the real families first
     if TINY not in registry.MODELS:
         registry.register(registry.Entry(
-            name=TINY, builder=functools.partial(resnet._build, resnet.Config(**TINY_CONFIG), resnet.dcls_conv2),
+            name=TINY, builder=functools.partial(resnet._build, resnet.Config(**TINY_CONFIG, conv=resnet.DCLS)),
             family="resnet", target_layer=resnet.ResNet.target_layer, resize_size=RESIZE, input_size=CROP))
 
 

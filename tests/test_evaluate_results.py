@@ -35,7 +35,7 @@ def tiny_pair():
     register_tiny()
     if BASE not in registry.MODELS:
         registry.register(registry.Entry(
-            name=BASE, builder=functools.partial(resnet._build, resnet.Config(**TINY_CONFIG), resnet.dense_conv2),
+            name=BASE, builder=functools.partial(resnet._build, resnet.Config(**TINY_CONFIG, conv=resnet.DENSE)),
             family="resnet", target_layer=resnet.ResNet.target_layer, resize_size=RESIZE, input_size=CROP))
     yield BASE, TINY
     registry.MODELS.pop(BASE, None)
