@@ -17,6 +17,7 @@ from flax import nnx
 
 import models
 from tests.test_cam_any import Block, ViTBlock
+from tests.test_registry_sweep import _all_paths
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -68,20 +69,7 @@ def torch_checkpoint(name: str, path: Path) -> None:
     """A random-weight model's parameters saved as PyTorch saves a state dict (shared DCLS positions repeated
     under every layer that uses them)."""
     import torch
-    sd = {}
-
-    def walk(node, prefix):
-        if isinstance(node, (nnx.Param, nnx.BatchStat)):
-            sd[".".join(prefix)] = torch.from_numpy(np.array(node.get_value()))
-        elif isinstance(node, (list, tuple, nnx.List)):
-            for i, v in enumerate(node):
-                walk(v, prefix + (str(i),))
-        elif isinstance(node, nnx.Module):
-            for k, v in vars(node).items():
-                if not k.startswith("_"):
-                    walk(v, prefix + (k,))
-
-    walk(models.create_model(name), ())
+    sd = {key: torch.from_numpy(np.array(var.get_value())) for key, var in _all_paths(models.create_model(name))}
     torch.save(sd, path)
 
 
