@@ -9,6 +9,8 @@ several implementations of the same cross-correlation, each with its forward pas
     "xla"      lax.conv_general_dilated (every other convolution always runs this);
     "shifted"  a sum of strided shifted multiply-adds (XLA's CPU depthwise convolution is ~25x slower);
     "fft"      real FFTs, overlap-save tiling along long axes, float32 inside for bf16 (dcls_jax.fft_conv);
+    "shifted_fft"  the shifted sums when only the value is needed, the FFT path under differentiation (its
+               forward and both gradients): large kernels on CPU, whose shifted forward is the faster one;
     "pallas"   Pallas kernels, 2-D only: Triton on GPU, Mosaic on TPU, interpret mode elsewhere
                (dcls_jax.pallas_conv; forward, input and kernel gradients through a custom_vjp).
 
@@ -32,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dcls_jax.fft_conv import fft_depthwise, fft_kernel_grad
+from dcls_jax.fft_conv import fft_backward, fft_depthwise
 
-IMPLS = ("xla", "shifted", "fft", "pallas")
+IMPLS = ("xla", "shifted", "fft", "shifted_fft", "pallas")
 ENV_VAR = "DCLS_JAX_CONV"
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcls_jax_conv_impl", default=None)
@@ -70,14 +72,19 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
 
     CPU (2 cores, jax 0.10): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
     with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
-    computes 1/stride^nd of the work the FFT does). GPU (H100): XLA's depthwise convolution is fast for small
+    computes 1/stride^nd of the work the FFT does), except the forward of 15x15-23x23 kernels at stride 1 where
+    the shifted sum (a scan over kernel rows) is the faster forward again: "shifted_fft" there. GPU (H100): XLA's depthwise convolution is fast for small
     kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs large kernels at a fraction of its cost.
     TPU: XLA's convolution for small kernels, FFT for large ones."""
     backend = backend or jax.default_backend()
     taps = math.prod(ksize)
     sub = math.prod(stride)
     if backend == "cpu":
-        return "shifted" if taps <= 64 * sub else "fft"
+        if taps <= 64 * sub:
+            return "shifted"
+        # 15x15..23x23 at stride 1 (DCLS's 17x17, gauss 23x23): the shifted-sum forward beats the FFT's
+        # (inference), the FFT path runs under differentiation; 9x9-13x13 and beyond 23: FFT both ways.
+        return "shifted_fft" if sub == 1 and all(15 <= k <= 23 for k in ksize) else "fft"
     if backend in ("gpu", "cuda", "rocm"):
         if taps <= 64:
             return "xla" if jnp.dtype(dtype) == jnp.bfloat16 else "shifted"
@@ -143,7 +150,7 @@ def _slice(x, start, size, stride, axis0: int):
     return x
 
 
-def _shifted_valid(xp, wt, stride):
+def _shifted_valid_batch(xp, wt, stride):
     """Valid correlation of padded xp (N, *P, C) with wt (*k, C): sum over taps of strided shifted products."""
     nd = xp.ndim - 2
     ksize = wt.shape[:-1]
@@ -159,11 +166,24 @@ def _shifted_valid(xp, wt, stride):
     return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), xp.dtype))
 
 
+def _per_sample(f, *arrays):
+    """f over each sample of the leading axis (lax.map), results stacked: XLA:CPU runs a shifted sum over one
+    image (cache-resident) 1.4-3x faster than over the whole batch at once (ConvNeXt-T stages, batch 8)."""
+    if arrays[0].shape[0] == 1:
+        return f(*arrays)
+    return lax.map(lambda a: f(*(v[None] for v in a))[0], arrays)
+
+
+def _shifted_valid(xp, wt, stride):
+    """Valid correlation of padded xp (N, *P, C) with wt (*k, C), one sample at a time."""
+    return _per_sample(lambda v: _shifted_valid_batch(v, wt, stride), xp)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted_sum_depthwise(x, w, stride, pads):
     """Depthwise conv (groups == C, one output per channel) as a sum of strided shifted products. Its custom
-    backward computes the input gradient with the same shifted sums (autodiff of the strided slices is ~8x
-    slower on XLA:CPU) and the kernel gradient per tap (large kernels: by FFTs)."""
+    backward computes, up to _MAX_UNROLLED_TAPS taps, the input gradient with the same shifted sums (autodiff of
+    the strided slices is ~8x slower on XLA:CPU) and the kernel gradient per tap; beyond, both by FFTs."""
     return _shifted_valid(jnp.pad(x, [(0, 0), *pads, (0, 0)]), jnp.moveaxis(w[:, 0], 0, -1), stride)
 
 
@@ -176,6 +196,12 @@ def _shifted_bwd(stride, pads, res, dy):
     nd = x.ndim - 2
     ksize = w.shape[2:]
     xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    crop = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))
+    if math.prod(ksize) > _MAX_UNROLLED_TAPS:
+        # Large kernels: input and kernel gradients from one set of FFTs (per-tap reductions and the shifted
+        # input gradient are 2-6x slower on XLA:CPU); the FFT's rounding scales with the largest lag.
+        dxp, dw = fft_backward(xp, w, dy, stride)
+        return dxp[crop].astype(x.dtype), dw.astype(w.dtype)
     wt = jnp.moveaxis(w[:, 0], 0, -1)
     out = dy.shape[1:-1]
     # Input gradient: the full correlation of the stride-dilated cotangent with the flipped kernel.
@@ -184,20 +210,43 @@ def _shifted_bwd(stride, pads, res, dy):
         extra = xp.shape[1 + a] - ((out[a] - 1) * stride[a] + ksize[a])
         cfg.append((ksize[a] - 1, ksize[a] - 1 + extra, stride[a] - 1))
     dyd = lax.pad(dy, jnp.zeros((), dy.dtype), cfg + [(0, 0, 0)])
-    dxp = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)
-    dx = dxp[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))]
+    dx = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)[crop]
     # Kernel gradient: per tap, the sum over batch and outputs of the shifted input times the cotangent (what
-    # autodiff computes, same rounding); beyond _MAX_UNROLLED_TAPS by FFTs (per-tap reductions are ~6x slower
-    # than FFTs on XLA:CPU, but the FFT's rounding error scales with the largest lag, not each tap's sum).
-    if math.prod(ksize) > _MAX_UNROLLED_TAPS:
-        return dx, fft_kernel_grad(xp, dy, ksize, stride).astype(w.dtype)
+    # autodiff computes, same rounding: test_train's 1- vs 4-device run needs it).
     axes = tuple(range(nd + 1))
-    dwt = jnp.stack([jnp.sum(_slice(xp, idx, out, stride, 1) * dy, axis=axes)
-                     for idx in itertools.product(*(range(k) for k in ksize))]).reshape(*ksize, -1)
+
+    def taps(xp, dy):
+        return jnp.stack([jnp.sum(_slice(xp, idx, out, stride, 1) * dy, axis=axes)
+                          for idx in itertools.product(*(range(k) for k in ksize))])
+    if xp.shape[0] == 1:
+        dwt = taps(xp, dy)
+    else:   # one sample at a time (cache-resident), summed over the batch
+        dwt = lax.scan(lambda acc, a: (acc + taps(a[0][None], a[1][None]), None),
+                       jnp.zeros((math.prod(ksize), xp.shape[-1]), dy.dtype), (xp, dy))[0]
+    dwt = dwt.reshape(*ksize, -1)
     return dx, jnp.moveaxis(dwt, -1, 0)[:, None].astype(w.dtype)
 
 
 _shifted_sum_depthwise.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_fft_depthwise(x, w, stride, pads):
+    """Shifted sums when only the value is needed (inference: the faster forward for large kernels on XLA:CPU);
+    under differentiation the forward and both gradients run the FFT path (cheaper than shifted forward + FFT
+    backward, which would recompute the input's spectrum)."""
+    return _shifted_sum_depthwise(x, w, stride, pads)
+
+
+def _shifted_fft_fwd(x, w, stride, pads):
+    return jax.vjp(lambda a, b: fft_depthwise(a, b, stride, pads), x, w)
+
+
+def _shifted_fft_bwd(stride, pads, vjp, dy):
+    return vjp(dy)
+
+
+_shifted_fft_depthwise.defvjp(_shifted_fft_fwd, _shifted_fft_bwd)
 
 
 def _xla(x, w, stride, pads, groups, dilation):
@@ -235,6 +284,8 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
         return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "fft":
         return fft_depthwise(x, w, stride, pads)
+    if name == "shifted_fft":
+        return _shifted_fft_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "pallas":
         from dcls_jax.pallas_conv import pallas_depthwise
         return pallas_depthwise(x, w, stride, pads)
