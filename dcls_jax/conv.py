@@ -166,17 +166,34 @@ def _shifted_valid_batch(xp, wt, stride):
     return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), xp.dtype))
 
 
-def _per_sample(f, *arrays):
-    """f over each sample of the leading axis (lax.map), results stacked: XLA:CPU runs a shifted sum over one
-    image (cache-resident) 1.4-3x faster than over the whole batch at once (ConvNeXt-T stages, batch 8)."""
-    if arrays[0].shape[0] == 1:
-        return f(*arrays)
-    return lax.map(lambda a: f(*(v[None] for v in a))[0], arrays)
+_BLOCK_BYTES = 1 << 19   # CPU: input rows per block of the shifted sums, about this many bytes (in L2)
+
+
+def _row_blocks(xp, k0: int, s0: int, out0: int) -> tuple[int, int]:
+    """(R, nb): nb blocks of R output rows along the first spatial axis, R s0 input rows ~ _BLOCK_BYTES."""
+    per_row = xp.dtype.itemsize * math.prod(xp.shape) // xp.shape[1] * s0
+    R = int(min(out0, max(1, _BLOCK_BYTES // max(per_row, 1))))
+    return R, -(-out0 // R)
 
 
 def _shifted_valid(xp, wt, stride):
-    """Valid correlation of padded xp (N, *P, C) with wt (*k, C), one sample at a time."""
-    return _per_sample(lambda v: _shifted_valid_batch(v, wt, stride), xp)
+    """Valid correlation of padded xp (N, *P, C) with wt (*k, C). On CPU in blocks of rows of the first spatial
+    axis: XLA:CPU runs the shifted sums over an L2-sized block 1.4-3x faster than over the whole array
+    (ConvNeXt-T stages, batch 8). Blocks of rows, not of samples: a batch sharded over devices stays sharded."""
+    nd = xp.ndim - 2
+    k0, s0 = wt.shape[0], stride[0]
+    out0 = (xp.shape[1] - k0) // s0 + 1
+    R, nb = _row_blocks(xp, k0, s0, out0)
+    if nd == 1 or nb == 1 or jax.default_backend() != "cpu" or math.prod(wt.shape[:-1]) > _MAX_UNROLLED_TAPS:
+        # a GPU runs the whole array at once; large kernels scan over kernel rows (as fast unblocked)
+        return _shifted_valid_batch(xp, wt, stride)
+    rows_in = (R - 1) * s0 + k0
+    need = (nb * R - 1) * s0 + k0
+    xp = jnp.pad(xp, [(0, 0), (0, max(0, need - xp.shape[1]))] + [(0, 0)] * nd)
+    y = lax.map(lambda b: _shifted_valid_batch(lax.dynamic_slice_in_dim(xp, b * R * s0, rows_in, axis=1), wt,
+                                               stride), jnp.arange(nb))          # (nb, N, R, *rest, C)
+    y = jnp.moveaxis(y, 0, 1).reshape(y.shape[1], nb * R, *y.shape[3:])
+    return lax.slice_in_dim(y, 0, out0, axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -216,13 +233,21 @@ def _shifted_bwd(stride, pads, res, dy):
     axes = tuple(range(nd + 1))
 
     def taps(xp, dy):
-        return jnp.stack([jnp.sum(_slice(xp, idx, out, stride, 1) * dy, axis=axes)
+        return jnp.stack([jnp.sum(_slice(xp, idx, dy.shape[1:-1], stride, 1) * dy, axis=axes)
                           for idx in itertools.product(*(range(k) for k in ksize))])
-    if xp.shape[0] == 1:
+    R, nb = _row_blocks(xp, ksize[0], stride[0], out[0])
+    if nd == 1 or nb == 1 or jax.default_backend() != "cpu":
         dwt = taps(xp, dy)
-    else:   # one sample at a time (cache-resident), summed over the batch
-        dwt = lax.scan(lambda acc, a: (acc + taps(a[0][None], a[1][None]), None),
-                       jnp.zeros((math.prod(ksize), xp.shape[-1]), dy.dtype), (xp, dy))[0]
+    else:   # in blocks of rows (as _shifted_valid), summed
+        rows_in = (R - 1) * stride[0] + ksize[0]
+        xp = jnp.pad(xp, [(0, 0), (0, max(0, (nb * R - 1) * stride[0] + ksize[0] - xp.shape[1]))] + [(0, 0)] * nd)
+        dyb = jnp.pad(dy, [(0, 0), (0, nb * R - out[0])] + [(0, 0)] * nd)
+
+        def block(b, acc):
+            return acc + taps(lax.dynamic_slice_in_dim(xp, b * R * stride[0], rows_in, axis=1),
+                              lax.dynamic_slice_in_dim(dyb, b * R, R, axis=1))
+        dwt = lax.fori_loop(1, nb, block, taps(lax.slice_in_dim(xp, 0, rows_in, axis=1),
+                                                lax.slice_in_dim(dyb, 0, R, axis=1)))
     dwt = dwt.reshape(*ksize, -1)
     return dx, jnp.moveaxis(dwt, -1, 0)[:, None].astype(w.dtype)
 

@@ -136,6 +136,19 @@ def test_other_ranks_and_fft_tiling(shape, k, stride, pad):
             assert rel(a, b) <= 1e-5, (name, what, rel(a, b))
 
 
+@pytest.mark.parametrize("shape, k, stride, pad", [((2, 11, 9, 5), (7, 6), 1, 3), ((3, 12, 10, 3), (9, 9), 2, 4),
+                                                   ((2, 13, 8, 4), (15, 15), 1, 7)])
+def test_shifted_row_blocks(monkeypatch, shape, k, stride, pad):
+    """The CPU shifted sums in blocks of a few rows (forced by a tiny block size), the last block partial."""
+    monkeypatch.setattr(C, "_BLOCK_BYTES", 1)
+    x, w, ct = _data(shape, k, stride, pad, jnp.float32, seed=3)
+    res = _run_all(("shifted", "shifted_fft"), x, w, ct, stride, pad)
+    ref = res.pop("ref")
+    for name, got in res.items():
+        for what, a, b in zip(("y", "dx", "dw"), got, ref):
+            assert rel(a, b) <= 1e-5, (name, what, rel(a, b))
+
+
 def test_fft_tiles_long_axes():
     """The FFT plan tiles an axis only when it is long and the kernel fits a tile (checked on the jaxpr)."""
     x = jnp.zeros((1, 200, 30, 2))
