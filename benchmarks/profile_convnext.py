@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import numpy as np  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import keep_freed_memory, paired_ms  # noqa: E402
 
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
 
@@ -37,9 +37,8 @@ def rows(batch, kernel, impls, iters):
 
     def both(name, jf, jargs, tf, targs):
         jf = jax.jit(jf)
-        j = median_ms(lambda: jf(*jargs), jsync, iters)
         with torch.no_grad():
-            t = median_ms(lambda: tf(*targs), tsync, iters)
+            j, t = paired_ms([(lambda: jf(*jargs), jsync), (lambda: tf(*targs), tsync)], iters)
         yield name, j, t
 
     x = rng.normal(size=(batch, 224, 224, 3)).astype(np.float32)
@@ -66,7 +65,6 @@ def rows(batch, kernel, impls, iters):
         ln = L.LayerNorm(c)
         yield from both(f"{tag} layernorm", lambda x: ln(x), (hj,),
                         lambda x: F.layer_norm(x, (c,), eps=1e-6), (ht,))
-        lin1, lin2 = L.Linear(c, 4 * c, rngs=__import__("flax").nnx.Rngs(0)), None
         yield from both(f"{tag} linear {c}->{4*c}", lambda x, w, b: jnp.einsum("...i,oi->...o", x, w) + b,
                         (hj, jnp.asarray(w1), jnp.asarray(b1)), F.linear,
                         (ht, torch.from_numpy(w1), torch.from_numpy(b1)))
@@ -75,7 +73,6 @@ def rows(batch, kernel, impls, iters):
                         (jnp.asarray(u), jnp.asarray(w2), jnp.asarray(b2)), F.linear,
                         (torch.from_numpy(u), torch.from_numpy(w2), torch.from_numpy(b2)))
         gm = jnp.full((c,), 1e-6)
-        del lin1, lin2
 
         def jblock(x, wdw, w1, b1, w2, b2):
             y = dcls_jax.conv(x, wdw, 1, kernel // 2, c)
@@ -105,14 +102,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--kernel", type=int, default=7)
-    ap.add_argument("--impls", default="auto,shifted,fft")
+    ap.add_argument("--impls", default="auto,xla")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-memory", action="store_true", help="timing.keep_freed_memory (glibc mallopt)")
     args = ap.parse_args(argv)
+    kept = keep_freed_memory() if args.keep_memory else False
     import jax
     import torch
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads), batch {args.batch}, "
-          f"median of {args.iters} (ms); ratio = torch / jax", flush=True)
+          f"median of {args.iters} (ms, calls alternating); ratio = torch / jax; malloc: "
+          f"{'freed memory kept' if kept else 'default'}", flush=True)
     print(f"{'op':40} {'jax':>9} {'torch':>9} {'ratio':>6}", flush=True)
     for name, j, t in rows(args.batch, args.kernel, args.impls.split(","), args.iters):
         print(f"{name:40} {j:9.2f} {t:9.2f} {t / j:6.2f}", flush=True)

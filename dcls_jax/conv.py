@@ -83,8 +83,10 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
         if taps <= 64 * sub:
             return "shifted"
         # 15x15..23x23 at stride 1 (DCLS's 17x17, gauss 23x23): the shifted-sum forward beats the FFT's
-        # (inference), the FFT path runs under differentiation; 9x9-13x13 and beyond 23: FFT both ways.
-        return "shifted_fft" if sub == 1 and all(15 <= k <= 23 for k in ksize) else "fft"
+        # (inference), the FFT path runs under differentiation; 9x9-13x13 and beyond 23: FFT both ways. Not in
+        # bf16 / f16: hundreds of taps summed in the input dtype drift (4e-2 relative at 17x17); FFTs run fp32.
+        wide = jnp.dtype(dtype).itemsize >= 4
+        return "shifted_fft" if wide and sub == 1 and all(15 <= k <= 23 for k in ksize) else "fft"
     if backend in ("gpu", "cuda", "rocm"):
         if taps <= 64:
             return "xla" if jnp.dtype(dtype) == jnp.bfloat16 else "shifted"

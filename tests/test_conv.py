@@ -169,6 +169,7 @@ def test_dispatcher_returns_a_path_for_every_case():
     assert C.selected_impl((1, 8, 8, 4), (4, 1, 3, 3), groups=4, dilation=2) == "xla"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, backend="cpu") == "shifted_fft"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 9, 9), groups=96, backend="cpu") == "fft"
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, dtype=jnp.bfloat16, backend="cpu") == "fft"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, backend="cpu") == "shifted"
 
 
