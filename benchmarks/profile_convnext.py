@@ -92,7 +92,8 @@ def rows(batch, kernel, impls, iters):
                         tblock, (htc, *tw))
         if i < 3:
             wd = (rng.normal(size=(2 * c, c, 2, 2)) * 0.02).astype(np.float32)
-            yield from both(f"{tag} downsample LN+conv2x2/2", lambda x, w: dcls_jax.conv(ln(x), w, 2), (hj, jnp.asarray(wd)),
+            yield from both(f"{tag} downsample LN+conv2x2/2", lambda x, w: dcls_jax.conv(ln(x), w, 2),
+                            (hj, jnp.asarray(wd)),
                             lambda x, w: F.conv2d(F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6)
                                                   .permute(0, 3, 1, 2), w, stride=2), (htc, torch.from_numpy(wd)))
 

@@ -73,8 +73,9 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
     CPU (2 cores, jax 0.10): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
     with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
     computes 1/stride^nd of the work the FFT does), except the forward of 15x15-23x23 kernels at stride 1 where
-    the shifted sum (a scan over kernel rows) is the faster forward again: "shifted_fft" there. GPU (H100): XLA's depthwise convolution is fast for small
-    kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs large kernels at a fraction of its cost.
+    the shifted sum (a scan over kernel rows) is the faster forward again: "shifted_fft" there. GPU (H100):
+    XLA's depthwise convolution is fast for small kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs
+    large kernels at a fraction of its cost.
     TPU: XLA's convolution for small kernels, FFT for large ones."""
     backend = backend or jax.default_backend()
     taps = math.prod(ksize)
@@ -169,12 +170,16 @@ def _shifted_valid_batch(xp, wt, stride):
 
 
 _BLOCK_BYTES = 1 << 19   # CPU: input rows per block of the shifted sums, about this many bytes (in L2)
+_MIN_BLOCK_ROWS = 2      # fewer output rows per block re-read the kernel's rows too often: no blocks then
 
 
 def _row_blocks(xp, k0: int, s0: int, out0: int) -> tuple[int, int]:
-    """(R, nb): nb blocks of R output rows along the first spatial axis, R s0 input rows ~ _BLOCK_BYTES."""
+    """(R, nb): nb blocks of R output rows along the first spatial axis, R s0 input rows ~ _BLOCK_BYTES;
+    (out0, 1) where the rows are too wide for _MIN_BLOCK_ROWS (ConvNeXt-T's 7x7x768 stage: whole array faster)."""
     per_row = xp.dtype.itemsize * math.prod(xp.shape) // xp.shape[1] * s0
-    R = int(min(out0, max(1, _BLOCK_BYTES // max(per_row, 1))))
+    R = int(min(out0, _BLOCK_BYTES // max(per_row, 1)))
+    if R < _MIN_BLOCK_ROWS:
+        return out0, 1
     return R, -(-out0 // R)
 
 
@@ -230,8 +235,9 @@ def _shifted_bwd(stride, pads, res, dy):
         cfg.append((ksize[a] - 1, ksize[a] - 1 + extra, stride[a] - 1))
     dyd = lax.pad(dy, jnp.zeros((), dy.dtype), cfg + [(0, 0, 0)])
     dx = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)[crop]
-    # Kernel gradient: per tap, the sum over batch and outputs of the shifted input times the cotangent (what
-    # autodiff computes, same rounding: test_train's 1- vs 4-device run needs it).
+    # Kernel gradient: per tap, the sum over batch and outputs of the shifted input times the cotangent (on CPU
+    # per block of rows, then summed): each tap's own reduction, with autodiff's per-tap rounding, which
+    # test_train's 1- vs 4-device comparison needs (an FFT's rounding scales with the largest lag instead).
     axes = tuple(range(nd + 1))
 
     def taps(xp, dy):

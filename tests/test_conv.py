@@ -141,6 +141,7 @@ def test_other_ranks_and_fft_tiling(shape, k, stride, pad):
 def test_shifted_row_blocks(monkeypatch, shape, k, stride, pad):
     """The CPU shifted sums in blocks of a few rows (forced by a tiny block size), the last block partial."""
     monkeypatch.setattr(C, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(C, "_MIN_BLOCK_ROWS", 1)
     x, w, ct = _data(shape, k, stride, pad, jnp.float32, seed=3)
     res = _run_all(("shifted", "shifted_fft"), x, w, ct, stride, pad)
     ref = res.pop("ref")
