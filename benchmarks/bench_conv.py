@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-from timing import median_ms as _median_ms  # noqa: E402  (benchmarks/, the script's folder)
+from timing import keep_freed_memory, paired_ms  # noqa: E402  (benchmarks/, the script's folder)
 
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
 DCLS = (("v0", 17, 34), ("v1", 17, 34), ("gauss", 23, 26))
@@ -141,8 +141,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=67.0, help="fp32 non-tensor rate (H100/H200 SXM: 67)")
     ap.add_argument("--peak-gbs", type=float, default=3350.0, help="memory bandwidth (H100 SXM 3350, H200 4800)")
+    ap.add_argument("--keep-memory", action="store_true",
+                    help="keep freed memory in the process (glibc mallopt; timing.keep_freed_memory)")
     args = ap.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
+    kept = keep_freed_memory() if args.keep_memory else False
 
     import jax
     import jax.numpy as jnp
@@ -157,7 +160,8 @@ def main(argv=None):
     gpu = backend == "gpu"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {dev} ({torch.get_num_threads()} threads)"
-          f", batch {args.batch}, median of {args.iters} (ms); ratio = torch / auto", flush=True)
+          f", batch {args.batch}, median of {args.iters} (ms, calls alternating); ratio = torch / auto; malloc: "
+          f"{'freed memory kept' if kept else 'default'}", flush=True)
     cols = impls + ["auto"]
     head = f"{'case':22} {'dtype':5} {'pass':6} " + " ".join(f"{c:>9}" for c in cols) + \
         f" {'auto is':>8} {'torch':>9} {'ratio':>6}" + (f" {'floor':>6}" if gpu else "")
@@ -180,24 +184,25 @@ def main(argv=None):
             w = jnp.asarray(rng.normal(size=(c, 1, k, k)), jdt)
             auto = conv_mod.selected_impl(x.shape, w.shape, 1, k // 2, c, 1, jdt)
             for passes in args.passes.split(","):
-                times = []
-                for impl in cols:
+                # every implementation and PyTorch compiled / warmed first, then timed with calls alternating
+                runs, names = [], list(cols) + ([] if args.no_torch else ["torch"])
+                for impl in names:
                     try:
-                        if kind == "conv":
+                        if impl == "torch":
+                            fn, sync = torch_fn(kind, x_np, kk, passes, dtype, dev), tsync
+                        elif kind == "conv":
                             f = jax_conv_fn(impl, k, passes, jdt)
-                            times.append(_median_ms(lambda: f(x, w), jax.block_until_ready, args.iters))
+                            fn, sync = (lambda f=f: f(x, w)), jax.block_until_ready
                         else:
                             f = jax_dcls_fn(impl, *kk, c, passes)
-                            times.append(_median_ms(lambda: f(x), jax.block_until_ready, args.iters))
+                            fn, sync = (lambda f=f: f(x)), jax.block_until_ready
+                        sync(fn())
+                        runs.append((impl, fn, sync))
                     except Exception as e:  # noqa: BLE001 -- one failing implementation must not stop the table
                         print(f"  {label} {impl} {passes}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        times.append(float("nan"))
-                tt = float("nan")
-                if not args.no_torch:
-                    try:
-                        tt = _median_ms(torch_fn(kind, x_np, kk, passes, dtype, dev), tsync, args.iters)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  torch {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                timed = dict(zip([r[0] for r in runs], paired_ms([r[1:] for r in runs], args.iters, warmup=0)))
+                times = [timed.get(impl, float("nan")) for impl in cols]
+                tt = timed.get("torch", float("nan"))
                 line = f"{label:22} {dtype:5} {passes:6} " + " ".join(f"{t:9.2f}" for t in times) + \
                     f" {auto:>8} {tt:9.2f} {tt / times[-1]:6.2f}"
                 if gpu:

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import numpy as np  # noqa: E402
-from timing import median_ms as _median_ms  # noqa: E402  (benchmarks/, the script's folder)
+from timing import keep_freed_memory, paired_ms  # noqa: E402  (benchmarks/, the script's folder)
 
 DEFAULT = ("resnet50", "convnext_tiny", "convnext_tiny_dcls")
 
@@ -84,18 +84,22 @@ def bench(name: str, passes, batch: int, iters: int, precision: str):
     if {"forward", "cam"} & set(passes):
         tm = torch_model(name).to(dev).eval()
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
-    if "forward" in passes:
+    if "forward" in passes:     # JAX and PyTorch calls alternate (timing.paired_ms)
         fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        row["fwd_jax"] = _median_ms(lambda: fwd(state, xj), jax.block_until_ready, iters)
-        with torch.no_grad():
-            row["fwd_torch"] = _median_ms(lambda: tm(xt), tsync, iters)
+
+        def tfwd():
+            with torch.no_grad():
+                return tm(xt)
+        row["fwd_jax"], row["fwd_torch"] = paired_ms(
+            [(lambda: fwd(state, xj), jax.block_until_ready), (tfwd, tsync)], iters)
     if "cam" in passes:
         cams = jax.jit(make_cams_fn(graphdef, METHODS, output_size=(224, 224)))
         lj = jnp.asarray(labels, jnp.int32)
-        row["cam_jax"] = _median_ms(lambda: cams(state, xj, lj), jax.block_until_ready, iters)
         layer = tm.get_submodule(entry.target_layer)
         lt = torch.from_numpy(labels).long().to(dev)
-        row["cam_torch"] = _median_ms(lambda: torch_cams(tm, layer, xt, lt), tsync, iters)
+        row["cam_jax"], row["cam_torch"] = paired_ms(
+            [(lambda: cams(state, xj, lj), jax.block_until_ready), (lambda: torch_cams(tm, layer, xt, lt), tsync)],
+            iters)
     if "train" in passes:
         import bench_train
         row["train_jax"] = bench_train.jax_step(name, batch, size, precision, False, iters, 1)
@@ -112,8 +116,12 @@ def main(argv=None):
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="train step precision")
     ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     ap.add_argument("--impl", default=None, help="force a depthwise implementation (dcls_jax.conv.IMPLS)")
+    ap.add_argument("--keep-memory", action="store_true",
+                    help="keep freed memory in the process (glibc mallopt; timing.keep_freed_memory): no page "
+                         "faults on large per-call buffers, for JAX and PyTorch alike")
     args = ap.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
+    kept = keep_freed_memory() if args.keep_memory else False
     if args.impl:
         os.environ["DCLS_JAX_CONV"] = args.impl
     import jax
@@ -125,7 +133,9 @@ def main(argv=None):
     passes = args.passes.split(",")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"batch {args.batch}, median of {args.iters}; ratio = PyTorch time / JAX time", flush=True)
+          f"batch {args.batch}, median of {args.iters} (calls alternating); ratio = PyTorch time / JAX time; "
+          f"malloc: {'freed memory kept' if kept else 'default'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
     head = f"{'model':24} {'dw impl':14}"
     for p in passes:
         head += f" {p + ' jax':>11} {p + ' torch':>12} {'ratio':>6}"

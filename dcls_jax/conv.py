@@ -9,6 +9,8 @@ several implementations of the same cross-correlation, each with its forward pas
     "xla"      lax.conv_general_dilated (every other convolution always runs this);
     "shifted"  a sum of strided shifted multiply-adds (XLA's CPU depthwise convolution is ~25x slower);
     "fft"      real FFTs, overlap-save tiling along long axes, float32 inside for bf16 (dcls_jax.fft_conv);
+    "shifted_fft"  the shifted sums when only the value is needed, the FFT path under differentiation (its
+               forward and both gradients): large kernels on CPU, whose shifted forward is the faster one;
     "pallas"   Pallas kernels, 2-D only: Triton on GPU, Mosaic on TPU, interpret mode elsewhere
                (dcls_jax.pallas_conv; forward, input and kernel gradients through a custom_vjp).
 
@@ -32,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dcls_jax.fft_conv import fft_depthwise, fft_kernel_grad
+from dcls_jax.fft_conv import fft_backward, fft_depthwise
 
-IMPLS = ("xla", "shifted", "fft", "pallas")
+IMPLS = ("xla", "shifted", "fft", "shifted_fft", "pallas")
 ENV_VAR = "DCLS_JAX_CONV"
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcls_jax_conv_impl", default=None)
@@ -70,14 +72,22 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
 
     CPU (2 cores, jax 0.10): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
     with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
-    computes 1/stride^nd of the work the FFT does). GPU (H100): XLA's depthwise convolution is fast for small
-    kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs large kernels at a fraction of its cost.
+    computes 1/stride^nd of the work the FFT does), except the forward of 15x15-23x23 kernels at stride 1 where
+    the shifted sum (a scan over kernel rows) is the faster forward again: "shifted_fft" there. GPU (H100):
+    XLA's depthwise convolution is fast for small kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs
+    large kernels at a fraction of its cost.
     TPU: XLA's convolution for small kernels, FFT for large ones."""
     backend = backend or jax.default_backend()
     taps = math.prod(ksize)
     sub = math.prod(stride)
     if backend == "cpu":
-        return "shifted" if taps <= 64 * sub else "fft"
+        if taps <= 64 * sub:
+            return "shifted"
+        # 15x15..23x23 at stride 1 (DCLS's 17x17, gauss 23x23): the shifted-sum forward beats the FFT's
+        # (inference), the FFT path runs under differentiation; 9x9-13x13 and beyond 23: FFT both ways. Not in
+        # bf16 / f16: hundreds of taps summed in the input dtype drift (4e-2 relative at 17x17); FFTs run fp32.
+        wide = jnp.dtype(dtype).itemsize >= 4
+        return "shifted_fft" if wide and sub == 1 and all(15 <= k <= 23 for k in ksize) else "fft"
     if backend in ("gpu", "cuda", "rocm"):
         if taps <= 64:
             return "xla" if jnp.dtype(dtype) == jnp.bfloat16 else "shifted"
@@ -143,7 +153,7 @@ def _slice(x, start, size, stride, axis0: int):
     return x
 
 
-def _shifted_valid(xp, wt, stride):
+def _shifted_valid_batch(xp, wt, stride):
     """Valid correlation of padded xp (N, *P, C) with wt (*k, C): sum over taps of strided shifted products."""
     nd = xp.ndim - 2
     ksize = wt.shape[:-1]
@@ -159,11 +169,45 @@ def _shifted_valid(xp, wt, stride):
     return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), xp.dtype))
 
 
+_BLOCK_BYTES = 1 << 19   # CPU: input rows per block of the shifted sums, about this many bytes (in L2)
+_MIN_BLOCK_ROWS = 2      # fewer output rows per block re-read the kernel's rows too often: no blocks then
+
+
+def _row_blocks(xp, k0: int, s0: int, out0: int) -> tuple[int, int]:
+    """(R, nb): nb blocks of R output rows along the first spatial axis, R s0 input rows ~ _BLOCK_BYTES;
+    (out0, 1) where the rows are too wide for _MIN_BLOCK_ROWS (ConvNeXt-T's 7x7x768 stage: whole array faster)."""
+    per_row = xp.dtype.itemsize * math.prod(xp.shape) // xp.shape[1] * s0
+    R = int(min(out0, _BLOCK_BYTES // max(per_row, 1)))
+    if R < _MIN_BLOCK_ROWS:
+        return out0, 1
+    return R, -(-out0 // R)
+
+
+def _shifted_valid(xp, wt, stride):
+    """Valid correlation of padded xp (N, *P, C) with wt (*k, C). On CPU in blocks of rows of the first spatial
+    axis: XLA:CPU runs the shifted sums over an L2-sized block 1.4-3x faster than over the whole array
+    (ConvNeXt-T stages, batch 8). Blocks of rows, not of samples: a batch sharded over devices stays sharded."""
+    nd = xp.ndim - 2
+    k0, s0 = wt.shape[0], stride[0]
+    out0 = (xp.shape[1] - k0) // s0 + 1
+    R, nb = _row_blocks(xp, k0, s0, out0)
+    if nd == 1 or nb == 1 or jax.default_backend() != "cpu" or math.prod(wt.shape[:-1]) > _MAX_UNROLLED_TAPS:
+        # a GPU runs the whole array at once; large kernels scan over kernel rows (as fast unblocked)
+        return _shifted_valid_batch(xp, wt, stride)
+    rows_in = (R - 1) * s0 + k0
+    need = (nb * R - 1) * s0 + k0
+    xp = jnp.pad(xp, [(0, 0), (0, max(0, need - xp.shape[1]))] + [(0, 0)] * nd)
+    y = lax.map(lambda b: _shifted_valid_batch(lax.dynamic_slice_in_dim(xp, b * R * s0, rows_in, axis=1), wt,
+                                               stride), jnp.arange(nb))          # (nb, N, R, *rest, C)
+    y = jnp.moveaxis(y, 0, 1).reshape(y.shape[1], nb * R, *y.shape[3:])
+    return lax.slice_in_dim(y, 0, out0, axis=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted_sum_depthwise(x, w, stride, pads):
     """Depthwise conv (groups == C, one output per channel) as a sum of strided shifted products. Its custom
-    backward computes the input gradient with the same shifted sums (autodiff of the strided slices is ~8x
-    slower on XLA:CPU) and the kernel gradient per tap (large kernels: by FFTs)."""
+    backward computes, up to _MAX_UNROLLED_TAPS taps, the input gradient with the same shifted sums (autodiff of
+    the strided slices is ~8x slower on XLA:CPU) and the kernel gradient per tap; beyond, both by FFTs."""
     return _shifted_valid(jnp.pad(x, [(0, 0), *pads, (0, 0)]), jnp.moveaxis(w[:, 0], 0, -1), stride)
 
 
@@ -176,6 +220,12 @@ def _shifted_bwd(stride, pads, res, dy):
     nd = x.ndim - 2
     ksize = w.shape[2:]
     xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    crop = (slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))
+    if math.prod(ksize) > _MAX_UNROLLED_TAPS:
+        # Large kernels: input and kernel gradients from one set of FFTs (per-tap reductions and the shifted
+        # input gradient are 2-6x slower on XLA:CPU); the FFT's rounding scales with the largest lag.
+        dxp, dw = fft_backward(xp, w, dy, stride)
+        return dxp[crop].astype(x.dtype), dw.astype(w.dtype)
     wt = jnp.moveaxis(w[:, 0], 0, -1)
     out = dy.shape[1:-1]
     # Input gradient: the full correlation of the stride-dilated cotangent with the flipped kernel.
@@ -184,20 +234,52 @@ def _shifted_bwd(stride, pads, res, dy):
         extra = xp.shape[1 + a] - ((out[a] - 1) * stride[a] + ksize[a])
         cfg.append((ksize[a] - 1, ksize[a] - 1 + extra, stride[a] - 1))
     dyd = lax.pad(dy, jnp.zeros((), dy.dtype), cfg + [(0, 0, 0)])
-    dxp = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)
-    dx = dxp[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:-1])))]
-    # Kernel gradient: per tap, the sum over batch and outputs of the shifted input times the cotangent (what
-    # autodiff computes, same rounding); beyond _MAX_UNROLLED_TAPS by FFTs (per-tap reductions are ~6x slower
-    # than FFTs on XLA:CPU, but the FFT's rounding error scales with the largest lag, not each tap's sum).
-    if math.prod(ksize) > _MAX_UNROLLED_TAPS:
-        return dx, fft_kernel_grad(xp, dy, ksize, stride).astype(w.dtype)
+    dx = _shifted_valid(dyd, wt[(slice(None, None, -1),) * nd], (1,) * nd)[crop]
+    # Kernel gradient: per tap, the sum over batch and outputs of the shifted input times the cotangent (on CPU
+    # per block of rows, then summed): each tap's own reduction, with autodiff's per-tap rounding, which
+    # test_train's 1- vs 4-device comparison needs (an FFT's rounding scales with the largest lag instead).
     axes = tuple(range(nd + 1))
-    dwt = jnp.stack([jnp.sum(_slice(xp, idx, out, stride, 1) * dy, axis=axes)
-                     for idx in itertools.product(*(range(k) for k in ksize))]).reshape(*ksize, -1)
+
+    def taps(xp, dy):
+        return jnp.stack([jnp.sum(_slice(xp, idx, dy.shape[1:-1], stride, 1) * dy, axis=axes)
+                          for idx in itertools.product(*(range(k) for k in ksize))])
+    R, nb = _row_blocks(xp, ksize[0], stride[0], out[0])
+    if nd == 1 or nb == 1 or jax.default_backend() != "cpu":
+        dwt = taps(xp, dy)
+    else:   # in blocks of rows (as _shifted_valid), summed
+        rows_in = (R - 1) * stride[0] + ksize[0]
+        xp = jnp.pad(xp, [(0, 0), (0, max(0, (nb * R - 1) * stride[0] + ksize[0] - xp.shape[1]))] + [(0, 0)] * nd)
+        dyb = jnp.pad(dy, [(0, 0), (0, nb * R - out[0])] + [(0, 0)] * nd)
+
+        def block(b, acc):
+            return acc + taps(lax.dynamic_slice_in_dim(xp, b * R * stride[0], rows_in, axis=1),
+                              lax.dynamic_slice_in_dim(dyb, b * R, R, axis=1))
+        dwt = lax.fori_loop(1, nb, block, taps(lax.slice_in_dim(xp, 0, rows_in, axis=1),
+                                                lax.slice_in_dim(dyb, 0, R, axis=1)))
+    dwt = dwt.reshape(*ksize, -1)
     return dx, jnp.moveaxis(dwt, -1, 0)[:, None].astype(w.dtype)
 
 
 _shifted_sum_depthwise.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_fft_depthwise(x, w, stride, pads):
+    """Shifted sums when only the value is needed (inference: the faster forward for large kernels on XLA:CPU);
+    under differentiation the forward and both gradients run the FFT path (cheaper than shifted forward + FFT
+    backward, which would recompute the input's spectrum)."""
+    return _shifted_sum_depthwise(x, w, stride, pads)
+
+
+def _shifted_fft_fwd(x, w, stride, pads):
+    return jax.vjp(lambda a, b: fft_depthwise(a, b, stride, pads), x, w)
+
+
+def _shifted_fft_bwd(stride, pads, vjp, dy):
+    return vjp(dy)
+
+
+_shifted_fft_depthwise.defvjp(_shifted_fft_fwd, _shifted_fft_bwd)
 
 
 def _xla(x, w, stride, pads, groups, dilation):
@@ -235,6 +317,8 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
         return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "fft":
         return fft_depthwise(x, w, stride, pads)
+    if name == "shifted_fft":
+        return _shifted_fft_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "pallas":
         from dcls_jax.pallas_conv import pallas_depthwise
         return pallas_depthwise(x, w, stride, pads)

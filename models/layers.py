@@ -47,8 +47,12 @@ def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
 
 
 def gelu(x):
-    """PyTorch nn.GELU() is the exact erf form (jax.nn.gelu defaults to the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
+    """PyTorch nn.GELU(): the exact form x/2 (1 + erf(x / sqrt 2)), PyTorch's own formula (jax.nn.gelu defaults
+    to the tanh approximation, and its exact form goes through erfc: 1.45x slower on XLA:CPU)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.float32)
+    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
 def identity(x):

@@ -21,7 +21,7 @@ from dcls_jax import fft_conv, pallas_conv  # noqa: E402
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
 # "pallas" runs the GPU (Triton) kernel in interpret mode, "pallas_tpu" the Mosaic one.
-IMPLS_2D = ("xla", "shifted", "fft", "pallas", "pallas_tpu")
+IMPLS_2D = ("xla", "shifted", "fft", "shifted_fft", "pallas", "pallas_tpu")
 
 
 def rel(a, b) -> float:
@@ -86,6 +86,7 @@ CASES_2D = [
     ((1, 11, 9, 3), (17, 16), 2, 9),
     ((1, 16, 14, 6), (31, 31), 1, 15),
     ((1, 10, 12, 5), (24, 31), 2, 16),
+    ((3, 13, 12, 5), (11, 9), 1, 5),      # batch > 1 through the per-sample loops, large kernel
 ]
 
 
@@ -126,9 +127,23 @@ def test_bf16_paths_within_rounding(shape, k, stride, pad):
                                                    ((1, 70, 12, 4), (5, 3), 1, 2), ((2, 66, 65, 3), (9, 8), 2, 4)])
 def test_other_ranks_and_fft_tiling(shape, k, stride, pad):
     """1-D and 3-D through shifted and FFT; overlap-save tiling forced on 2-D maps longer than a tile."""
-    impls = ("shifted", "fft", "fft_tiled") if len(k) != 2 else ("fft_tiled",)
+    impls = ("shifted", "fft", "shifted_fft", "fft_tiled") if len(k) != 2 else ("fft_tiled",)
     x, w, ct = _data(shape, k, stride, pad, jnp.float32, seed=2)
     res = _run_all(impls, x, w, ct, stride, pad)
+    ref = res.pop("ref")
+    for name, got in res.items():
+        for what, a, b in zip(("y", "dx", "dw"), got, ref):
+            assert rel(a, b) <= 1e-5, (name, what, rel(a, b))
+
+
+@pytest.mark.parametrize("shape, k, stride, pad", [((2, 11, 9, 5), (7, 6), 1, 3), ((3, 12, 10, 3), (9, 9), 2, 4),
+                                                   ((2, 13, 8, 4), (15, 15), 1, 7)])
+def test_shifted_row_blocks(monkeypatch, shape, k, stride, pad):
+    """The CPU shifted sums in blocks of a few rows (forced by a tiny block size), the last block partial."""
+    monkeypatch.setattr(C, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(C, "_MIN_BLOCK_ROWS", 1)
+    x, w, ct = _data(shape, k, stride, pad, jnp.float32, seed=3)
+    res = _run_all(("shifted", "shifted_fft"), x, w, ct, stride, pad)
     ref = res.pop("ref")
     for name, got in res.items():
         for what, a, b in zip(("y", "dx", "dw"), got, ref):
@@ -153,7 +168,9 @@ def test_dispatcher_returns_a_path_for_every_case():
     # and `selected_impl` for non-depthwise convolutions is XLA's
     assert C.selected_impl((1, 8, 8, 4), (8, 2, 3, 3), groups=2) == "xla"
     assert C.selected_impl((1, 8, 8, 4), (4, 1, 3, 3), groups=4, dilation=2) == "xla"
-    assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, backend="cpu") == "fft"
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, backend="cpu") == "shifted_fft"
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 9, 9), groups=96, backend="cpu") == "fft"
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, dtype=jnp.bfloat16, backend="cpu") == "fft"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, backend="cpu") == "shifted"
 
 
@@ -168,6 +185,10 @@ def test_overrides_argument_context_environment(monkeypatch):
     monkeypatch.delenv(C.ENV_VAR, raising=False)
     assert _ops(dw, x, w)["fft"] == (C.selected_impl(x.shape, w.shape, 1, 8, 4) == "fft")
     assert _ops(lambda x, w: dcls_jax.conv(x, w, 1, 8, 4, impl="pallas"), x, w)["pallas"]
+    # shifted_fft: shifted sums for the value alone, FFTs under differentiation
+    hyb = lambda x, w: dcls_jax.conv(x, w, 1, 8, 4, impl="shifted_fft")  # noqa: E731
+    assert not _ops(hyb, x, w)["fft"]
+    assert _ops(jax.grad(lambda x, w: hyb(x, w).sum(), argnums=(0, 1)), x, w)["fft"]
     with C.use_impl("xla"):
         assert _ops(dw, x, w)["xla"]
         with C.use_impl("fft"):
@@ -204,7 +225,7 @@ def test_overrides_argument_context_environment(monkeypatch):
 
 
 # DCLS parity with PyTorch dcls 0.1.1 through every forced implementation (test_dcls.py runs the default one).
-@pytest.mark.parametrize("impl", ("xla", "shifted", "fft", "pallas"))
+@pytest.mark.parametrize("impl", ("xla", "shifted", "fft", "shifted_fft", "pallas"))
 @pytest.mark.parametrize("case", ("dw-v0", "published-v1"))
 def test_dcls_parity_through_every_path(case, impl):
     test_dcls = importlib.import_module("test_dcls")
