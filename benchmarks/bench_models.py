@@ -129,7 +129,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     import models
-    names = models.list_models() if args.models == "all" else args.models.split(",")
+    names = [n for n in models.list_models() if not n.startswith("test_")] if args.models == "all" else args.models.split(",")
     passes = args.passes.split(",")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
