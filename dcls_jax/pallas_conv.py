@@ -140,21 +140,25 @@ def _tpu_dw_kernel(x_ref, dy_ref, o_ref, *, kh, kw, ho, wo):
             o_ref[pl.ds(r, 1), s, :] = jnp.sum(prod, axis=(0, 1))[None]
 
 
+def _tpu_call(kernel, name: str, out_shape, out_block: tuple, operands: list, blocks: list, interpret):
+    """A Mosaic call over the grid (batch, block of _BC_TPU channels). Each operand is tiled by its block shape:
+    (pl.squeezed, ...) takes sample b, otherwise the whole leading axes; the last axis is channel block cb."""
+    def spec(block):
+        batched = block[0] is pl.squeezed
+        return pl.BlockSpec(block, lambda b, cb: ((b,) if batched else (0,)) + (0,) * (len(block) - 2) + (cb,))
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(out_shape.shape[0], out_shape.shape[-1] // _BC_TPU),
+                          in_specs=[spec(b) for b in blocks], out_specs=spec(out_block), interpret=interpret,
+                          name=name)(*operands)
+
+
 def _tpu_fwd(x, wt, interpret):
     n, hp, wp, c = x.shape
     kh, kw = wt.shape[:2]
     ho, wo = hp - kh + 1, wp - kw + 1
     x, wt = _pad_channels(x, _BC_TPU), _pad_channels(wt, _BC_TPU)
-    cp = x.shape[-1]
-    out = pl.pallas_call(
-        functools.partial(_tpu_fwd_kernel, kh=kh, kw=kw, ho=ho, wo=wo),
-        out_shape=jax.ShapeDtypeStruct((n, ho, wo, cp), x.dtype),
-        grid=(n, cp // _BC_TPU),
-        in_specs=[pl.BlockSpec((pl.squeezed, hp, wp, _BC_TPU), lambda b, cb: (b, 0, 0, cb)),
-                  pl.BlockSpec((kh, kw, _BC_TPU), lambda b, cb: (0, 0, cb))],
-        out_specs=pl.BlockSpec((pl.squeezed, ho, wo, _BC_TPU), lambda b, cb: (b, 0, 0, cb)),
-        interpret=interpret, name="dcls_depthwise_fwd_tpu",
-    )(x, wt)
+    out = _tpu_call(functools.partial(_tpu_fwd_kernel, kh=kh, kw=kw, ho=ho, wo=wo), "dcls_depthwise_fwd_tpu",
+                    jax.ShapeDtypeStruct((n, ho, wo, x.shape[-1]), x.dtype), (pl.squeezed, ho, wo, _BC_TPU),
+                    [x, wt], [(pl.squeezed, hp, wp, _BC_TPU), (kh, kw, _BC_TPU)], interpret)
     return out[..., :c]
 
 
@@ -163,15 +167,9 @@ def _tpu_dw(x, dy, kh, kw, interpret):
     ho, wo = dy.shape[1:3]
     x, dy = _pad_channels(x, _BC_TPU), _pad_channels(dy, _BC_TPU)
     cp = x.shape[-1]
-    part = pl.pallas_call(
-        functools.partial(_tpu_dw_kernel, kh=kh, kw=kw, ho=ho, wo=wo),
-        out_shape=jax.ShapeDtypeStruct((n, kh, kw, cp), jnp.float32),
-        grid=(n, cp // _BC_TPU),
-        in_specs=[pl.BlockSpec((pl.squeezed, hp, wp, _BC_TPU), lambda b, cb: (b, 0, 0, cb)),
-                  pl.BlockSpec((pl.squeezed, ho, wo, _BC_TPU), lambda b, cb: (b, 0, 0, cb))],
-        out_specs=pl.BlockSpec((pl.squeezed, kh, kw, _BC_TPU), lambda b, cb: (b, 0, 0, cb)),
-        interpret=interpret, name="dcls_depthwise_dw_tpu",
-    )(x, dy)
+    part = _tpu_call(functools.partial(_tpu_dw_kernel, kh=kh, kw=kw, ho=ho, wo=wo), "dcls_depthwise_dw_tpu",
+                     jax.ShapeDtypeStruct((n, kh, kw, cp), jnp.float32), (pl.squeezed, kh, kw, _BC_TPU),
+                     [x, dy], [(pl.squeezed, hp, wp, _BC_TPU), (pl.squeezed, ho, wo, _BC_TPU)], interpret)
     return part.sum(0).reshape(kh, kw, cp)[..., :c]
 
 

@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential, gelu,
-                           check_stages, drop_path_rates, global_avg_pool, identity, share_positions,
+                           build_stages, check_stages, global_avg_pool, identity, share_positions,
                            trunc_normal)
-from models.entry import (TEST_CLASSES, Checkpoint, Entry, infer_kernel_count, override, register, register_test,
+from models.entry import (TEST_CLASSES, Checkpoint, Entry, build, infer_kernel_count, register, register_test,
                           rename_keys)
 
 zeros = jax.nn.initializers.zeros
@@ -130,18 +130,15 @@ class ConvNeXt(CutModel):
         self.stem = Sequential([
             Conv2d(3, cfg.dims[0], 4, stride=4, rngs=rngs, weight_init=trunc_normal(0.02), bias_init=zeros),
             LayerNorm(cfg.dims[0], eps=1e-6)])
-        dims_in = (cfg.dims[0], *cfg.dims[:-1])
-        self.stages = Sequential([
-            Stage(dims_in[i], cfg.dims[i], 1 if i == 0 else 2, cfg, rates, rngs=rngs)
-            for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
+        self.stages = build_stages(
+            cfg, lambda i, dim_in, rates: Stage(dim_in, cfg.dims[i], 1 if i == 0 else 2, cfg, rates, rngs=rngs))
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries
 
-def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> ConvNeXt:
-    return ConvNeXt(override(preset, overrides), rngs=rngs)
+_build = functools.partial(build, model_cls=ConvNeXt)  # (preset, *, rngs, **overrides) -> ConvNeXt
 
 
 # Original FAIR ConvNeXt (and ConvNeXt-dcls) names -> timm names, as timm's `checkpoint_filter_fn`. Every rule is

@@ -126,6 +126,12 @@ TEST_SIZE = 64       # input (and resize) size of the tiny `test_*` variants
 TEST_CLASSES = 10    # ... and their class count
 
 
+def build(preset, *, model_cls: type, rngs: nnx.Rngs, **overrides) -> nnx.Module:
+    """A family's registry builder: `model_cls(override(preset, overrides), rngs=rngs)`. Families bind it as
+    `functools.partial(build, model_cls=...)`, entries add their preset (the builder's first argument)."""
+    return model_cls(override(preset, overrides), rngs=rngs)
+
+
 def register_test(name: str, builder: Callable[..., nnx.Module], family: str, target_layer: str,
                   **fields) -> Entry:
     """Registers a tiny variant of a family for tests (name `test_*`): random weights only (no checkpoint), a

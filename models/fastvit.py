@@ -32,7 +32,7 @@ from flax import nnx
 from models.layers import (Attention, BatchNorm2d, Conv2d, ConvSpec, CutModel, DropPath, Dropout, Linear, Mlp,
                            Sequential, check_stages, drop_path_rates, gelu, global_avg_pool, identity,
                            share_positions, trunc_normal)
-from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test, rename_keys
+from models.entry import TEST_CLASSES, Checkpoint, Entry, build, register, register_test, rename_keys
 
 zeros = jax.nn.initializers.zeros
 
@@ -469,8 +469,7 @@ def reparameterize(model: FastVit) -> FastVit:
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries and checkpoint names
 
-def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> FastVit:
-    return FastVit(override(preset, overrides), rngs=rngs)
+_build = functools.partial(build, model_cls=FastVit)  # (preset, *, rngs, **overrides) -> FastVit
 
 
 # apple/ml-fastvit names -> timm names (timm's checkpoint_filter_fn, plus the names of apple's reparameterised

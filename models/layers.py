@@ -207,6 +207,14 @@ def drop_path_rates(depths, rate: float) -> list[list[float]]:
     return [rates[starts[i]:starts[i + 1]] for i in range(len(depths))]
 
 
+def build_stages(cfg, make_stage: Callable) -> "Sequential":
+    """A staged backbone's `stages`: make_stage(i, in_dim, rates) for each stage i, with in_dim the previous
+    stage's width (the stem's, cfg.dims[0], for stage 0) and the stage's stochastic-depth rates."""
+    dims_in = (cfg.dims[0], *cfg.dims[:-1])
+    return Sequential([make_stage(i, dims_in[i], rates)
+                       for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
+
+
 def check_stages(model: str, config, fields: tuple[str, ...], n: int = 4) -> None:
     """ValueError unless each config field of `fields` holds `n` values (one per stage)."""
     if any(len(getattr(config, f)) != n for f in fields):

@@ -25,9 +25,9 @@ from flax import nnx
 
 import models.layers as layers
 from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential,
-                           check_stages, drop_path_rates, global_avg_pool, identity, share_positions,
+                           build_stages, check_stages, global_avg_pool, identity, share_positions,
                            trunc_normal)
-from models.entry import TEST_CLASSES, Checkpoint, Entry, override, register, register_test, rename_keys
+from models.entry import TEST_CLASSES, Checkpoint, Entry, build, register, register_test, rename_keys
 
 zeros = jax.nn.initializers.zeros
 INIT = {"weight_init": trunc_normal(0.02), "bias_init": zeros}   # timm MetaFormer._init_weights
@@ -211,17 +211,14 @@ class MetaFormer(CutModel):
                                          "res_scale_init_values"))
         self.config = cfg
         self.stem = Stem(3, cfg.dims[0], rngs=rngs)
-        dims_in = (cfg.dims[0], *cfg.dims[:-1])
-        self.stages = Sequential([MetaFormerStage(i, dims_in[i], cfg, rates, rngs=rngs)
-                                  for i, rates in enumerate(drop_path_rates(cfg.depths, cfg.drop_path_rate))])
+        self.stages = build_stages(cfg, lambda i, dim_in, rates: MetaFormerStage(i, dim_in, cfg, rates, rngs=rngs))
         self.head = Head(cfg.dims[-1], cfg, rngs=rngs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries
 
-def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> MetaFormer:
-    return MetaFormer(override(preset, overrides), rngs=rngs)
+_build = functools.partial(build, model_cls=MetaFormer)  # (preset, *, rngs, **overrides) -> MetaFormer
 
 
 # sail-sg MetaFormer names -> timm names, as timm's `checkpoint_filter_fn` (which leaves timm names alone).

@@ -18,7 +18,7 @@ from flax import nnx
 
 from models.layers import (BatchNorm2d, Conv2d, ConvSpec, CutModel, DropPath, Dropout, Linear, Sequential,
                            check_stages, global_avg_pool, kaiming_normal_fan_out, share_positions)
-from models.entry import TEST_CLASSES, Checkpoint, Entry, infer_kernel_count, override, register, register_test
+from models.entry import TEST_CLASSES, Checkpoint, Entry, build, infer_kernel_count, register, register_test
 
 EXPANSION = 4     # bottleneck output channels / width
 STEM_WIDTH = 64   # timm's single-conv stem is always 64 wide
@@ -121,8 +121,7 @@ class ResNet(CutModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Registry entries
 
-def _build(preset: Config, *, rngs: nnx.Rngs, **overrides) -> ResNet:
-    return ResNet(override(preset, overrides), rngs=rngs)
+_build = functools.partial(build, model_cls=ResNet)  # (preset, *, rngs, **overrides) -> ResNet
 
 
 register(Entry(
