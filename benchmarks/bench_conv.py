@@ -37,7 +37,6 @@ DCLS = (("v0", 17, 34), ("v1", 17, 34), ("gauss", 23, 26))
 
 def jax_conv_fn(impl, k, passes, dtype):
     import jax
-    import jax.numpy as jnp
 
     import dcls_jax
 

@@ -51,7 +51,6 @@ def rows(batch, kernel, impls, iters):
         hj, ht = jnp.asarray(h), torch.from_numpy(h)
         htc = ht.permute(0, 3, 1, 2).contiguous()
         wdw = (rng.normal(size=(c, 1, kernel, kernel)) * 0.02).astype(np.float32)
-        g, b = jnp.ones((c,)), jnp.zeros((c,))
         w1 = (rng.normal(size=(4 * c, c)) * 0.02).astype(np.float32)
         w2 = (rng.normal(size=(c, 4 * c)) * 0.02).astype(np.float32)
         b1, b2 = np.zeros(4 * c, np.float32), np.zeros(c, np.float32)
