@@ -22,7 +22,7 @@ from models.registry import create_model, get_entry
 from tests.torch_ref import (check_cut_points, dclsify, initial_values, random_images, randomize_params,
                              save_state_dict)
 
-KERNEL_COUNT = {"tiny": 34, "small": 40, "base": 40}   # shared/reference/dcls.md
+KERNEL_COUNT = {"tiny": 34, "small": 40, "base": 40}   # the published ConvNeXt-dcls checkpoints
 LAYERS = ("stem", "stages.0", "stages.1", "stages.2", "stages.3")
 NAMES = ["convnext_tiny", "convnext_tiny_dcls", "convnext_small", "convnext_small_dcls", "convnext_base",
          "convnext_base_dcls"]
