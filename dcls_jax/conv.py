@@ -84,8 +84,8 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
         if taps <= 64 * sub:
             return "shifted"
         # 15x15..23x23 at stride 1 (DCLS's 17x17, gauss 23x23): the shifted-sum forward beats the FFT's
-        # (inference), the FFT path runs under differentiation; 9x9-13x13 and beyond 23: FFT both ways. Not in
-        # bf16 / f16: hundreds of taps summed in the input dtype drift (4e-2 relative at 17x17); FFTs run fp32.
+        # (inference), the FFT path runs under differentiation; 9x9-13x13 and beyond 23: FFT both ways. bf16 / f16
+        # stay on the FFT: timed in fp32 only (the shifted sums of narrow dtypes accumulate in fp32, casts untimed).
         wide = jnp.dtype(dtype).itemsize >= 4
         return "shifted_fft" if wide and sub == 1 and all(15 <= k <= 23 for k in ksize) else "fft"
     if backend in ("gpu", "cuda", "rocm"):
@@ -154,19 +154,21 @@ def _slice(x, start, size, stride, axis0: int):
 
 
 def _shifted_valid_batch(xp, wt, stride):
-    """Valid correlation of padded xp (N, *P, C) with wt (*k, C): sum over taps of strided shifted products."""
+    """Valid correlation of padded xp (N, *P, C) with wt (*k, C): sum over taps of strided shifted products,
+    accumulated in float32 at least (a 289-tap sum in bfloat16 drifts by 4e-2; as the FFT path, fp32 inside)."""
     nd = xp.ndim - 2
     ksize = wt.shape[:-1]
     out = [(xp.shape[1 + a] - ksize[a]) // stride[a] + 1 for a in range(nd)]
+    acc_dtype = jnp.promote_types(xp.dtype, jnp.float32)
 
     def body(acc, idx):
         w_tap = wt[idx] if all(isinstance(i, int) for i in idx) else wt[tuple(idx)]
-        term = _slice(xp, idx, out, stride, 1) * w_tap
+        term = _slice(xp, idx, out, stride, 1).astype(acc_dtype) * w_tap.astype(acc_dtype)
         return term if acc is None else acc + term
 
     if nd == 1 or math.prod(ksize) <= _MAX_UNROLLED_TAPS:
-        return _tap_loop(ksize, body, None)
-    return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), xp.dtype))
+        return _tap_loop(ksize, body, None).astype(xp.dtype)
+    return _tap_loop(ksize, body, jnp.zeros((xp.shape[0], *out, xp.shape[-1]), acc_dtype)).astype(xp.dtype)
 
 
 _BLOCK_BYTES = 1 << 19   # CPU: input rows per block of the shifted sums, about this many bytes (in L2)

@@ -101,6 +101,19 @@ def test_fp32_paths_equal_lax(shape, k, stride, pad):
             assert rel(a, b) <= 1e-5, (name, what, rel(a, b))
 
 
+def test_bf16_large_kernel_sums_in_float32():
+    """17x17 (289 taps) in bf16: the shifted sums accumulate in float32 like the FFT, so each output is within two
+    bf16 roundings (2^-7) of sum |x| |w|; summed in bf16, 289 taps drifted to ~4e-2 (check_conv)."""
+    x, w, ct = _data((1, 20, 18, 5), (17, 17), 1, 8, jnp.bfloat16, seed=3)
+    res = _run_all(("shifted", "shifted_fft", "fft"), x, w, ct, 1, 8)
+    ref = np.asarray(res.pop("ref")[0], np.float64)
+    scale = np.asarray(_run_all((), jnp.abs(x), jnp.abs(w), ct, 1, 8)["ref"][0], np.float64)
+    for name, (y, _, _) in res.items():
+        assert y.dtype == jnp.bfloat16, name
+        err = np.abs(np.asarray(y, np.float64) - ref) / scale
+        assert err.max() <= 2.0 ** -7, (name, float(err.max()))
+
+
 @pytest.mark.parametrize("shape, k, stride, pad", [((1, 14, 12, 7), (7, 7), 1, 3), ((2, 9, 9, 6), (5, 6), 2, 4)])
 def test_bf16_paths_within_rounding(shape, k, stride, pad):
     """bf16 in, bf16 out: within bf16 rounding of the float32 convolution of the same (bf16) values.
