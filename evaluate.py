@@ -205,18 +205,13 @@ def resolve_models(args) -> list[str]:
     return names
 
 
-def resolve_cams(spec: str) -> list[str]:
-    from evaluation.evaluator import resolve_methods
-    return resolve_methods(spec)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Model
 
 
 def cache_dir(args) -> Path:
-    from data.download import default_cache_dir
-    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    from evaluation.checkpoints import cache_root
+    return cache_root(args.cache_dir)
 
 
 def load_model(name: str, args):
@@ -555,8 +550,9 @@ def quiet(enabled: bool = True):
 
 
 def main_images(args) -> int:
+    from evaluation.evaluator import resolve_methods
     try:
-        methods = resolve_cams(args.cam)
+        methods = resolve_methods(args.cam)
         resolve_models(args)
         record = evaluate_images(args, methods)
     except (UsageError, ValueError, OSError) as e:
@@ -581,7 +577,8 @@ def main(argv=None) -> int:
         check_outputs(args)   # before any model is built or compiled: a bad path costs seconds, not the results
         if args.image:
             return main_images(args)
-        names, methods = resolve_models(args), resolve_cams(args.cam)
+        from evaluation.evaluator import resolve_methods
+        names, methods = resolve_models(args), resolve_methods(args.cam)
         import jax
         runtime.init_distributed(args, force=args.distributed)
         mesh = jax.make_mesh((jax.device_count(),), ("data",))

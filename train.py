@@ -41,7 +41,7 @@ import configs
 import models
 from data import augment, imagenet, pipeline
 from data.download import sha256_file
-from dcls_jax.optim import path_names as _names
+from dcls_jax.optim import path_names
 from evaluation import runtime
 from evaluation.training import (ConfigError, TrainingError, check_config, check_devices, create, make_eval_step,
                                  make_mixer, make_train_step)
@@ -214,7 +214,7 @@ def export_model(cfg: configs.Config, state, directory: str):
     flat = {}
     for part in (weights["params"], weights["batch_stats"]):
         for path, x in jax.tree_util.tree_flatten_with_path(part)[0]:
-            names = _names(path)
+            names = path_names(path)
             names = names[:-1] if names[-1] == "value" else names   # a restored tree keeps the Variable's key
             flat[".".join(names)] = np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
     overrides = dict(cfg.model_kwargs)

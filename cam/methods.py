@@ -214,9 +214,9 @@ def _eval_clone(model):
 
 
 def resize(maps, size: tuple[int, int]):
-    """(B, h, w) -> (B, *size) bilinear, half-pixel centres. Upsampling is
-    dcls_jax.image.resize_bilinear (TensorFlow's lerp form, torch align_corners=False, constant regions stay exactly constant, so Threshold-Grad-CAM's
-    floor keeps its ties); downsampling antialiases (jax.image.resize)."""
+    """(B, h, w) -> (B, *size) bilinear, half-pixel centres. Upsampling is dcls_jax.image.resize_bilinear
+    (TensorFlow's lerp form, torch align_corners=False: constant regions stay exactly constant, so
+    Threshold-Grad-CAM's floor keeps its ties); downsampling antialiases (jax.image.resize)."""
     if tuple(maps.shape[1:]) == tuple(size):
         return maps
     if size[0] >= maps.shape[1] and size[1] >= maps.shape[2]:

@@ -22,8 +22,9 @@ dataset whose source no longer matches (another --clickme-dir with other shards,
 subset) is rebuilt; a call that names no source (no clickme_dir, base_url or num_shards) uses whatever is
 prepared. A shard without records is an error (unless allow_empty_shards / $DCLS_JAX_ALLOW_EMPTY_SHARDS=1).
 
-Training (train.py data="clickme", the harmonization objective): data.pipeline.Loader yields shuffled, host-sharded, resumable batches of the Harmonization pipeline's float images and blurred human
-maps (data.pipeline.ClickmeTransform):
+Training (train.py data="clickme", the harmonization objective): data.pipeline.Loader yields shuffled,
+host-sharded, resumable batches of the Harmonization pipeline's float images and blurred human maps
+(data.pipeline.ClickmeTransform):
 
     source = data_source("train", data_dir=..., config="with_train")
     pipe = pipeline.Loader(source, pipeline.ClickmeTransform(train=True), 64, seed=0)

@@ -42,7 +42,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from data.preprocess import SIZE, ModelTransform, clickme_heatmap, clickme_image, model_input, resize_bilinear
+from data.preprocess import SIZE, ModelTransform, clickme_heatmap, clickme_image, model_input
+from dcls_jax.image import resize_bilinear
 
 
 def rows_to_batches(rows: grain.MapDataset, batch_size: int, *, workers: int = 0, processes: bool = False,

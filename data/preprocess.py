@@ -20,7 +20,7 @@ import simplejpeg
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from dcls_jax.image import resize_bilinear  # noqa: F401  (tf.image.resize bilinear, re-exported)
+from dcls_jax.image import resize_bilinear
 from data.augment import INTERPOLATIONS, resize_center_crop
 
 SIZE = 224                   # Harmonization's image and heatmap size

@@ -175,7 +175,7 @@ _BLOCK_BYTES = 1 << 19   # CPU: input rows per block of the shifted sums, about 
 _MIN_BLOCK_ROWS = 2      # fewer output rows per block re-read the kernel's rows too often: no blocks then
 
 
-def _row_blocks(xp, k0: int, s0: int, out0: int) -> tuple[int, int]:
+def _row_blocks(xp, s0: int, out0: int) -> tuple[int, int]:
     """(R, nb): nb blocks of R output rows along the first spatial axis, R s0 input rows ~ _BLOCK_BYTES;
     (out0, 1) where the rows are too wide for _MIN_BLOCK_ROWS (ConvNeXt-T's 7x7x768 stage: whole array faster)."""
     per_row = xp.dtype.itemsize * math.prod(xp.shape) // xp.shape[1] * s0
@@ -192,7 +192,7 @@ def _shifted_valid(xp, wt, stride):
     nd = xp.ndim - 2
     k0, s0 = wt.shape[0], stride[0]
     out0 = (xp.shape[1] - k0) // s0 + 1
-    R, nb = _row_blocks(xp, k0, s0, out0)
+    R, nb = _row_blocks(xp, s0, out0)
     if nd == 1 or nb == 1 or jax.default_backend() != "cpu" or math.prod(wt.shape[:-1]) > _MAX_UNROLLED_TAPS:
         # a GPU runs the whole array at once; large kernels scan over kernel rows (as fast unblocked)
         return _shifted_valid_batch(xp, wt, stride)
@@ -245,7 +245,7 @@ def _shifted_bwd(stride, pads, res, dy):
     def taps(xp, dy):
         return jnp.stack([jnp.sum(_slice(xp, idx, dy.shape[1:-1], stride, 1) * dy, axis=axes)
                           for idx in itertools.product(*(range(k) for k in ksize))])
-    R, nb = _row_blocks(xp, ksize[0], stride[0], out[0])
+    R, nb = _row_blocks(xp, stride[0], out[0])
     if nd == 1 or nb == 1 or jax.default_backend() != "cpu":
         dwt = taps(xp, dy)
     else:   # in blocks of rows (as _shifted_valid), summed

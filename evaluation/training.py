@@ -27,7 +27,7 @@ import dcls_jax
 import models
 from cam import harmonization
 from data import augment
-from dcls_jax.optim import path_names as _names
+from dcls_jax.optim import path_names
 
 
 OPTIMIZERS = ("adamw", "lamb")
@@ -229,7 +229,7 @@ def param_groups(params, cfg: configs.Config):
     def label(path, x, pos):
         if pos == "position":
             return "position"
-        if cfg.no_decay_1d and (x.ndim <= 1 or _names(path)[-1] == "bias"):
+        if cfg.no_decay_1d and (x.ndim <= 1 or path_names(path)[-1] == "bias"):
             return "no_decay"
         return "decay"
 
@@ -262,7 +262,7 @@ def repulsive_loss(params):
     averaged over the (unique) P parameters."""
     losses = []
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if _names(path)[-1] != "P":
+        if path_names(path)[-1] != "P":
             continue
         nd, o, i, k = p.shape
         pts = p.reshape(nd, o * i, k).transpose(1, 2, 0)
@@ -421,7 +421,7 @@ def build_model(cfg: configs.Config):
 
 
 def _flat(state) -> dict[str, np.ndarray]:
-    return {".".join(_names(path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+    return {".".join(path_names(path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def load_init_checkpoint(cfg: configs.Config, params, batch_stats):
@@ -441,7 +441,7 @@ def load_init_checkpoint(cfg: configs.Config, params, batch_stats):
     merged = {**_flat(nnx.state(model, nnx.Param)), **_flat(nnx.state(model, nnx.BatchStat))}
 
     def take(path, x):   # the merged value, in the structure (and dtype) of the fresh state
-        name = ".".join(_names(path))
+        name = ".".join(path_names(path))
         return np.asarray(x) if skip is not None and skip(name) else np.asarray(merged[name], fresh[name].dtype)
 
     return jax.tree_util.tree_map_with_path(take, params), jax.tree_util.tree_map_with_path(take, batch_stats)

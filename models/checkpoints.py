@@ -38,11 +38,8 @@ def _hash_tree(directory: Path) -> dict[str, str]:
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
         if p.is_file() and rel != _MANIFEST:
-            h = hashlib.sha256()
             with open(p, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            out[rel] = h.hexdigest()
+                out[rel] = hashlib.file_digest(f, "sha256").hexdigest()
     return out
 
 

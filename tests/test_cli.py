@@ -23,6 +23,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from dcls_jax.optim import path_names
 from evaluation import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +182,7 @@ def _flat(state):
     import jax
 
     import train
-    return {".".join(train._names(p)): np.asarray(x.addressable_data(0))
+    return {".".join(path_names(p)): np.asarray(x.addressable_data(0))
             for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 

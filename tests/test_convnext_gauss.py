@@ -18,6 +18,7 @@ import train
 from models.registry import get_entry
 from tests.test_convnext import convert
 from tests.torch_ref import check_cut_points, dclsify, random_images, randomize_params
+from dcls_jax.optim import path_names
 from evaluation import training
 
 NAME = "convnext_tiny_dcls_gauss"
@@ -90,7 +91,7 @@ def test_config_trains_a_step(tmp_path):
     init = nnx.state(training.build_model(cfg), nnx.Param)
     init = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(init)}
     state, _ = train.main(argv)
-    final = {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    final = {".".join(path_names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
     for k in ("stages.1.blocks.0.conv_dw.P", "stages.1.blocks.0.conv_dw.SIG"):
         assert not np.array_equal(final["params." + k], init[k]), k
     assert np.abs(final["params.stages.1.blocks.0.conv_dw.P"]).max() > 1   # moved past +-d//2: no clamp

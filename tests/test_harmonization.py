@@ -27,6 +27,7 @@ import train
 from cam import harmonization as H
 from cam import metrics
 from data.tfrecord import write_records
+from dcls_jax.optim import path_names
 from evaluation import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,7 +257,7 @@ def _argv(root, objective, *sets):
 
 
 def _flat(state):
-    return {".".join(train._names(p)): np.asarray(x.addressable_data(0))
+    return {".".join(path_names(p)): np.asarray(x.addressable_data(0))
             for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
@@ -264,8 +265,9 @@ _RUNNER = """
 import sys, numpy as np, jax
 jax.config.update("jax_default_matmul_precision", "highest")
 import train
+from dcls_jax.optim import path_names
 state, _ = train.main({argv!r})
-np.savez({out!r}, **{{".".join(train._names(p)): np.asarray(x.addressable_data(0))
+np.savez({out!r}, **{{".".join(path_names(p)): np.asarray(x.addressable_data(0))
                      for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}})
 """
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 import configs
 import train
+from dcls_jax.optim import path_names
 from data import augment, imagenet, pipeline
 from evaluation import training
 
@@ -114,7 +115,7 @@ def _host(x):
 
 
 def _flat(state):
-    return {".".join(train._names(p)): _host(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    return {".".join(path_names(p)): _host(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def _subprocess_env(devices):
@@ -133,6 +134,7 @@ _RUNNER = """
 import sys, numpy as np, jax
 jax.config.update("jax_default_matmul_precision", "highest")
 import train
+from dcls_jax.optim import path_names
 argv, out = {argv!r}, {out!r}
 if {check_batch!r}:
     try:
@@ -141,7 +143,7 @@ if {check_batch!r}:
         print("CONFIG ERROR:", e)
 state, _ = train.main(argv)
 if jax.process_index() == 0:
-    np.savez(out, **{{".".join(train._names(p)): np.asarray(x.addressable_data(0))
+    np.savez(out, **{{".".join(path_names(p)): np.asarray(x.addressable_data(0))
                      for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}})
 """
 
@@ -332,7 +334,7 @@ def test_init_checkpoint_merge_skips_the_head(tmp_path):
     import torch
 
     def flat(tree):
-        return {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        return {".".join(path_names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
     base = configs.Config(model="convnext_tiny_dcls", model_kwargs=TINY, num_classes=4, seed=5)
     source = flat({"p": nnx.state(training.build_model(dataclasses.replace(base, seed=1, num_classes=1000)),
                                    nnx.Param)})          # an ImageNet checkpoint, fine-tuned on 4 classes
@@ -373,7 +375,7 @@ def test_weight_decay_groups_and_position_lr():
     cfg = configs.Config(model="convnext_tiny_dcls", model_kwargs=TINY, num_classes=4, weight_decay=0.05)
     params = nnx.state(training.build_model(cfg), nnx.Param)
     groups = training.param_groups(params, cfg)
-    names = {".".join(train._names(p)): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
+    names = {".".join(path_names(p)): g for p, g in jax.tree_util.tree_flatten_with_path(groups)[0]}
     assert names["stages.0.blocks.0.conv_dw.P"] == "position"
     assert names["stages.0.blocks.0.conv_dw.weight"] == "decay"       # (O, 1, K) DCLS weights decay
     assert names["stages.0.blocks.0.mlp.fc1.weight"] == "decay"
@@ -383,12 +385,12 @@ def test_weight_decay_groups_and_position_lr():
         assert names[k] == "no_decay", k
     lr = 0.01
     tx = training.make_optimizer(cfg, lambda step: lr, groups)
-    flat = {".".join(train._names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {".".join(path_names(p)): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def first_update(grad_value):
         grads = jax.tree.map(lambda x: jnp.full_like(x, grad_value), params)
         updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-        return {".".join(train._names(p)): np.asarray(u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+        return {".".join(path_names(p)): np.asarray(u) for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
 
     # Zero gradients: AdamW moves only decayed weights, by -lr * wd * p (torch: p *= 1 - lr * wd).
     for k, u in first_update(0.0).items():
