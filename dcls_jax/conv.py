@@ -12,7 +12,9 @@ several implementations of the same cross-correlation, each with its forward pas
     "shifted_fft"  the shifted sums when only the value is needed, the FFT path under differentiation (its
                forward and both gradients): large kernels on CPU, whose shifted forward is the faster one;
     "pallas"   Pallas kernels, 2-D only: Triton on GPU, Mosaic on TPU, interpret mode elsewhere
-               (dcls_jax.pallas_conv; forward, input and kernel gradients through a custom_vjp).
+               (dcls_jax.pallas_conv; forward, input and kernel gradients through a custom_vjp);
+    "native"   C++ kernels for the CPU as XLA FFI custom calls, 1-D and 2-D (dcls_jax.native: compiled on first
+               use; where no compiler works, "auto" never picks it and forcing it is an error).
 
 Which one runs: the `impl` argument, else the innermost `use_impl(...)` context, else the environment variable
 DCLS_JAX_CONV ("auto" or a name), else `choose_impl`, a table measured per backend (BENCHMARKS.md). The choice
@@ -36,7 +38,7 @@ from jax import lax
 
 from dcls_jax.fft_conv import fft_backward, fft_depthwise
 
-IMPLS = ("xla", "shifted", "fft", "shifted_fft", "pallas")
+IMPLS = ("xla", "shifted", "fft", "shifted_fft", "pallas", "native")
 ENV_VAR = "DCLS_JAX_CONV"
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcls_jax_conv_impl", default=None)
@@ -62,8 +64,16 @@ def use_impl(name: str):
         _forced.reset(token)
 
 
-def _supports(impl: str, nd: int) -> bool:
-    return impl != "pallas" or nd == 2
+def _supports(impl: str, nd: int, backend: str | None = None) -> bool:
+    if impl == "pallas":
+        return nd == 2
+    if impl == "native":
+        from dcls_jax.native import available
+        return nd <= 2 and (backend or jax.default_backend()) == "cpu" and available()
+    return True
+
+
+_NATIVE_MAX_TAPS = 23 * 23   # CPU: the C++ kernels up to here (their cost grows with the taps, the FFT's not)
 
 
 def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, stride: Sequence[int],
@@ -80,6 +90,8 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
     backend = backend or jax.default_backend()
     taps = math.prod(ksize)
     sub = math.prod(stride)
+    if backend == "cpu" and taps <= _NATIVE_MAX_TAPS and _supports("native", len(ksize), backend):
+        return "native"
     if backend == "cpu":
         if taps <= 64 * sub:
             return "shifted"
@@ -107,7 +119,11 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
         if impl not in ("auto", "xla") and not depthwise:
             raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in == out "
                              f"channels, dilation 1); got x {tuple(x_shape)}, w {tuple(w_shape)}, groups {groups}")
-        if impl not in ("auto",) and not _supports(impl, nd):
+        if impl not in ("auto",) and not _supports(impl, nd, backend):
+            if impl == "native" and nd <= 2:
+                from dcls_jax.native import unavailable_reason
+                why = unavailable_reason() or f"backend {backend or jax.default_backend()}"
+                raise ValueError(f"implementation 'native' needs the CPU backend and its compiled kernels ({why})")
             raise ValueError(f"implementation {impl!r} does not run {nd}-D convolutions")
         if impl != "auto":
             return impl
@@ -115,7 +131,7 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
         return "xla"
     forced = _forced.get() or os.environ.get(ENV_VAR) or "auto"
     _check_impl(forced, f"use_impl / {ENV_VAR}")
-    if impl is None and forced != "auto" and _supports(forced, nd):
+    if impl is None and forced != "auto" and _supports(forced, nd, backend):
         return forced
     return choose_impl(w_shape[2:], x_shape[1:-1], c_in, stride, dtype, backend)
 
@@ -324,4 +340,7 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
     if name == "pallas":
         from dcls_jax.pallas_conv import pallas_depthwise
         return pallas_depthwise(x, w, stride, pads)
+    if name == "native":
+        from dcls_jax.native import depthwise
+        return depthwise(x, w, tuple(stride), tuple(pads))
     return _xla(x, w, stride, pads, groups, dilation)

@@ -16,12 +16,12 @@ from jax import lax
 import dcls_jax
 
 C = importlib.import_module("dcls_jax.conv")   # the module (dcls_jax.conv is also the function)
-from dcls_jax import fft_conv, pallas_conv  # noqa: E402
+from dcls_jax import fft_conv, native, pallas_conv  # noqa: E402
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _DIMS = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC"), 3: ("NDHWC", "OIDHW", "NDHWC")}
 # "pallas" runs the GPU (Triton) kernel in interpret mode, "pallas_tpu" the Mosaic one.
-IMPLS_2D = ("xla", "shifted", "fft", "shifted_fft", "pallas", "pallas_tpu")
+IMPLS_2D = ("xla", "shifted", "fft", "shifted_fft", "pallas", "pallas_tpu", "native")
 
 
 def rel(a, b) -> float:
@@ -140,7 +140,8 @@ def test_bf16_paths_within_rounding(shape, k, stride, pad):
                                                    ((1, 70, 12, 4), (5, 3), 1, 2), ((2, 66, 65, 3), (9, 8), 2, 4)])
 def test_other_ranks_and_fft_tiling(shape, k, stride, pad):
     """1-D and 3-D through shifted and FFT; overlap-save tiling forced on 2-D maps longer than a tile."""
-    impls = ("shifted", "fft", "shifted_fft", "fft_tiled") if len(k) != 2 else ("fft_tiled",)
+    impls = {1: ("shifted", "fft", "shifted_fft", "fft_tiled", "native"), 2: ("fft_tiled",),
+             3: ("shifted", "fft", "shifted_fft", "fft_tiled")}[len(k)]
     x, w, ct = _data(shape, k, stride, pad, jnp.float32, seed=2)
     res = _run_all(impls, x, w, ct, stride, pad)
     ref = res.pop("ref")
@@ -177,14 +178,28 @@ def test_dispatcher_returns_a_path_for_every_case():
             ("cpu", "gpu", "tpu"), (1, 2, 3), (1, 3, 4, 7, 17, 23, 31), (1, 2), (1, 7, 56, 224), (3, 96, 768),
             (jnp.float32, jnp.bfloat16, jnp.float16)):
         name = C.choose_impl((k,) * nd, (size,) * nd, c, (s,) * nd, dtype, backend)
-        assert name in C.IMPLS and C._supports(name, nd), (backend, nd, k, s, name)
+        assert name in C.IMPLS and C._supports(name, nd, backend), (backend, nd, k, s, name)
     # and `selected_impl` for non-depthwise convolutions is XLA's
     assert C.selected_impl((1, 8, 8, 4), (8, 2, 3, 3), groups=2) == "xla"
     assert C.selected_impl((1, 8, 8, 4), (4, 1, 3, 3), groups=4, dilation=2) == "xla"
+    # CPU: the C++ kernels (this machine compiles them) up to 23x23, 1-D and 2-D, any float dtype
+    assert native.available(), native.unavailable_reason()
+    for k, dtype in itertools.product((3, 7, 9, 17, 23), (jnp.float32, jnp.bfloat16)):
+        assert C.selected_impl((1, 56, 56, 96), (96, 1, k, k), groups=96, dtype=dtype, backend="cpu") == "native"
+    assert C.selected_impl((1, 56, 96), (96, 1, 17), groups=96, backend="cpu") == "native"
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 31, 31), groups=96, backend="cpu") == "fft"
+    assert C.selected_impl((1, 9, 9, 9, 96), (96, 1, 3, 3, 3), groups=96, backend="cpu") == "shifted"
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, backend="gpu") == "shifted"
+
+
+def test_dispatcher_without_the_native_kernels(monkeypatch):
+    monkeypatch.setattr(native, "available", lambda: False)
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, backend="cpu") == "shifted_fft"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 9, 9), groups=96, backend="cpu") == "fft"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, dtype=jnp.bfloat16, backend="cpu") == "fft"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, backend="cpu") == "shifted"
+    with pytest.raises(ValueError, match="'native' needs the CPU backend and its compiled kernels"):
+        C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, impl="native")
 
 
 def _ops(f, *args):
@@ -238,7 +253,7 @@ def test_overrides_argument_context_environment(monkeypatch):
 
 
 # DCLS parity with PyTorch dcls 0.1.1 through every forced implementation (test_dcls.py runs the default one).
-@pytest.mark.parametrize("impl", ("xla", "shifted", "fft", "shifted_fft", "pallas"))
+@pytest.mark.parametrize("impl", ("xla", "shifted", "fft", "shifted_fft", "pallas", "native"))
 @pytest.mark.parametrize("case", ("dw-v0", "published-v1"))
 def test_dcls_parity_through_every_path(case, impl):
     test_dcls = importlib.import_module("test_dcls")

@@ -1,0 +1,297 @@
+// Channels-last depthwise cross-correlation on the CPU, as XLA FFI custom calls (dcls_jax/native.py compiles
+// this file on first use against the installed jaxlib's headers and registers the two handlers).
+//
+//   DclsDepthwiseForward:  y[n,p,q,c]  = sum_{i,j} x[n, p*sh+i-ph, q*sw+j-pw, c] * w[i,j,c]
+//   DclsDepthwiseKernelGrad: dw[i,j,c] = sum_{n,p,q} x[n, p*sh+i-ph, q*sw+j-pw, c] * g[n,p,q,c]
+//
+// x (N, H, W, C), w and dw (KH, KW, C), y and g (N, HO, WO, C), all float32; positions outside x read as zero,
+// so any padding (also negative, a crop) is an attribute, and the output size is the result's shape. The input
+// gradient is the forward on the cotangent with the flipped kernel (native.py). Work is split into tasks of a
+// sample's block of output rows; each task copies the input rows it reads into a zero-padded tile whose
+// channels are rounded up to the 16 lanes of a vector, so the inner loops have no bounds or tail. The tasks
+// run on XLA's intra-op thread pool; the kernel gradient sums one partial per task in task order, so its
+// rounding does not depend on the number of threads.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Array3 = ffi::Buffer<ffi::F32, 3>;
+using Array4 = ffi::Buffer<ffi::F32, 4>;
+
+constexpr int64_t kLanes = 16;     // floats per vector (one AVX-512 register, two AVX2 ones)
+constexpr int64_t kMaxBlock = 12;  // output columns (forward) or kernel columns (kernel gradient) in registers
+constexpr int64_t kChunkVecs = 8;  // at most 8 vectors (128 channels) per task's tile
+constexpr int64_t kTileFloats = 1 << 17;  // ~0.5 MiB of input rows per task where the batch allows
+constexpr int64_t kMinTasks = 16;         // enough tasks for the pool's threads
+
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The register block for a loop of n: the least padding, then the widest.
+int64_t block_for(int64_t n) {
+  int64_t best = 1;
+  for (int64_t b = 2; b <= kMaxBlock; ++b)
+    if (round_up(n, b) - n <= round_up(n, best) - n) best = b;
+  return best;
+}
+
+// Tasks: (sample, block of output rows, chunk of channels); tile: a task's input rows, zero-padded, its
+// chunk's channels rounded up to the vector.
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, ho, wo, sh, sw, ph, pw;
+  int64_t cp, chunk, chunks, qb, wo_pad, jb, kw_pad, tile_w, rows, blocks;
+
+  Geometry(int64_t n_, int64_t h_, int64_t w_, int64_t c_, int64_t kh_, int64_t kw_, int64_t ho_, int64_t wo_,
+           int64_t sh_, int64_t sw_, int64_t ph_, int64_t pw_)
+      : n(n_), h(h_), w(w_), c(c_), kh(kh_), kw(kw_), ho(ho_), wo(wo_), sh(sh_), sw(sw_), ph(ph_), pw(pw_) {
+    cp = round_up(c, kLanes);
+    const int64_t vecs = cp / kLanes;
+    chunk = div_up(vecs, div_up(vecs, kChunkVecs)) * kLanes;
+    chunks = div_up(cp, chunk);
+    qb = block_for(wo);
+    wo_pad = round_up(wo, qb);
+    jb = block_for(kw);
+    kw_pad = round_up(kw, jb);
+    tile_w = (wo_pad - 1) * sw + kw_pad;
+    const int64_t by_tasks = std::max<int64_t>(1, n * ho * chunks / kMinTasks);
+    const int64_t by_tile = std::max<int64_t>(1, (kTileFloats / (tile_w * chunk) - kh) / sh + 1);
+    rows = std::max<int64_t>(1, std::min({ho, by_tasks, by_tile}));
+    blocks = div_up(ho, rows);
+  }
+  int64_t tile_h() const { return (rows - 1) * sh + kh; }
+  int64_t tasks() const { return n * blocks * chunks; }
+};
+
+struct Task {
+  int64_t n, p0, rows, cs, width;  // sample, first output row, rows, first channel, chunk width (mult. of 16)
+  Task(const Geometry& g, int64_t t) {
+    const int64_t ch = t % g.chunks, b = (t / g.chunks) % g.blocks;
+    n = t / (g.chunks * g.blocks);
+    p0 = b * g.rows;
+    rows = std::min(g.rows, g.ho - p0);
+    cs = ch * g.chunk;
+    width = std::min(g.chunk, g.cp - cs);
+  }
+};
+
+// Runs body(t) for t in [0, tasks) on the caller and the pool. The caller waits only for tasks some thread has
+// claimed, never for a closure still queued, so a busy or absent pool cannot deadlock it.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const F& body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* fn = &body;
+  auto work = [state, fn, tasks]() {
+    int64_t finished = 0;
+    for (int64_t t; (t = state->next.fetch_add(1)) < tasks; ++finished) (*fn)(t);
+    if (finished && state->done.fetch_add(finished) + finished == tasks) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == tasks; });
+}
+
+// The input rows and channels a task reads: tile[r][u][k] = x[n, p0*sh - ph + r, u - pw, cs + k] (0 outside).
+void fill_tile(const Geometry& g, const Task& k, const float* x, std::vector<float>& tile) {
+  const int64_t row0 = k.p0 * g.sh - g.ph, cnt = std::min(k.width, g.c - k.cs);
+  tile.assign(g.tile_h() * g.tile_w * k.width, 0.0f);
+  const int64_t u0 = std::max<int64_t>(0, g.pw), u1 = std::min(g.tile_w, g.w + g.pw);  // tile columns in x
+  for (int64_t r = 0; r < g.tile_h(); ++r) {
+    const int64_t ih = row0 + r;
+    if (ih < 0 || ih >= g.h || u0 >= u1) continue;
+    const float* src = x + ((k.n * g.h + ih) * g.w + (u0 - g.pw)) * g.c + k.cs;
+    float* dst = tile.data() + (r * g.tile_w + u0) * k.width;
+    if (cnt == g.c && cnt == k.width) {
+      std::memcpy(dst, src, (u1 - u0) * g.c * sizeof(float));
+    } else {
+      for (int64_t u = u0; u < u1; ++u, src += g.c, dst += k.width) std::memcpy(dst, src, cnt * sizeof(float));
+    }
+  }
+}
+
+template <int QB>
+void forward_task(const Geometry& g, const float* x, const float* wp, float* y, int64_t t) {
+  thread_local std::vector<float> tile;
+  const Task k(g, t);
+  fill_tile(g, k, x, tile);
+  const int64_t cw = k.width, step = g.sw * cw;
+  for (int64_t r = 0; r < k.rows; ++r) {
+    float* yrow = y + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c;
+    for (int64_t c0 = 0; c0 < cw; c0 += kLanes) {
+      const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
+      for (int64_t q0 = 0; q0 < g.wo_pad; q0 += QB) {
+        vec acc[QB] = {};
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const float* xrow = tile.data() + ((r * g.sh + i) * g.tile_w + q0 * g.sw) * cw + c0;
+          const float* wrow = wp + i * g.kw * g.cp + k.cs + c0;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const vec wv = load(wrow + j * g.cp);
+            const float* xp = xrow + j * cw;
+#pragma GCC unroll 12
+            for (int b = 0; b < QB; ++b) acc[b] += load(xp + b * step) * wv;
+          }
+        }
+        for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
+          float* dst = yrow + (q0 + b) * g.c + k.cs + c0;
+          if (nc == kLanes) {
+            store(dst, acc[b]);
+          } else {
+            float lanes[kLanes];
+            store(lanes, acc[b]);
+            std::memcpy(dst, lanes, nc * sizeof(float));
+          }
+        }
+      }
+    }
+  }
+}
+
+// One task's share of the kernel gradient: (KH, KW_pad, width) floats into `part`.
+template <int JB>
+void kernel_grad_task(const Geometry& g, const float* x, const float* gy, float* part, int64_t t) {
+  thread_local std::vector<float> tile, gtile;
+  const Task k(g, t);
+  fill_tile(g, k, x, tile);
+  const int64_t cw = k.width, cnt = std::min(cw, g.c - k.cs), step = g.sw * cw;
+  gtile.assign(k.rows * g.wo * cw, 0.0f);
+  for (int64_t r = 0; r < k.rows; ++r) {
+    const float* src = gy + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c + k.cs;
+    float* dst = gtile.data() + r * g.wo * cw;
+    for (int64_t q = 0; q < g.wo; ++q) std::memcpy(dst + q * cw, src + q * g.c, cnt * sizeof(float));
+  }
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t c0 = 0; c0 < cw; c0 += kLanes) {
+      for (int64_t j0 = 0; j0 < g.kw_pad; j0 += JB) {
+        vec acc[JB] = {};
+        for (int64_t r = 0; r < k.rows; ++r) {
+          const float* xrow = tile.data() + ((r * g.sh + i) * g.tile_w + j0) * cw + c0;
+          const float* grow = gtile.data() + r * g.wo * cw + c0;
+          for (int64_t q = 0; q < g.wo; ++q) {
+            const vec gv = load(grow + q * cw);
+            const float* xp = xrow + q * step;
+#pragma GCC unroll 12
+            for (int b = 0; b < JB; ++b) acc[b] += load(xp + b * cw) * gv;
+          }
+        }
+        for (int b = 0; b < JB; ++b) store(part + (i * g.kw_pad + j0 + b) * cw + c0, acc[b]);
+      }
+    }
+  }
+}
+
+using TaskFn = void (*)(const Geometry&, const float*, const float*, float*, int64_t);
+
+template <int... B>
+constexpr std::array<TaskFn, sizeof...(B)> forward_table(std::integer_sequence<int, B...>) {
+  return {&forward_task<B + 1>...};
+}
+template <int... B>
+constexpr std::array<TaskFn, sizeof...(B)> kernel_grad_table(std::integer_sequence<int, B...>) {
+  return {&kernel_grad_task<B + 1>...};
+}
+constexpr auto kForward = forward_table(std::make_integer_sequence<int, kMaxBlock>{});
+constexpr auto kKernelGrad = kernel_grad_table(std::make_integer_sequence<int, kMaxBlock>{});
+
+ffi::Error check(const Geometry& g) {
+  if (g.n < 0 || g.c <= 0 || g.kh <= 0 || g.kw <= 0 || g.sh <= 0 || g.sw <= 0)
+    return ffi::Error::InvalidArgument("dcls_jax depthwise: bad shapes or strides");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, Array4 x, Array3 w,
+                   ffi::Result<Array4> y, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (yd[0] != xd[0] || yd[3] != xd[3] || wd[2] != xd[3])
+    return ffi::Error::InvalidArgument("dcls_jax depthwise forward: x, w and y disagree on batch or channels");
+  Geometry g(xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], yd[1], yd[2], sh, sw, ph, pw);
+  if (auto e = check(g); e.failure()) return e;
+  if (g.n * g.ho * g.wo == 0) return ffi::Error::Success();
+  std::vector<float> wp(g.kh * g.kw * g.cp, 0.0f);   // the kernel with channels padded to the lanes
+  for (int64_t k = 0; k < g.kh * g.kw; ++k)
+    std::memcpy(wp.data() + k * g.cp, w.typed_data() + k * g.c, g.c * sizeof(float));
+  const float* xs = x.typed_data();
+  float* ys = y->typed_data();
+  const TaskFn task = kForward[g.qb - 1];
+  parallel_for(pool, g.tasks(), [&](int64_t t) { task(g, xs, wp.data(), ys, t); });
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 x, Array4 gy,
+                      ffi::Result<Array3> dw, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
+  if (gd[0] != xd[0] || gd[3] != xd[3] || wd[2] != xd[3])
+    return ffi::Error::InvalidArgument("dcls_jax depthwise kernel gradient: x, g and dw disagree");
+  Geometry g(xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], gd[1], gd[2], sh, sw, ph, pw);
+  if (auto e = check(g); e.failure()) return e;
+  float* out = dw->typed_data();
+  const int64_t part_size = g.kh * g.kw_pad * g.chunk, tasks = g.tasks();
+  std::vector<float> parts(std::max<int64_t>(tasks, g.chunks) * part_size, 0.0f);
+  if (g.n * g.ho * g.wo > 0) {
+    const float* xs = x.typed_data();
+    const float* gs = gy.typed_data();
+    const TaskFn task = kKernelGrad[g.jb - 1];
+    parallel_for(pool, tasks, [&](int64_t t) { task(g, xs, gs, parts.data() + t * part_size, t); });
+  }
+  // Per chunk of channels, its tasks' partials summed in task order: the same rounding for any thread count.
+  for (int64_t ch = 0; ch < g.chunks; ++ch) {
+    float* sum = parts.data() + ch * part_size;
+    for (int64_t t = ch + g.chunks; t < tasks; t += g.chunks)
+      for (int64_t e = 0; e < part_size; ++e) sum[e] += parts[t * part_size + e];
+    const int64_t cs = ch * g.chunk, cw = std::min(g.chunk, g.cp - cs), cnt = std::min(cw, g.c - cs);
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        std::memcpy(out + (i * g.kw + j) * g.c + cs, sum + (i * g.kw_pad + j) * cw, cnt * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsDepthwiseForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Array4>()
+                                  .Arg<Array3>()
+                                  .Ret<Array4>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsDepthwiseKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Array4>()
+                                  .Arg<Array4>()
+                                  .Ret<Array3>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));

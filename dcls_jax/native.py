@@ -1,0 +1,244 @@
+"""The "native" depthwise convolution: C++ kernels for the CPU (csrc/depthwise.cc) run as XLA FFI custom calls.
+
+XLA:CPU has no fast depthwise convolution (its grouped convolution is ~50x slower than oneDNN's, the shifted
+sums 5-10x), so the CPU kernels are our own: a register-blocked forward over 16-float vectors, used for the
+input gradient too (the cotangent with the flipped kernel), and a kernel-gradient reduction. 1-D and 2-D;
+float32 inside (other float dtypes are cast in and out, as the FFT path does).
+
+The source is compiled on first use with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) against
+the installed jaxlib's FFI headers, for this CPU (-march=native), into a per-user cache
+(`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or ~/.cache/dcls-jax, subfolder native/) under a name
+that hashes the source, the compiler, the flags, jaxlib's version and the CPU's features; later processes load
+it from there. Where no compiler works, or the cache folder is not private to this user, `available()` is
+False, `unavailable_reason()` says why, and the dispatcher keeps to the XLA paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax import lax
+
+SOURCE = Path(__file__).with_name("csrc") / "depthwise.cc"
+_TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",
+            "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad"}   # XLA custom-call name: C symbol
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DCLS_JAX_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dcls-jax")
+    return Path(root) / "native"
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` (mode 0700) and refuse a folder another user owns or may write: we load code from it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{path} is not private to this user (owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)})")
+
+
+def _compiler() -> str:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise OSError("no C++ compiler found ($CXX, c++, g++, clang++)")
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> Path:
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-w"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
+        source, version, " ".join(flags), jaxlib.__version__, platform.machine(), _cpu_features()))).hexdigest()[:20]
+    out_dir = cache_dir()
+    _private_dir(out_dir)
+    lib = out_dir / f"depthwise-{key}.so"
+    if lib.exists():
+        return lib
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        cmd = [cxx, *flags, "-I", include, str(SOURCE), "-o", tmp]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if run.returncode:
+            raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
+        os.replace(tmp, lib)   # atomic: a concurrent process sees the old state or the whole library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load() -> None:
+    with _lock:
+        if "ok" in _state:
+            return
+        try:
+            if os.environ.get("DCLS_JAX_NATIVE", "1") == "0":
+                raise OSError("disabled by DCLS_JAX_NATIVE=0")
+            lib = ctypes.CDLL(str(_build()))
+            for target, symbol in _TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+            _state.update(ok=True, lib=lib)
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+
+
+def available() -> bool:
+    """True when the CPU kernels are compiled (or cached) and registered; compiles them on the first call."""
+    _load()
+    return _state["ok"]
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _state.get("reason")
+
+
+@functools.cache
+def _op(kind, stride, lo, size):
+    """The custom call as a function of two arrays; under vmap the mapped axis folds into the batch (forward
+    with an unmapped kernel) or runs as a loop (lax.map)."""
+    call = _partitioned(kind)
+
+    @jax.custom_batching.custom_vmap
+    def op(a, b):
+        return call(a, b, stride, lo, size)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, a, b):
+        if kind == "forward" and in_batched == [True, False]:
+            y = op(a.reshape(-1, *a.shape[2:]), b)
+            return y.reshape(axis_size, -1, *y.shape[1:]), True
+        a, b = (v if m else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, m in zip((a, b), in_batched))
+        return lax.map(lambda ab: op(*ab), (a, b)), True
+    return op
+
+
+def _ffi(kind, a, b, stride, lo, size):
+    """One custom call on (per-device) arrays: the forward (size: output H, W) or the kernel gradient (KH, KW)."""
+    shape = (a.shape[0], *size, a.shape[-1]) if kind == "forward" else (*size, a.shape[-1])
+    return jax.ffi.ffi_call(f"dcls_jax_depthwise_{kind}", jax.ShapeDtypeStruct(shape, jnp.float32))(
+        a, b, sh=np.int64(stride[0]), sw=np.int64(stride[1]), ph=np.int64(lo[0]), pw=np.int64(lo[1]))
+
+
+@functools.cache
+def _partitioned(kind):
+    """The custom call, partitioned over the batch: under a sharded jit each device runs its own samples (an
+    unannotated custom call would gather the batch on every device). The kernel gradient sums the devices'
+    partials with a psum. Other dimensions are replicated first."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def shardings(mesh, arg_shapes):
+        spec = getattr(arg_shapes[0].sharding, "spec", None)
+        axes = spec[0] if spec else None
+        lead = NamedSharding(mesh, P(axes, None, None, None))
+        second = lead if kind == "kernel_grad" else NamedSharding(mesh, P())
+        out = NamedSharding(mesh, P()) if kind == "kernel_grad" else lead
+        return axes, (lead, second), out
+
+    def infer(stride, lo, size, mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[2]
+
+    def partition(stride, lo, size, mesh, arg_shapes, result_shape):
+        axes, args, out = shardings(mesh, arg_shapes)
+
+        def lower(a, b):
+            y = _ffi(kind, a, b, stride, lo, size)
+            return lax.psum(y, axes) if kind == "kernel_grad" and axes else y
+        return mesh, lower, out, args
+
+    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+    def call(a, b, stride, lo, size):
+        return _ffi(kind, a, b, stride, lo, size)
+
+    rule = "n h w c, i j c -> n p q c" if kind == "forward" else "n h w c, n p q c -> i j c"
+    factors = tuple(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))   # in order (shardy)
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       reduction_factors=("n",) if kind == "kernel_grad" else (),
+                       need_replication_factors=tuple(f for f in factors if f != "n"))
+    return call
+
+
+# The three maps, on 2-D float32 arrays x (N, H, W, C), kernel (KH, KW, C), outputs (N, HO, WO, C), closed
+# under differentiation (each one's gradients are the others), so every order of derivative runs the kernels:
+#   forward      y  = F(x, w)          x_bar = T(y_bar, w),  w_bar = K(x, y_bar)
+#   input grad   dx = T(g, w) = F(g dilated by the stride, w flipped) (differentiable through F)
+#   kernel grad  dw = K(x, g)          x_bar = T(g, dw_bar), g_bar = F(x, dw_bar)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _forward(x, w, stride, lo, out_hw):
+    return _op("forward", stride, lo, out_hw)(x, w)
+
+
+def _input_grad(g, w, stride, lo, in_hw):
+    if stride != (1, 1):
+        g = lax.pad(g, jnp.zeros((), g.dtype), [(0, 0, 0), (0, 0, stride[0] - 1), (0, 0, stride[1] - 1), (0, 0, 0)])
+    return _forward(g, w[::-1, ::-1], (1, 1), tuple(k - 1 - p for k, p in zip(w.shape[:2], lo)), in_hw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _kernel_grad(x, g, stride, lo, ksize):
+    return _op("kernel_grad", stride, lo, ksize)(x, g)
+
+
+def _forward_fwd(x, w, stride, lo, out_hw):
+    return _forward(x, w, stride, lo, out_hw), (x, w)
+
+
+def _forward_bwd(stride, lo, out_hw, res, y_bar):
+    x, w = res
+    return _input_grad(y_bar, w, stride, lo, x.shape[1:3]), _kernel_grad(x, y_bar, stride, lo, w.shape[:2])
+
+
+def _kernel_grad_fwd(x, g, stride, lo, ksize):
+    return _kernel_grad(x, g, stride, lo, ksize), (x, g)
+
+
+def _kernel_grad_bwd(stride, lo, ksize, res, dw_bar):
+    x, g = res
+    return _input_grad(g, dw_bar, stride, lo, x.shape[1:3]), _forward(x, dw_bar, stride, lo, g.shape[1:3])
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
+def depthwise(x, w, stride, pads):
+    """Depthwise cross-correlation, x (N, *spatial, C), w (C, 1, *k), 1-D or 2-D, `pads` PyTorch-style
+    (lo, hi) pairs; differentiable to any order (reverse mode)."""
+    one_d = x.ndim == 3
+    if one_d:
+        x, w, stride, pads = x[:, None], w[:, :, None], (1, *stride), ((0, 0), *pads)
+    wt = jnp.moveaxis(w[:, 0], 0, -1).astype(jnp.float32)
+    out = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(x.shape[1:3], pads, wt.shape[:2], stride))
+    y = _forward(x.astype(jnp.float32), wt, tuple(stride), tuple(lo for lo, _ in pads), out)
+    return (y[:, 0] if one_d else y).astype(x.dtype)

@@ -1,0 +1,157 @@
+"""The C++ CPU kernels (dcls_jax.native) beyond test_conv's path-by-path parity: sharding over the batch, vmap,
+second-order gradients, every vector/register-block edge, the compile cache's safety, the installed source."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import dcls_jax
+from dcls_jax import native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ref(x, w, stride, pad):
+    nd = x.ndim - 2
+    dims = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC")}[nd]
+    return lax.conv_general_dilated(x, w, (stride,) * nd, [(pad, pad)] * nd, dimension_numbers=dims,
+                                    feature_group_count=x.shape[-1], precision=lax.Precision.HIGHEST)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_compiled_here():
+    assert native.available(), native.unavailable_reason()
+
+
+# Channel counts around the 16-float vector and the 128-channel tile chunks, widths around the register blocks
+# (1..12 columns), kernels wider than the map, negative effective padding in the input gradient (pad > k - 1).
+EDGE_CASES = [((1, 3, 1, 1), (1, 1), 1, 0), ((2, 5, 13, 16), (3, 1), 1, 1), ((1, 9, 25, 17), (2, 5), 2, 0),
+              ((2, 4, 11, 129), (5, 12), 1, 6), ((1, 6, 23, 200), (3, 13), 3, 2), ((1, 2, 2, 33), (1, 1), 1, 3)]
+
+
+@pytest.mark.parametrize("shape, k, stride, pad", EDGE_CASES, ids=[f"{c[0][3]}c{c[1]}s{c[2]}p{c[3]}"
+                                                                   for c in EDGE_CASES])
+def test_blocks_and_chunks_equal_lax(shape, k, stride, pad):
+    rng = np.random.default_rng(sum(shape) + sum(k))
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(shape[-1], 1, *k)), jnp.float32)
+
+    def both(x, w):
+        out = {}
+        for name, f in (("ref", lambda a, b: _ref(a, b, stride, pad)),
+                        ("native", lambda a, b: dcls_jax.conv(a, b, stride, pad, shape[-1], impl="native"))):
+            y, vjp = jax.vjp(f, x, w)
+            ct = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+            out[name] = (y, *vjp(ct))
+        return out
+    res = jax.jit(both)(x, w)
+    for what, a, b in zip(("y", "dx", "dw"), res["native"], res["ref"]):
+        assert a.shape == b.shape and rel(a, b) <= 1e-5, (what, rel(a, b))
+
+
+def test_vmap_and_second_order_gradients():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(3, 2, 9, 8, 20)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(20, 1, 5, 4)), jnp.float32)
+    ws = jnp.asarray(rng.normal(size=(3, 20, 1, 5, 4)), jnp.float32)
+
+    def conv(impl, stride=1):
+        return lambda x, w: dcls_jax.conv(x, w, stride, 2, 20, impl=impl)
+    for fn, args in ((lambda c: jax.vmap(c, (0, None)), (x, w)),       # mapped input: folds into the batch
+                     (lambda c: jax.vmap(c), (x, ws))):                  # mapped kernel too: a loop
+        got, want = jax.jit(fn(conv("native")))(*args), fn(conv("xla"))(*args)
+        assert rel(got, want) <= 1e-5
+
+    # a saliency-style loss: the gradient of a gradient (harmonization), stride 2
+    def loss(impl):
+        inner = lambda w, x: jnp.sum(jnp.sin(conv(impl, 2)(x, w)))          # noqa: E731
+        return jax.grad(lambda w: jnp.sum(jax.grad(inner, 1)(w, x[0]) ** 2))(w)
+    assert rel(jax.jit(lambda: loss("native"))(), loss("xla")) <= 1e-5
+
+
+def test_batch_sharded_jit_stays_sharded():
+    """4 host devices: the custom calls run on each device's samples (no all-gather), the kernel gradient
+    sums across devices, and values equal XLA's."""
+    code = textwrap.dedent("""
+        import numpy as np, jax, jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import dcls_jax
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        rng = np.random.default_rng(0)
+        x = jax.device_put(jnp.asarray(rng.normal(size=(8, 12, 11, 24)), jnp.float32),
+                           NamedSharding(mesh, P("data")))
+        w = jnp.asarray(rng.normal(size=(24, 1, 7, 7)), jnp.float32)
+        def grads(impl):
+            f = lambda x, w: jnp.sum(jnp.sin(dcls_jax.conv(x, w, 1, 3, 24, impl=impl)))
+            return jax.jit(jax.grad(f, argnums=(0, 1)))
+        hlo = grads("native").lower(x, w).compile().as_text()
+        assert "all-gather" not in hlo, "batch gathered"
+        (dx, dw), (rx, rw) = grads("native")(x, w), grads("xla")(x, w)
+        assert dx.sharding.spec == P("data"), dx.sharding
+        for a, b in ((dx, rx), (dw, rw)):
+            assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) <= 1e-5
+        print("ok")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def _available_in_subprocess(env_extra):
+    code = "from dcls_jax import native; print(native.available()); print(native.unavailable_reason())"
+    env = dict(os.environ, PYTHONPATH=ROOT, **env_extra)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.splitlines()
+
+
+def test_cache_folder_must_be_private(tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "native").mkdir(parents=True)
+    os.chmod(shared / "native", 0o777)
+    ok, reason = _available_in_subprocess({"DCLS_JAX_CACHE_DIR": str(shared)})
+    assert ok == "False" and "not private" in reason
+    assert not any(p.suffix == ".so" for p in (shared / "native").iterdir())
+
+
+def test_fallbacks_when_disabled_or_no_compiler(tmp_path):
+    ok, reason = _available_in_subprocess({"DCLS_JAX_NATIVE": "0", "DCLS_JAX_CACHE_DIR": str(tmp_path)})
+    assert ok == "False" and "DCLS_JAX_NATIVE=0" in reason
+    ok, reason = _available_in_subprocess({"CXX": "/nonexistent/c++", "PATH": "/nonexistent",
+                                           "DCLS_JAX_CACHE_DIR": str(tmp_path)})
+    assert ok == "False" and "no C++ compiler" in reason
+    # and the dispatcher then keeps to the XLA paths
+    code = ("import importlib; C = importlib.import_module('dcls_jax.conv'); "
+            "print(C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, backend='cpu'))")
+    env = dict(os.environ, PYTHONPATH=ROOT, DCLS_JAX_NATIVE="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.stdout.strip() == "shifted", run.stderr[-2000:]
+
+
+def test_compiles_into_a_fresh_private_cache(tmp_path):
+    ok, reason = _available_in_subprocess({"DCLS_JAX_CACHE_DIR": str(tmp_path / "c")})
+    assert ok == "True", reason
+    folder = tmp_path / "c" / "native"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    libs = [p.name for p in folder.iterdir()]
+    assert len(libs) == 1 and libs[0].startswith("depthwise-") and libs[0].endswith(".so"), libs  # no temp left
+
+
+def test_source_ships_with_the_package():
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["dcls_jax"]
+    assert "csrc/*.cc" in data and native.SOURCE.is_file()
