@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax import lax
 
@@ -77,7 +77,7 @@ def _build() -> Path:
     flags = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-w"]
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
-        source, version, " ".join(flags), jaxlib.__version__, platform.machine(), _cpu_features()))).hexdigest()[:20]
+        source, version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(), _cpu_features()))).hexdigest()[:20]
     out_dir = cache_dir()
     _private_dir(out_dir)
     lib = out_dir / f"depthwise-{key}.so"
