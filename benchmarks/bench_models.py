@@ -67,6 +67,7 @@ def bench(name: str, passes, batch: int, iters: int, precision: str):
     import models
     from bench_evaluate import METHODS, torch_cams, torch_model
     from cam.methods import make_cams_fn
+    from dcls_jax.options import compiler_options
 
     entry = models.get_entry(name)
     size = entry.input_size
@@ -85,7 +86,7 @@ def bench(name: str, passes, batch: int, iters: int, precision: str):
         tm = torch_model(name).to(dev).eval()
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
     if "forward" in passes:     # JAX and PyTorch calls alternate (timing.paired_ms)
-        fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=compiler_options())
 
         def tfwd():
             with torch.no_grad():
@@ -93,7 +94,7 @@ def bench(name: str, passes, batch: int, iters: int, precision: str):
         row["fwd_jax"], row["fwd_torch"] = paired_ms(
             [(lambda: fwd(state, xj), jax.block_until_ready), (tfwd, tsync)], iters)
     if "cam" in passes:
-        cams = jax.jit(make_cams_fn(graphdef, METHODS, output_size=(224, 224)))
+        cams = jax.jit(make_cams_fn(graphdef, METHODS, output_size=(224, 224)), compiler_options=compiler_options())
         lj = jnp.asarray(labels, jnp.int32)
         layer = tm.get_submodule(entry.target_layer)
         lt = torch.from_numpy(labels).long().to(dev)
@@ -128,14 +129,15 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
 
+    import dcls_jax
     import models
     names = [n for n in models.list_models() if not n.startswith("test_")] if args.models == "all" else args.models.split(",")
     passes = args.passes.split(",")
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"batch {args.batch}, median of {args.iters} (calls alternating); ratio = PyTorch time / JAX time; "
-          f"malloc: {'freed memory kept' if kept else 'default'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
-          flush=True)
+          f"malloc: {'freed memory kept' if kept else 'default'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"jit compiler_options={dcls_jax.compiler_options()}", flush=True)
     head = f"{'model':24} {'dw impl':14}"
     for p in passes:
         head += f" {p + ' jax':>11} {p + ' torch':>12} {'ratio':>6}"

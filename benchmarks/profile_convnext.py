@@ -36,7 +36,7 @@ def rows(batch, kernel, impls, iters):
     jsync, tsync = jax.block_until_ready, (lambda _: None)
 
     def both(name, jf, jargs, tf, targs):
-        jf = jax.jit(jf)
+        jf = jax.jit(jf, compiler_options=dcls_jax.compiler_options())
         with torch.no_grad():
             j, t = paired_ms([(lambda: jf(*jargs), jsync), (lambda: tf(*targs), tsync)], iters)
         yield name, j, t

@@ -56,6 +56,7 @@ from flax import nnx
 import cam.capture as capture
 from cam.capture import check_labels
 from dcls_jax.image import resize_bilinear
+from dcls_jax.options import compiler_options
 
 # ---------------------------------------------------------------------------------------------------------------
 # Maps at feature resolution from activations `a` and gradients `g`, both (B, h, w, C) float32.
@@ -344,12 +345,12 @@ def _jitted_gradients(graphdef, method: str, layer: str | None, reshape=None, ta
         model.eval()
         # the class count comes back as an array
         return _gradients(model, images, target if labels is None else labels, method, layer, reshape)
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=compiler_options())
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_maps(method: str, size: tuple[int, int], kw_items: tuple):
-    return jax.jit(functools.partial(_maps, method, size=size, **dict(kw_items)))
+    return jax.jit(functools.partial(_maps, method, size=size, **dict(kw_items)), compiler_options=compiler_options())
 
 
 def compute(model, images, labels=None, method: str = "gradcam", *, layer=None, output_size=None,

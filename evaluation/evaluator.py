@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cam
+from dcls_jax.options import compiler_options
 from evaluation import PRECISIONS, STUDY_METHODS, metrics as metric_registry, protocols
 
 __all__ = ["ACCURACY_MIN_IMAGES", "ACCURACY_WARN_TOP1", "Evaluator", "Explainer", "WithPrecision", "accuracy",
@@ -185,7 +186,8 @@ class Evaluator:
         fn = self._with_predictions(self._step_fn())
         data = P("data")
         self.step = WithPrecision(jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), data, data, data),
-                                                        out_specs=data)), self.precision)
+                                                        out_specs=data), compiler_options=compiler_options()),
+                                  self.precision)
         self._seen: list[dict] = []
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -316,9 +318,10 @@ class Explainer:
             m.eval()
             return jax.nn.softmax(m(x).astype(jnp.float32), axis=-1)
 
-        self._probabilities = WithPrecision(jax.jit(probabilities), precision)
-        self._cams = WithPrecision(jax.jit(lambda state, x, y: cams_fn(*cast_for_precision(state, x, precision), y)),
-                                   precision)
+        options = compiler_options()
+        self._probabilities = WithPrecision(jax.jit(probabilities, compiler_options=options), precision)
+        self._cams = WithPrecision(jax.jit(lambda state, x, y: cams_fn(*cast_for_precision(state, x, precision), y),
+                                           compiler_options=options), precision)
 
     def probabilities(self, images) -> jax.Array:
         """(B, num_classes) softmax of the logits (float32)."""

@@ -28,6 +28,7 @@ import models
 from cam import harmonization
 from data import augment
 from dcls_jax.optim import path_names
+from dcls_jax.options import compiler_options
 
 
 OPTIMIZERS = ("adamw", "lamb")
@@ -331,7 +332,8 @@ def make_train_step(cfg: configs.Config, graphdef, tx, schedule, steps_per_epoch
         return new, metrics
 
     replicated = NamedSharding(state_sharding["step"].mesh, P())
-    return jax.jit(step_fn, out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return jax.jit(step_fn, out_shardings=(state_sharding, replicated), donate_argnums=0,
+                   compiler_options=compiler_options())
 
 
 def harmonization_terms(cfg: configs.Config, model, batch, dtype):
@@ -359,7 +361,7 @@ def make_eval_step(cfg: configs.Config, graphdef):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return jnp.stack([correct.sum(), jnp.where(mask, ce, 0).sum(), mask.sum()])
 
-    return jax.jit(eval_fn)
+    return jax.jit(eval_fn, compiler_options=compiler_options())
 
 
 def make_mixer(cfg: configs.Config) -> augment.Mixup | None:

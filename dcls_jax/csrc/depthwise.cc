@@ -16,7 +16,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,13 +34,41 @@ namespace {
 using Array3 = ffi::Buffer<ffi::F32, 3>;
 using Array4 = ffi::Buffer<ffi::F32, 4>;
 
-constexpr int64_t kLanes = 16;     // floats per vector (one AVX-512 register, two AVX2 ones)
-constexpr int64_t kMaxBlock = 12;  // output columns (forward) or kernel columns (kernel gradient) in registers
+// Floats per vector and the most output columns (forward: times two rows) or kernel columns (kernel gradient)
+// held in registers: 32 vector registers with AVX-512, 16 elsewhere (AVX2, NEON).
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxBlock = 12;
+#else
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMaxBlock = 6;
+#endif
 constexpr int64_t kChunkVecs = 8;  // at most 8 vectors (128 channels) per task's tile
 constexpr int64_t kTileFloats = 1 << 17;  // ~0.5 MiB of input rows per task where the batch allows
 constexpr int64_t kMinTasks = 16;         // enough tasks for the pool's threads
 
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+// A thread's scratch floats, 64-byte aligned (so that vector loads never split a cache line), zero-filled.
+class Scratch {
+ public:
+  float* zeroed(int64_t n) {
+    if (n > size_) {
+      std::free(data_);
+      size_ = round_up_size(n);
+      data_ = static_cast<float*>(std::aligned_alloc(64, size_ * sizeof(float)));
+      if (!data_) throw std::bad_alloc();
+    }
+    std::memset(data_, 0, n * sizeof(float));
+    return data_;
+  }
+  ~Scratch() { std::free(data_); }
+
+ private:
+  static int64_t round_up_size(int64_t n) { return (n + 15) / 16 * 16; }
+  float* data_ = nullptr;
+  int64_t size_ = 0;
+};
 
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
@@ -119,54 +149,70 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const F& body) {
 }
 
 // The input rows and channels a task reads: tile[r][u][k] = x[n, p0*sh - ph + r, u - pw, cs + k] (0 outside).
-void fill_tile(const Geometry& g, const Task& k, const float* x, std::vector<float>& tile) {
+const float* fill_tile(const Geometry& g, const Task& k, const float* x, Scratch& scratch) {
   const int64_t row0 = k.p0 * g.sh - g.ph, cnt = std::min(k.width, g.c - k.cs);
-  tile.assign(g.tile_h() * g.tile_w * k.width, 0.0f);
+  float* tile = scratch.zeroed(g.tile_h() * g.tile_w * k.width);
   const int64_t u0 = std::max<int64_t>(0, g.pw), u1 = std::min(g.tile_w, g.w + g.pw);  // tile columns in x
   for (int64_t r = 0; r < g.tile_h(); ++r) {
     const int64_t ih = row0 + r;
     if (ih < 0 || ih >= g.h || u0 >= u1) continue;
     const float* src = x + ((k.n * g.h + ih) * g.w + (u0 - g.pw)) * g.c + k.cs;
-    float* dst = tile.data() + (r * g.tile_w + u0) * k.width;
+    float* dst = tile + (r * g.tile_w + u0) * k.width;
     if (cnt == g.c && cnt == k.width) {
       std::memcpy(dst, src, (u1 - u0) * g.c * sizeof(float));
     } else {
       for (int64_t u = u0; u < u1; ++u, src += g.c, dst += k.width) std::memcpy(dst, src, cnt * sizeof(float));
     }
   }
+  return tile;
+}
+
+// R output rows (sharing each weight load) by QB output columns by one vector of channels, at (r, q0, c0).
+template <int QB, int R>
+inline void forward_block(const Geometry& g, const Task& k, const float* tile, const float* wp, float* y,
+                          int64_t r, int64_t c0, int64_t q0) {
+  const int64_t cw = k.width, step = g.sw * cw, row_step = g.sh * g.tile_w * cw;
+  vec acc[R][QB] = {};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const float* xrow = tile + ((r * g.sh + i) * g.tile_w + q0 * g.sw) * cw + c0;
+    const float* wrow = wp + i * g.kw * g.cp + k.cs + c0;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const vec wv = load(wrow + j * g.cp);
+      const float* xp = xrow + j * cw;
+#pragma GCC unroll 2
+      for (int rr = 0; rr < R; ++rr)
+#pragma GCC unroll 12
+        for (int b = 0; b < QB; ++b) acc[rr][b] += load(xp + rr * row_step + b * step) * wv;
+    }
+  }
+  const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
+  for (int rr = 0; rr < R; ++rr) {
+    float* yrow = y + ((k.n * g.ho + k.p0 + r + rr) * g.wo) * g.c + k.cs + c0;
+    for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
+      float* dst = yrow + (q0 + b) * g.c;
+      if (nc == kLanes) {
+        store(dst, acc[rr][b]);
+      } else {
+        float lanes[kLanes];
+        store(lanes, acc[rr][b]);
+        std::memcpy(dst, lanes, nc * sizeof(float));
+      }
+    }
+  }
 }
 
 template <int QB>
 void forward_task(const Geometry& g, const float* x, const float* wp, float* y, int64_t t) {
-  thread_local std::vector<float> tile;
+  thread_local Scratch scratch;
   const Task k(g, t);
-  fill_tile(g, k, x, tile);
-  const int64_t cw = k.width, step = g.sw * cw;
-  for (int64_t r = 0; r < k.rows; ++r) {
-    float* yrow = y + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c;
-    for (int64_t c0 = 0; c0 < cw; c0 += kLanes) {
-      const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
+  const float* tile = fill_tile(g, k, x, scratch);
+  for (int64_t r = 0; r < k.rows; r += 2) {
+    for (int64_t c0 = 0; c0 < k.width; c0 += kLanes) {
       for (int64_t q0 = 0; q0 < g.wo_pad; q0 += QB) {
-        vec acc[QB] = {};
-        for (int64_t i = 0; i < g.kh; ++i) {
-          const float* xrow = tile.data() + ((r * g.sh + i) * g.tile_w + q0 * g.sw) * cw + c0;
-          const float* wrow = wp + i * g.kw * g.cp + k.cs + c0;
-          for (int64_t j = 0; j < g.kw; ++j) {
-            const vec wv = load(wrow + j * g.cp);
-            const float* xp = xrow + j * cw;
-#pragma GCC unroll 12
-            for (int b = 0; b < QB; ++b) acc[b] += load(xp + b * step) * wv;
-          }
-        }
-        for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
-          float* dst = yrow + (q0 + b) * g.c + k.cs + c0;
-          if (nc == kLanes) {
-            store(dst, acc[b]);
-          } else {
-            float lanes[kLanes];
-            store(lanes, acc[b]);
-            std::memcpy(dst, lanes, nc * sizeof(float));
-          }
+        if (r + 1 < k.rows) {
+          forward_block<QB, 2>(g, k, tile, wp, y, r, c0, q0);
+        } else {
+          forward_block<QB, 1>(g, k, tile, wp, y, r, c0, q0);
         }
       }
     }
@@ -176,14 +222,14 @@ void forward_task(const Geometry& g, const float* x, const float* wp, float* y, 
 // One task's share of the kernel gradient: (KH, KW_pad, width) floats into `part`.
 template <int JB>
 void kernel_grad_task(const Geometry& g, const float* x, const float* gy, float* part, int64_t t) {
-  thread_local std::vector<float> tile, gtile;
+  thread_local Scratch scratch, gscratch;
   const Task k(g, t);
-  fill_tile(g, k, x, tile);
+  const float* tile = fill_tile(g, k, x, scratch);
   const int64_t cw = k.width, cnt = std::min(cw, g.c - k.cs), step = g.sw * cw;
-  gtile.assign(k.rows * g.wo * cw, 0.0f);
+  float* gtile = gscratch.zeroed(k.rows * g.wo * cw);
   for (int64_t r = 0; r < k.rows; ++r) {
     const float* src = gy + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c + k.cs;
-    float* dst = gtile.data() + r * g.wo * cw;
+    float* dst = gtile + r * g.wo * cw;
     for (int64_t q = 0; q < g.wo; ++q) std::memcpy(dst + q * cw, src + q * g.c, cnt * sizeof(float));
   }
   for (int64_t i = 0; i < g.kh; ++i) {
@@ -191,8 +237,8 @@ void kernel_grad_task(const Geometry& g, const float* x, const float* gy, float*
       for (int64_t j0 = 0; j0 < g.kw_pad; j0 += JB) {
         vec acc[JB] = {};
         for (int64_t r = 0; r < k.rows; ++r) {
-          const float* xrow = tile.data() + ((r * g.sh + i) * g.tile_w + j0) * cw + c0;
-          const float* grow = gtile.data() + r * g.wo * cw + c0;
+          const float* xrow = tile + ((r * g.sh + i) * g.tile_w + j0) * cw + c0;
+          const float* grow = gtile + r * g.wo * cw + c0;
           for (int64_t q = 0; q < g.wo; ++q) {
             const vec gv = load(grow + q * cw);
             const float* xp = xrow + q * step;
