@@ -3,7 +3,8 @@ where every depthwise and DCLS convolution of the project picks its implementati
 
 `conv(x, w, stride, padding, groups, dilation, impl=None)` takes x as (N, *spatial, C) and w as
 (O, C/groups, *k) (the layout of torch.nn.ConvNd and of the dense DCLS kernel) and pads symmetrically like
-PyTorch (never 'SAME'). Depthwise convolutions (groups == C == O, dilation 1, x and w of one dtype) run one of
+PyTorch (never 'SAME'). Depthwise convolutions (groups == C, O == C or a multiple m of it, dilation 1, x and w
+of one dtype; a multiplier runs as the depthwise conv of x with each channel repeated m times) run one of
 several implementations of the same cross-correlation, each with its forward pass and both gradients:
 
     "xla"      lax.conv_general_dilated (every other convolution always runs this);
@@ -115,12 +116,13 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
     nd = len(w_shape) - 2
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
     c_in, c_out = x_shape[-1], w_shape[0]
-    depthwise = groups == c_in == c_out and w_shape[1] == 1 and all(d == 1 for d in dilation)
+    # depthwise, also with a channel multiplier (out = m * in, groups = in: FastViT's downsampling convs)
+    depthwise = groups == c_in and c_out % c_in == 0 and w_shape[1] == 1 and all(d == 1 for d in dilation)
     if impl is not None:
         _check_impl(impl, "impl argument")
         if impl not in ("auto", "xla") and not depthwise:
-            raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in == out "
-                             f"channels, dilation 1); got x {tuple(x_shape)}, w {tuple(w_shape)}, groups {groups}")
+            raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in "
+                             f"channels, out a multiple of in, dilation 1); got x {tuple(x_shape)}, w {tuple(w_shape)}, groups {groups}")
         if impl not in ("auto",) and not _supports(impl, nd, backend):
             if impl == "native" and nd <= 2:
                 from dcls_jax.native import unavailable_reason
@@ -328,6 +330,10 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
         raise ValueError(f"kernel {tuple(w.shape[2:])} (dilation {dilation}) is larger than the padded input "
                          f"{tuple(s + 2 * p for s, p in zip(x.shape[1:-1], padding))}")
     name = selected_impl(x.shape, w.shape, stride, padding, groups, dilation, x.dtype, impl)
+    if name != "xla" and w.shape[0] != x.shape[-1]:
+        # channel multiplier m: output channel o reads input channel o // m, i.e. a depthwise conv of the input
+        # with each channel repeated m times (autodiff sums the copies' gradients)
+        x = jnp.repeat(x, w.shape[0] // x.shape[-1], axis=-1)
     if name != "xla" and (x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating)):
         if impl is not None:   # the fast paths run real floating inputs of one dtype; XLA runs the rest
             raise ValueError(f"implementation {impl!r} needs x and w of one real floating dtype, got {x.dtype} "

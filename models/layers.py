@@ -113,8 +113,10 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x):
         w = self.weight[...].astype(x.dtype)
-        if w.shape[2:] == (1, 1) and self.groups == 1 and self.stride in (1, (1, 1)) and self.padding in (0, (0, 0)):
-            y = jnp.einsum("...i,oi->...o", x, w[:, :, 0, 0])   # pointwise: a matmul (faster than XLA's CPU conv)
+        if w.shape[2:] == (1, 1) and self.groups == 1 and self.padding in (0, (0, 0)):
+            sh, sw = (self.stride, self.stride) if isinstance(self.stride, int) else self.stride
+            # pointwise (strided: on every s-th pixel): a matmul, faster than XLA's CPU conv
+            y = jnp.einsum("...i,oi->...o", x[:, ::sh, ::sw], w[:, :, 0, 0])
         else:
             y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)

@@ -101,6 +101,27 @@ def test_fp32_paths_equal_lax(shape, k, stride, pad):
             assert rel(a, b) <= 1e-5, (name, what, rel(a, b))
 
 
+@pytest.mark.parametrize("shape, m, k, stride, pad", [((2, 13, 12, 6), 2, (7, 7), 2, 3), ((1, 9, 9, 5), 3, (3, 3), 1, 1)])
+def test_channel_multiplier_paths_equal_lax(shape, m, k, stride, pad):
+    """groups == in channels, out = m * in (FastViT's downsampling convs): every path equals XLA's grouped conv."""
+    rng = np.random.default_rng(7)
+    c = shape[-1]
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(m * c, 1, *k)), jnp.float32)
+    for impl in ("shifted", "fft", "shifted_fft", "pallas", "native"):
+        assert C.selected_impl(x.shape, w.shape, stride, pad, c, impl=impl) == impl
+    ref_fn = lambda a, b: lax.conv_general_dilated(   # noqa: E731
+        a, b, (stride,) * 2, [(pad, pad)] * 2, dimension_numbers=_DIMS[2], feature_group_count=c,
+        precision=lax.Precision.HIGHEST)
+    y, vjp = jax.vjp(ref_fn, x, w)
+    ct = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    ref = (y, *vjp(ct))
+    for impl in ("shifted", "fft", "shifted_fft", "pallas", "native"):
+        y, vjp = jax.vjp(lambda a, b: dcls_jax.conv(a, b, stride, pad, c, impl=impl), x, w)
+        for what, a, b in zip(("y", "dx", "dw"), (y, *vjp(ct)), ref):
+            assert a.shape == b.shape and rel(a, b) <= 1e-5, (impl, what, rel(a, b))
+
+
 def test_bf16_large_kernel_sums_in_float32():
     """17x17 (289 taps) in bf16: the shifted sums accumulate in float32 like the FFT, so each output is within two
     bf16 roundings (2^-7) of sum |x| |w|; summed in bf16, 289 taps drifted to ~4e-2 (check_conv)."""
