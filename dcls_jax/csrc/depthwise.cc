@@ -6,10 +6,14 @@
 //
 // x (N, H, W, C), w and dw (KH, KW, C), y and g (N, HO, WO, C), all float32; positions outside x read as zero,
 // so any padding (also negative, a crop) is an attribute, and the output size is the result's shape. The input
-// gradient is the forward on the cotangent with the flipped kernel (native.py). Work is split into tasks of a
-// sample's block of output rows; each task copies the input rows it reads into a zero-padded tile whose
-// channels are rounded up to the 16 lanes of a vector, so the inner loops have no bounds or tail. The tasks
-// run on XLA's intra-op thread pool; the kernel gradient sums one partial per task in task order, so its
+// gradient is the forward on the cotangent with the flipped kernel (native.py).
+//
+// Work is split into tasks: a sample's block of output rows times a chunk of at most 128 channels. Each task
+// copies the input rows and channels it reads into a zero-padded, 64-byte aligned tile (channels rounded up to
+// the vector), so the inner loops have no bounds or tails. The forward holds a block of output columns of one
+// vector of channels in registers across all taps (at stride 1 the input vectors move by one column per tap:
+// one load per tap); the kernel gradient holds a block of taps across a row of outputs. Tasks run on XLA's
+// intra-op thread pool. The kernel gradient sums fixed groups of tasks in order, then the groups in order: its
 // rounding does not depend on the number of threads.
 #include <algorithm>
 #include <array>
@@ -44,7 +48,7 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kMaxBlock = 6;
 #endif
 constexpr int64_t kChunkVecs = 8;  // at most 8 vectors (128 channels) per task's tile
-constexpr int64_t kTileFloats = 1 << 17;  // ~0.5 MiB of input rows per task where the batch allows
+constexpr int64_t kTileFloats = 1 << 19;  // ~2 MiB of input rows per task (an L2) where the batch allows
 constexpr int64_t kMinTasks = 16;         // enough tasks for the pool's threads
 
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
@@ -201,11 +205,54 @@ inline void forward_block(const Geometry& g, const Task& k, const float* tile, c
   }
 }
 
+// Stride 1, one output row: the QB input vectors of one tap move by one column per tap (one load per tap).
+template <int QB>
+inline void forward_block_s1(const Geometry& g, const Task& k, const float* tile, const float* wp, float* y,
+                             int64_t r, int64_t c0, int64_t q0) {
+  const int64_t cw = k.width;
+  vec acc[QB] = {};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const float* xrow = tile + ((r + i) * g.tile_w + q0) * cw + c0;
+    const float* wrow = wp + i * g.kw * g.cp + k.cs + c0;
+    vec xs[QB];
+#pragma GCC unroll 12
+    for (int b = 0; b < QB; ++b) xs[b] = load(xrow + b * cw);
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const vec wv = load(wrow + j * g.cp);
+#pragma GCC unroll 12
+      for (int b = 0; b < QB; ++b) acc[b] += xs[b] * wv;
+      if (j + 1 < g.kw) {
+#pragma GCC unroll 12
+        for (int b = 0; b + 1 < QB; ++b) xs[b] = xs[b + 1];
+        xs[QB - 1] = load(xrow + (j + QB) * cw);
+      }
+    }
+  }
+  const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
+  float* yrow = y + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c + k.cs + c0;
+  for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
+    float* dst = yrow + (q0 + b) * g.c;
+    if (nc == kLanes) {
+      store(dst, acc[b]);
+    } else {
+      float lanes[kLanes];
+      store(lanes, acc[b]);
+      std::memcpy(dst, lanes, nc * sizeof(float));
+    }
+  }
+}
+
 template <int QB>
 void forward_task(const Geometry& g, const float* x, const float* wp, float* y, int64_t t) {
   thread_local Scratch scratch;
   const Task k(g, t);
   const float* tile = fill_tile(g, k, x, scratch);
+  if (g.sh == 1 && g.sw == 1) {
+    for (int64_t r = 0; r < k.rows; ++r)
+      for (int64_t c0 = 0; c0 < k.width; c0 += kLanes)
+        for (int64_t q0 = 0; q0 < g.wo_pad; q0 += QB) forward_block_s1<QB>(g, k, tile, wp, y, r, c0, q0);
+    return;
+  }
   for (int64_t r = 0; r < k.rows; r += 2) {
     for (int64_t c0 = 0; c0 < k.width; c0 += kLanes) {
       for (int64_t q0 = 0; q0 < g.wo_pad; q0 += QB) {
@@ -219,7 +266,7 @@ void forward_task(const Geometry& g, const float* x, const float* wp, float* y, 
   }
 }
 
-// One task's share of the kernel gradient: (KH, KW_pad, width) floats into `part`.
+// One task's share of the kernel gradient, added to `part`: (KH, KW_pad, width) floats.
 template <int JB>
 void kernel_grad_task(const Geometry& g, const float* x, const float* gy, float* part, int64_t t) {
   thread_local Scratch scratch, gscratch;
@@ -232,21 +279,42 @@ void kernel_grad_task(const Geometry& g, const float* x, const float* gy, float*
     float* dst = gtile + r * g.wo * cw;
     for (int64_t q = 0; q < g.wo; ++q) std::memcpy(dst + q * cw, src + q * g.c, cnt * sizeof(float));
   }
-  for (int64_t i = 0; i < g.kh; ++i) {
-    for (int64_t c0 = 0; c0 < cw; c0 += kLanes) {
-      for (int64_t j0 = 0; j0 < g.kw_pad; j0 += JB) {
-        vec acc[JB] = {};
-        for (int64_t r = 0; r < k.rows; ++r) {
-          const float* xrow = tile + ((r * g.sh + i) * g.tile_w + j0) * cw + c0;
-          const float* grow = gtile + r * g.wo * cw + c0;
-          for (int64_t q = 0; q < g.wo; ++q) {
-            const vec gv = load(grow + q * cw);
-            const float* xp = xrow + q * step;
+  // Row by row (an input row and a cotangent row stay in L1 across the taps), adding into the partial.
+  for (int64_t r = 0; r < k.rows; ++r) {
+    const float* grow = gtile + r * g.wo * cw;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const float* xrow = tile + (r * g.sh + i) * g.tile_w * cw;
+      for (int64_t c0 = 0; c0 < cw; c0 += kLanes) {
+        for (int64_t j0 = 0; j0 < g.kw_pad; j0 += JB) {
+          vec acc[JB] = {};
+          const float* xp0 = xrow + j0 * cw + c0;
+          const float* gp = grow + c0;
+          if (g.sw == 1) {   // the JB input vectors of one output column move by one column per column
+            vec xs[JB];
 #pragma GCC unroll 12
-            for (int b = 0; b < JB; ++b) acc[b] += load(xp + b * cw) * gv;
+            for (int b = 0; b < JB; ++b) xs[b] = load(xp0 + b * cw);
+            for (int64_t q = 0; q < g.wo; ++q) {
+              const vec gv = load(gp + q * cw);
+#pragma GCC unroll 12
+              for (int b = 0; b < JB; ++b) acc[b] += xs[b] * gv;
+              if (q + 1 < g.wo) {
+#pragma GCC unroll 12
+                for (int b = 0; b + 1 < JB; ++b) xs[b] = xs[b + 1];
+                xs[JB - 1] = load(xp0 + (q + JB) * cw);
+              }
+            }
+          } else {
+            for (int64_t q = 0; q < g.wo; ++q) {
+              const vec gv = load(gp + q * cw);
+              const float* xp = xp0 + q * step;
+#pragma GCC unroll 12
+              for (int b = 0; b < JB; ++b) acc[b] += load(xp + b * cw) * gv;
+            }
           }
+          float* dst = part + (i * g.kw_pad + j0) * cw + c0;
+#pragma GCC unroll 12
+          for (int b = 0; b < JB; ++b) store(dst + b * cw, load(dst + b * cw) + acc[b]);
         }
-        for (int b = 0; b < JB; ++b) store(part + (i * g.kw_pad + j0 + b) * cw + c0, acc[b]);
       }
     }
   }
@@ -297,19 +365,26 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 x, Array4 gy,
   Geometry g(xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], gd[1], gd[2], sh, sw, ph, pw);
   if (auto e = check(g); e.failure()) return e;
   float* out = dw->typed_data();
-  const int64_t part_size = g.kh * g.kw_pad * g.chunk, tasks = g.tasks();
-  std::vector<float> parts(std::max<int64_t>(tasks, g.chunks) * part_size, 0.0f);
+  // Each chunk of channels' tasks in G fixed groups of consecutive tasks, a group's tasks summed in order into
+  // its partial, the partials then summed in order: the same rounding for any number of threads.
+  const int64_t part_size = g.kh * g.kw_pad * g.chunk, per_chunk = g.n * g.blocks;
+  const int64_t groups = std::max<int64_t>(1, std::min(per_chunk, kMinTasks));
+  std::vector<float> parts(g.chunks * groups * part_size, 0.0f);
   if (g.n * g.ho * g.wo > 0) {
     const float* xs = x.typed_data();
     const float* gs = gy.typed_data();
     const TaskFn task = kKernelGrad[g.jb - 1];
-    parallel_for(pool, tasks, [&](int64_t t) { task(g, xs, gs, parts.data() + t * part_size, t); });
+    parallel_for(pool, g.chunks * groups, [&](int64_t item) {
+      const int64_t ch = item / groups, grp = item % groups;
+      float* part = parts.data() + item * part_size;
+      for (int64_t u = grp * per_chunk / groups; u < (grp + 1) * per_chunk / groups; ++u)
+        task(g, xs, gs, part, u * g.chunks + ch);
+    });
   }
-  // Per chunk of channels, its tasks' partials summed in task order: the same rounding for any thread count.
   for (int64_t ch = 0; ch < g.chunks; ++ch) {
-    float* sum = parts.data() + ch * part_size;
-    for (int64_t t = ch + g.chunks; t < tasks; t += g.chunks)
-      for (int64_t e = 0; e < part_size; ++e) sum[e] += parts[t * part_size + e];
+    float* sum = parts.data() + ch * groups * part_size;
+    for (int64_t grp = 1; grp < groups; ++grp)
+      for (int64_t e = 0; e < part_size; ++e) sum[e] += sum[grp * part_size + e];
     const int64_t cs = ch * g.chunk, cw = std::min(g.chunk, g.cp - cs), cnt = std::min(cw, g.c - cs);
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j)
