@@ -12,7 +12,8 @@ sum(y * ct) w.r.t. x and the kernel; for DCLS w.r.t. x, weight, P, SIG). For eve
 dcls 0.1.1's Dcls2d, on CUDA when available, with --threads CPU threads (default 2, XLA:CPU's on this machine);
 ratio = PyTorch time / auto time. On a GPU it adds the physical floor (2 * N*H*W*C*taps flops, x3 with the
 backward, at --peak-tflops; or the bytes at --peak-gbs, whichever is longer) as the fraction floor / auto time.
-Pallas on CPU runs in interpret mode (far too slow to time): it is skipped there unless named in --impls.
+Pallas on CPU runs in interpret mode (far too slow to time): it is skipped there unless named in --impls; "native"
+(the C++ CPU kernels) runs on the CPU only.
 """
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tsync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
     impls = (args.impls.split(",") if args.impls else
-             [i for i in conv_mod.IMPLS if i != "pallas" or backend in ("gpu", "tpu")])
+             [i for i in conv_mod.IMPLS if (i != "pallas" or backend in ("gpu", "tpu"))
+              and (i != "native" or backend == "cpu")])
     gpu = backend == "gpu"
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} on {dev} ({torch.get_num_threads()} threads)"
