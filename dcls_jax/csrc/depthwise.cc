@@ -171,6 +171,24 @@ const float* fill_tile(const Geometry& g, const Task& k, const float* x, Scratch
   return tile;
 }
 
+// Output row r (of the task), columns q0 .. q0+QB-1 (those < WO), channels c0 .. c0+15 (those < C).
+template <int QB>
+inline void store_outputs(const Geometry& g, const Task& k, const vec* acc, float* y, int64_t r, int64_t c0,
+                          int64_t q0) {
+  const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
+  float* yrow = y + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c + k.cs + c0;
+  for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
+    float* dst = yrow + (q0 + b) * g.c;
+    if (nc == kLanes) {
+      store(dst, acc[b]);
+    } else {
+      float lanes[kLanes];
+      store(lanes, acc[b]);
+      std::memcpy(dst, lanes, nc * sizeof(float));
+    }
+  }
+}
+
 // R output rows (sharing each weight load) by QB output columns by one vector of channels, at (r, q0, c0).
 template <int QB, int R>
 inline void forward_block(const Geometry& g, const Task& k, const float* tile, const float* wp, float* y,
@@ -189,20 +207,7 @@ inline void forward_block(const Geometry& g, const Task& k, const float* tile, c
         for (int b = 0; b < QB; ++b) acc[rr][b] += load(xp + rr * row_step + b * step) * wv;
     }
   }
-  const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
-  for (int rr = 0; rr < R; ++rr) {
-    float* yrow = y + ((k.n * g.ho + k.p0 + r + rr) * g.wo) * g.c + k.cs + c0;
-    for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
-      float* dst = yrow + (q0 + b) * g.c;
-      if (nc == kLanes) {
-        store(dst, acc[rr][b]);
-      } else {
-        float lanes[kLanes];
-        store(lanes, acc[rr][b]);
-        std::memcpy(dst, lanes, nc * sizeof(float));
-      }
-    }
-  }
+  for (int rr = 0; rr < R; ++rr) store_outputs<QB>(g, k, acc[rr], y, r + rr, c0, q0);
 }
 
 // Stride 1, one output row: the QB input vectors of one tap move by one column per tap (one load per tap).
@@ -228,18 +233,7 @@ inline void forward_block_s1(const Geometry& g, const Task& k, const float* tile
       }
     }
   }
-  const int64_t nc = std::min(kLanes, g.c - k.cs - c0);
-  float* yrow = y + ((k.n * g.ho + k.p0 + r) * g.wo) * g.c + k.cs + c0;
-  for (int64_t b = 0; b < QB && q0 + b < g.wo; ++b) {
-    float* dst = yrow + (q0 + b) * g.c;
-    if (nc == kLanes) {
-      store(dst, acc[b]);
-    } else {
-      float lanes[kLanes];
-      store(lanes, acc[b]);
-      std::memcpy(dst, lanes, nc * sizeof(float));
-    }
-  }
+  store_outputs<QB>(g, k, acc, y, r, c0, q0);
 }
 
 template <int QB>
