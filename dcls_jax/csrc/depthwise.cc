@@ -79,11 +79,13 @@ inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The register block for a loop of n: the least padding, then the widest.
+// The register block for a loop of n: the fewest padded iterations plus a per-block overhead of two, then the
+// least padding (17 -> 9, 23 -> 12, 56 -> 8, 14 -> 7, 13 -> 7; a block of 1 would leave the loads unshared).
 int64_t block_for(int64_t n) {
+  auto cost = [n](int64_t b) { return round_up(n, b) + 2 * div_up(n, b); };
   int64_t best = 1;
   for (int64_t b = 2; b <= kMaxBlock; ++b)
-    if (round_up(n, b) - n <= round_up(n, best) - n) best = b;
+    if (cost(b) < cost(best) || (cost(b) == cost(best) && round_up(n, b) < round_up(n, best))) best = b;
   return best;
 }
 
