@@ -82,8 +82,8 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
     """The measured-fastest implementation of a depthwise convolution (BENCHMARKS.md, 'dispatch table').
 
     CPU (2 cores, jax 0.10): the C++ kernels ("native") for 1-D and 2-D kernels up to 23x23, any float dtype:
-    2-8x faster than the XLA formulations below in the forward and 5-10x with both gradients at 7x7, 1.5-2x
-    forward at 17x17 (BENCHMARKS.md). Without them (no compiler, 3-D): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
+    3-6x faster than the best XLA formulation below in the forward, 3.5-11x with both gradients, at 7x7 and
+    17x17 (BENCHMARKS.md). Without them (no compiler, 3-D): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
     with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
     computes 1/stride^nd of the work the FFT does), except the forward of 15x15-23x23 kernels at stride 1 where
     the shifted sum (a scan over kernel rows) is the faster forward again: "shifted_fft" there. GPU (H100):
