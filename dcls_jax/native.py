@@ -1,15 +1,15 @@
 """The "native" depthwise convolution: C++ kernels for the CPU (csrc/depthwise.cc) run as XLA FFI custom calls.
 
 XLA:CPU has no fast depthwise convolution (its grouped convolution is ~50x slower than oneDNN's, the shifted
-sums 5-10x), so the CPU kernels are our own: a register-blocked forward over 16-float vectors, used for the
-input gradient too (the cotangent with the flipped kernel), and a kernel-gradient reduction. 1-D and 2-D;
-float32 inside (other float dtypes are cast in and out, as the FFT path does).
+sums 5-10x), so the CPU kernels are our own: a register-blocked forward over vectors of 16 floats (8 without
+AVX-512), used for the input gradient too (the cotangent with the flipped kernel), and a kernel-gradient
+reduction. 1-D and 2-D; float32 inside (other float dtypes are cast in and out, as the FFT path does).
 
 The source is compiled on first use with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) against
-the installed jaxlib's FFI headers, for this CPU (-march=native), into a per-user cache
-(`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or ~/.cache/dcls-jax, subfolder native/) under a name
-that hashes the source, the compiler, the flags, jaxlib's version and the CPU's features; later processes load
-it from there. Where no compiler works, or the cache folder is not private to this user, `available()` is
+the installed jaxlib's FFI headers, for this CPU (-march=native; `DCLS_JAX_NATIVE_MARCH` names another), into a
+per-user cache (`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or ~/.cache/dcls-jax, subfolder native/)
+under a name that hashes the source, the compiler, the flags, jaxlib's version and the CPU's features; later
+processes load it from there. Where no compiler works, or the cache folder is not private to this user, `available()` is
 False, `unavailable_reason()` says why, and the dispatcher keeps to the XLA paths.
 """
 from __future__ import annotations
@@ -74,7 +74,9 @@ def _build() -> Path:
     cxx = _compiler()
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    flags = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-w"]
+    # DCLS_JAX_NATIVE_MARCH: the target CPU (default: this one); the tests build an AVX2 one (x86-64-v3) too
+    flags = ["-std=c++17", "-O3", f"-march={os.environ.get('DCLS_JAX_NATIVE_MARCH') or 'native'}", "-fPIC",
+             "-shared", "-w"]
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
         source, version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(), _cpu_features()))).hexdigest()[:20]

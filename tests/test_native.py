@@ -3,6 +3,7 @@ second-order gradients, every vector/register-block edge, the compile cache's sa
 from __future__ import annotations
 
 import os
+import platform
 import stat
 import subprocess
 import sys
@@ -108,6 +109,26 @@ def test_batch_sharded_jit_stays_sharded():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 target (AVX2 build)")
+def test_avx2_build_equals_lax(tmp_path):
+    """The 8-float-vector build (no AVX-512: smaller register blocks) on every edge case, in a subprocess."""
+    code = textwrap.dedent("""
+        import sys, jax, numpy as np
+        sys.path.insert(0, %r)
+        import test_native as t
+        from dcls_jax import native
+        assert native.available(), native.unavailable_reason()
+        for case in t.EDGE_CASES + [((2, 14, 17, 40), (17, 17), 1, 8), ((1, 9, 30, 24), (7, 7), 2, 3)]:
+            t.test_blocks_and_chunks_equal_lax(*case)
+        t.test_vmap_and_second_order_gradients()
+        print("ok")
+    """ % os.path.join(ROOT, "tests"))
+    env = dict(os.environ, PYTHONPATH=ROOT, DCLS_JAX_NATIVE_MARCH="x86-64-v3", DCLS_JAX_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+    assert len(list((tmp_path / "native").glob("depthwise-*.so"))) == 1
 
 
 def _available_in_subprocess(env_extra):
