@@ -83,12 +83,12 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
 
     CPU (2 cores, jax 0.10): the C++ kernels ("native") for 1-D and 2-D kernels up to 23x23, any float dtype:
     3-6x faster than the best XLA formulation below in the forward, 3.5-11x with both gradients, at 7x7 and
-    17x17 (BENCHMARKS.md). Without them (no compiler, 3-D): the shifted sum wins while kernel taps x output pixels stay small; FFT cost grows
-    with the padded map, not the kernel, so it wins from about 9x9 kernels at stride 1 (the strided shifted sum
-    computes 1/stride^nd of the work the FFT does), except the forward of 15x15-23x23 kernels at stride 1 where
-    the shifted sum (a scan over kernel rows) is the faster forward again: "shifted_fft" there. GPU (H100):
-    XLA's depthwise convolution is fast for small kernels in bf16 and falls off a cliff beyond; FFT (cuFFT) runs
-    large kernels at a fraction of its cost.
+    17x17 (BENCHMARKS.md). Without them (no compiler, 3-D): the shifted sum wins while kernel taps x output
+    pixels stay small; FFT cost grows with the padded map, not the kernel, so it wins from about 9x9 kernels at
+    stride 1 (the strided shifted sum computes 1/stride^nd of the work the FFT does), except the forward of
+    15x15-23x23 kernels at stride 1 where the shifted sum (a scan over kernel rows) is the faster forward again:
+    "shifted_fft" there. GPU (H100): XLA's depthwise convolution is fast for small kernels in bf16 and falls off
+    a cliff beyond; FFT (cuFFT) runs large kernels at a fraction of its cost.
     TPU: XLA's convolution for small kernels, FFT for large ones."""
     backend = backend or jax.default_backend()
     taps = math.prod(ksize)
@@ -122,7 +122,8 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
         _check_impl(impl, "impl argument")
         if impl not in ("auto", "xla") and not depthwise:
             raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in "
-                             f"channels, out a multiple of in, dilation 1); got x {tuple(x_shape)}, w {tuple(w_shape)}, groups {groups}")
+                             f"channels, out a multiple of in, dilation 1); got x {tuple(x_shape)}, "
+                             f"w {tuple(w_shape)}, groups {groups}")
         if impl not in ("auto",) and not _supports(impl, nd, backend):
             if impl == "native" and nd <= 2:
                 from dcls_jax.native import unavailable_reason

@@ -9,8 +9,8 @@ The source is compiled on first use with the system's C++ compiler (`$CXX`, else
 the installed jaxlib's FFI headers, for this CPU (-march=native; `DCLS_JAX_NATIVE_MARCH` names another), into a
 per-user cache (`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or ~/.cache/dcls-jax, subfolder native/)
 under a name that hashes the source, the compiler, the flags, jaxlib's version and the CPU's features; later
-processes load it from there. Where no compiler works, or the cache folder is not private to this user, `available()` is
-False, `unavailable_reason()` says why, and the dispatcher keeps to the XLA paths.
+processes load it from there. Where no compiler works, or the cache folder is not private to this user,
+`available()` is False, `unavailable_reason()` says why, and the dispatcher keeps to the XLA paths.
 """
 from __future__ import annotations
 
@@ -77,9 +77,9 @@ def _build() -> Path:
     # DCLS_JAX_NATIVE_MARCH: the target CPU (default: this one); the tests build an AVX2 one (x86-64-v3) too
     flags = ["-std=c++17", "-O3", f"-march={os.environ.get('DCLS_JAX_NATIVE_MARCH') or 'native'}", "-fPIC",
              "-shared", "-w"]
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in (
-        source, version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(), _cpu_features()))).hexdigest()[:20]
+    parts = (SOURCE.read_bytes(), version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(),
+             _cpu_features())
+    key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()[:20]
     out_dir = cache_dir()
     _private_dir(out_dir)
     lib = out_dir / f"depthwise-{key}.so"

@@ -6,8 +6,8 @@ broadcast activation-sized array (65 ms of a 450 ms ConvNeXt-T forward, batch 8,
 dots run as XLA's own GEMMs and the elementwise ops as its loop fusions. Measured on that CPU, forward / Grad-CAM
 step with the option against without: convnext_tiny 1.2x, convnext_tiny_dcls 1.3x / 1.15x, caformer_s18 1.55x
 / 1.5x, caformer_s18_dcls 1.35x / 1.3x, resnet50 and convformer_s18_dcls ~1.05x, fastvit_sa24 0.93x (its dense
-stem convs are slower without YNNPACK; BENCHMARKS.md). Other backends: no options. Where the installed XLA lacks the option (it is experimental), or
-XLA_FLAGS already sets it, nothing is added.
+stem convs are slower without YNNPACK; BENCHMARKS.md). Other backends: no options. Where the installed XLA
+lacks the option (it is experimental), or XLA_FLAGS already sets it, nothing is added.
 """
 from __future__ import annotations
 

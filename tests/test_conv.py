@@ -101,7 +101,8 @@ def test_fp32_paths_equal_lax(shape, k, stride, pad):
             assert rel(a, b) <= 1e-5, (name, what, rel(a, b))
 
 
-@pytest.mark.parametrize("shape, m, k, stride, pad", [((2, 13, 12, 6), 2, (7, 7), 2, 3), ((1, 9, 9, 5), 3, (3, 3), 1, 1)])
+@pytest.mark.parametrize("shape, m, k, stride, pad", [((2, 13, 12, 6), 2, (7, 7), 2, 3),
+                                                      ((1, 9, 9, 5), 3, (3, 3), 1, 1)])
 def test_channel_multiplier_paths_equal_lax(shape, m, k, stride, pad):
     """groups == in channels, out = m * in (FastViT's downsampling convs): every path equals XLA's grouped conv."""
     rng = np.random.default_rng(7)
