@@ -65,12 +65,13 @@ def use_impl(name: str):
         _forced.reset(token)
 
 
-def _supports(impl: str, nd: int, backend: str | None = None) -> bool:
+def _supports(impl: str, nd: int, backend: str | None = None, dtype=None) -> bool:
     if impl == "pallas":
         return nd == 2
-    if impl == "native":
+    if impl == "native":   # float32 inside: 16-bit floats are cast in and out; float64 would lose its precision
         from dcls_jax.native import available
-        return nd <= 2 and (backend or jax.default_backend()) == "cpu" and available()
+        return (nd <= 2 and (backend or jax.default_backend()) == "cpu"
+                and (dtype is None or jnp.dtype(dtype).itemsize <= 4) and available())
     return True
 
 
@@ -81,7 +82,7 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
                 dtype, backend: str | None = None) -> str:
     """The measured-fastest implementation of a depthwise convolution (BENCHMARKS.md, 'dispatch table').
 
-    CPU (2 cores, jax 0.10): the C++ kernels ("native") for 1-D and 2-D kernels up to 23x23, any float dtype:
+    CPU (2 cores, jax 0.10): the C++ kernels ("native") for 1-D and 2-D kernels up to 23x23, float32 or narrower:
     3-6x faster than the best XLA formulation below in the forward, 3.5-11x with both gradients, at 7x7 and
     17x17 (BENCHMARKS.md). Without them (no compiler, 3-D): the shifted sum wins while kernel taps x output
     pixels stay small; FFT cost grows with the padded map, not the kernel, so it wins from about 9x9 kernels at
@@ -93,7 +94,7 @@ def choose_impl(ksize: Sequence[int], spatial: Sequence[int], channels: int, str
     backend = backend or jax.default_backend()
     taps = math.prod(ksize)
     sub = math.prod(stride)
-    if backend == "cpu" and taps <= _NATIVE_MAX_TAPS and _supports("native", len(ksize), backend):
+    if backend == "cpu" and taps <= _NATIVE_MAX_TAPS and _supports("native", len(ksize), backend, dtype):
         return "native"
     if backend == "cpu":
         if taps <= 64 * sub:
@@ -124,7 +125,9 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
             raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in "
                              f"channels, out a multiple of in, dilation 1); got x {tuple(x_shape)}, "
                              f"w {tuple(w_shape)}, groups {groups}")
-        if impl not in ("auto",) and not _supports(impl, nd, backend):
+        if impl not in ("auto",) and not _supports(impl, nd, backend, dtype):
+            if impl == "native" and nd <= 2 and jnp.dtype(dtype).itemsize > 4:
+                raise ValueError(f"implementation 'native' computes in float32; got {jnp.dtype(dtype).name}")
             if impl == "native" and nd <= 2:
                 from dcls_jax.native import unavailable_reason
                 why = unavailable_reason() or f"backend {backend or jax.default_backend()}"
@@ -136,7 +139,7 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
         return "xla"
     forced = _forced.get() or os.environ.get(ENV_VAR) or "auto"
     _check_impl(forced, f"use_impl / {ENV_VAR}")
-    if impl is None and forced != "auto" and _supports(forced, nd, backend):
+    if impl is None and forced != "auto" and _supports(forced, nd, backend, dtype):
         return forced
     return choose_impl(w_shape[2:], x_shape[1:-1], c_in, stride, dtype, backend)
 

@@ -212,6 +212,12 @@ def test_dispatcher_returns_a_path_for_every_case():
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 31, 31), groups=96, backend="cpu") == "fft"
     assert C.selected_impl((1, 9, 9, 9, 96), (96, 1, 3, 3, 3), groups=96, backend="cpu") == "shifted"
     assert C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, backend="gpu") == "shifted"
+    # float64 keeps its precision: the XLA paths, and forcing the float32 kernels is an error
+    assert C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, dtype=jnp.float64, backend="cpu") == "shifted"
+    with C.use_impl("native"):
+        assert C.selected_impl((1, 56, 56, 96), (96, 1, 17, 17), groups=96, dtype=jnp.float64) == "shifted_fft"
+    with pytest.raises(ValueError, match="'native' computes in float32; got float64"):
+        C.selected_impl((1, 56, 56, 96), (96, 1, 7, 7), groups=96, dtype=jnp.float64, impl="native")
 
 
 def test_dispatcher_without_the_native_kernels(monkeypatch):
