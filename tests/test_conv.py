@@ -204,7 +204,7 @@ def test_dispatcher_returns_a_path_for_every_case():
     # and `selected_impl` for non-depthwise convolutions is XLA's
     assert C.selected_impl((1, 8, 8, 4), (8, 2, 3, 3), groups=2) == "xla"
     assert C.selected_impl((1, 8, 8, 4), (4, 1, 3, 3), groups=4, dilation=2) == "xla"
-    # CPU: the C++ kernels (this machine compiles them) up to 23x23, 1-D and 2-D, any float dtype
+    # CPU: the C++ kernels (this machine compiles them) up to 23x23, 1-D and 2-D, float32 and bfloat16
     assert native.available(), native.unavailable_reason()
     for k, dtype in itertools.product((3, 7, 9, 17, 23), (jnp.float32, jnp.bfloat16)):
         assert C.selected_impl((1, 56, 56, 96), (96, 1, k, k), groups=96, dtype=dtype, backend="cpu") == "native"
