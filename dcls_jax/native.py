@@ -9,7 +9,7 @@ The source is compiled on first use with the system's C++ compiler (`$CXX`, else
 the installed jaxlib's FFI headers, for this CPU (-march=native; `DCLS_JAX_NATIVE_MARCH` names another), into a
 per-user cache (`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or ~/.cache/dcls-jax, subfolder native/)
 under a name that hashes the source, the compiler, the flags, jaxlib's version and the CPU's features; later
-processes load it from there. Where no compiler works, or the cache folder is not private to this user,
+processes load it from there, and a new build deletes the builds no process has loaded for STALE_DAYS days. Where no compiler works, or the cache folder is not private to this user,
 `available()` is False, `unavailable_reason()` says why, and the dispatcher keeps to the XLA paths.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -84,7 +85,9 @@ def _build() -> Path:
     _private_dir(out_dir)
     lib = out_dir / f"depthwise-{key}.so"
     if lib.exists():
+        os.utime(lib)   # marks it used: builds of other versions unused for STALE_DAYS are pruned
         return lib
+    _prune(out_dir)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
@@ -97,6 +100,21 @@ def _build() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+STALE_DAYS = 30
+
+
+def _prune(out_dir: Path) -> None:
+    """Delete builds (of other sources, compilers or jaxlibs: several venvs may share the cache) that no
+    process has loaded for STALE_DAYS days."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in out_dir.glob("depthwise-*.so"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:   # another process pruned or used it meanwhile
+            pass
 
 
 def _load() -> None:

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +170,22 @@ def test_compiles_into_a_fresh_private_cache(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     libs = [p.name for p in folder.iterdir()]
     assert len(libs) == 1 and libs[0].startswith("depthwise-") and libs[0].endswith(".so"), libs  # no temp left
+
+
+def test_stale_builds_are_pruned_used_ones_kept(tmp_path):
+    folder = tmp_path / "native"
+    folder.mkdir(mode=0o700)
+    stale, recent, other = folder / "depthwise-stale.so", folder / "depthwise-recent.so", folder / "notes.txt"
+    for f in (stale, recent, other):
+        f.write_bytes(b"x")
+    old = time.time() - (native.STALE_DAYS + 1) * 86400
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    ok, reason = _available_in_subprocess({"DCLS_JAX_CACHE_DIR": str(tmp_path)})
+    assert ok == "True", reason
+    names = sorted(p.name for p in folder.iterdir())
+    assert "depthwise-stale.so" not in names and "depthwise-recent.so" in names and "notes.txt" in names, names
+    assert len([n for n in names if n.startswith("depthwise-") and n != "depthwise-recent.so"]) == 1   # the build
 
 
 def test_source_ships_with_the_package():
