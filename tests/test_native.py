@@ -14,24 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 import dcls_jax
 from dcls_jax import native
+from test_conv import _reference as _ref, rel  # noqa: E402 (tests/ is on sys.path, as for test_dcls)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _ref(x, w, stride, pad):
-    nd = x.ndim - 2
-    dims = {1: ("NHC", "OIH", "NHC"), 2: ("NHWC", "OIHW", "NHWC")}[nd]
-    return lax.conv_general_dilated(x, w, (stride,) * nd, [(pad, pad)] * nd, dimension_numbers=dims,
-                                    feature_group_count=x.shape[-1], precision=lax.Precision.HIGHEST)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def test_compiled_here():

@@ -117,7 +117,7 @@ struct Geometry {
 };
 
 struct Task {
-  int64_t n, p0, rows, cs, width;  // sample, first output row, rows, first channel, chunk width (mult. of 16)
+  int64_t n, p0, rows, cs, width;  // sample, first output row, rows, first channel, chunk width (of kLanes)
   Task(const Geometry& g, int64_t t) {
     const int64_t ch = t % g.chunks, b = (t / g.chunks) % g.blocks;
     n = t / (g.chunks * g.blocks);
@@ -173,7 +173,7 @@ const float* fill_tile(const Geometry& g, const Task& k, const float* x, Scratch
   return tile;
 }
 
-// Output row r (of the task), columns q0 .. q0+QB-1 (those < WO), channels c0 .. c0+15 (those < C).
+// Output row r (of the task), columns q0 .. q0+QB-1 (those < WO), channels c0 .. c0+kLanes-1 (those < C).
 template <int QB>
 inline void store_outputs(const Geometry& g, const Task& k, const vec* acc, float* y, int64_t r, int64_t c0,
                           int64_t q0) {
