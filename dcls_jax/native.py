@@ -33,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-SOURCE = Path(__file__).with_name("csrc") / "depthwise.cc"
-_TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",
-            "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad"}   # XLA custom-call name: C symbol
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc")   # one library; both include csrc/common.h
+_TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom-call name: C symbol
+            "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
+            "dcls_jax_matmul": "DclsMatmul"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -78,12 +80,12 @@ def _build() -> Path:
     # DCLS_JAX_NATIVE_MARCH: the target CPU (default: this one); the tests build an AVX2 one (x86-64-v3) too
     flags = ["-std=c++17", "-O3", f"-march={os.environ.get('DCLS_JAX_NATIVE_MARCH') or 'native'}", "-fPIC",
              "-shared", "-w"]
-    parts = (SOURCE.read_bytes(), version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(),
+    parts = (*(f.read_bytes() for f in (*SOURCES, CSRC / "common.h")), version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(),
              _cpu_features())
     key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()[:20]
     out_dir = cache_dir()
     _private_dir(out_dir)
-    lib = out_dir / f"depthwise-{key}.so"
+    lib = out_dir / f"native-{key}.so"
     if lib.exists():
         os.utime(lib)   # marks it used: builds of other versions unused for STALE_DAYS are pruned
         return lib
@@ -91,7 +93,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, "-I", include, str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, "-I", include, *map(str, SOURCES), "-o", tmp]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if run.returncode:
             raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
@@ -109,7 +111,7 @@ def _prune(out_dir: Path) -> None:
     """Delete builds (of other sources, compilers or jaxlibs: several venvs may share the cache) that no
     process has loaded for STALE_DAYS days."""
     cutoff = time.time() - STALE_DAYS * 86400
-    for old in out_dir.glob("depthwise-*.so"):
+    for old in [*out_dir.glob("native-*.so"), *out_dir.glob("depthwise-*.so")]:   # depthwise-*: the earlier name
         try:
             if old.stat().st_mtime < cutoff:
                 old.unlink()
@@ -141,6 +143,30 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     _load()
     return _state.get("reason")
+
+
+def _vma(v) -> frozenset:
+    """The shard_map axes v varies over (jax 0.10: aval.manual_axis_type.varying; older: aval.vma)."""
+    aval = jax.typeof(v)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def match_vma(y, *inputs):
+    """An FFI call's result typed as varying over the shard_map axes its inputs vary over: ffi_call types its
+    results as invariant, and a custom_vjp then rejects the (varying) cotangent of such a result."""
+    missing = frozenset().union(*map(_vma, inputs)) - _vma(y)
+    return lax.pcast(y, tuple(sorted(missing)), to="varying") if missing else y
+
+
+def fit_vma(ct, primal):
+    """A custom_vjp cotangent typed as its primal input: summed over the shard_map axes the primal does not vary
+    over (a replicated weight's gradient adds every device's part, as JAX's own transposes do) and marked
+    varying over those it does."""
+    extra = _vma(ct) - _vma(primal)
+    if extra:
+        ct = lax.psum(ct, tuple(sorted(extra)))
+    return match_vma(ct, primal)
 
 
 @functools.cache
@@ -216,7 +242,7 @@ def _partitioned(kind):
 #   kernel grad  dw = K(x, g)          x_bar = T(g, dw_bar), g_bar = F(x, dw_bar)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _forward(x, w, stride, lo, out_hw):
-    return _op("forward", stride, lo, out_hw)(x, w)
+    return match_vma(_op("forward", stride, lo, out_hw)(x, w), x, w)
 
 
 def _input_grad(g, w, stride, lo, in_hw):
@@ -227,7 +253,7 @@ def _input_grad(g, w, stride, lo, in_hw):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _kernel_grad(x, g, stride, lo, ksize):
-    return _op("kernel_grad", stride, lo, ksize)(x, g)
+    return match_vma(_op("kernel_grad", stride, lo, ksize)(x, g), x, g)
 
 
 def _forward_fwd(x, w, stride, lo, out_hw):
@@ -236,7 +262,8 @@ def _forward_fwd(x, w, stride, lo, out_hw):
 
 def _forward_bwd(stride, lo, out_hw, res, y_bar):
     x, w = res
-    return _input_grad(y_bar, w, stride, lo, x.shape[1:3]), _kernel_grad(x, y_bar, stride, lo, w.shape[:2])
+    return (fit_vma(_input_grad(y_bar, w, stride, lo, x.shape[1:3]), x),
+            fit_vma(_kernel_grad(x, y_bar, stride, lo, w.shape[:2]), w))
 
 
 def _kernel_grad_fwd(x, g, stride, lo, ksize):
@@ -245,7 +272,8 @@ def _kernel_grad_fwd(x, g, stride, lo, ksize):
 
 def _kernel_grad_bwd(stride, lo, ksize, res, dw_bar):
     x, g = res
-    return _input_grad(g, dw_bar, stride, lo, x.shape[1:3]), _forward(x, dw_bar, stride, lo, g.shape[1:3])
+    return (fit_vma(_input_grad(g, dw_bar, stride, lo, x.shape[1:3]), x),
+            fit_vma(_forward(x, dw_bar, stride, lo, g.shape[1:3]), g))
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from dcls_jax import VERSIONS, Dcls2d
 from dcls_jax.conv import conv
+from dcls_jax.dense import linear
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -82,8 +83,7 @@ class Linear(nnx.Module):
             self.bias = None
 
     def __call__(self, x):
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))
-        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+        return linear(x, self.weight[...].astype(x.dtype), None if self.bias is None else self.bias[...].astype(x.dtype))
 
 
 class Conv2d(nnx.Module):
@@ -116,7 +116,7 @@ class Conv2d(nnx.Module):
         if w.shape[2:] == (1, 1) and self.groups == 1 and self.padding in (0, (0, 0)):
             sh, sw = (self.stride, self.stride) if isinstance(self.stride, int) else self.stride
             # pointwise (strided: on every s-th pixel): a matmul, faster than XLA's CPU conv
-            y = jnp.einsum("...i,oi->...o", x[:, ::sh, ::sw], w[:, :, 0, 0])
+            y = linear(x[:, ::sh, ::sw], w[:, :, 0, 0])
         else:
             y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
         return y if self.bias is None else y + self.bias[...].astype(x.dtype)

@@ -73,8 +73,8 @@ def test_vmap_and_second_order_gradients():
 
 
 def test_batch_sharded_jit_stays_sharded():
-    """4 host devices: the custom calls run on each device's samples (no all-gather), the kernel gradient
-    sums across devices, and values equal XLA's."""
+    """4 host devices: the custom calls (depthwise and matmul) run on each device's samples (no all-gather),
+    the kernel and weight gradients sum across devices, and values equal XLA's."""
     code = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -84,14 +84,26 @@ def test_batch_sharded_jit_stays_sharded():
         x = jax.device_put(jnp.asarray(rng.normal(size=(8, 12, 11, 24)), jnp.float32),
                            NamedSharding(mesh, P("data")))
         w = jnp.asarray(rng.normal(size=(24, 1, 7, 7)), jnp.float32)
+        wl = jnp.asarray(rng.normal(size=(40, 24)), jnp.float32)   # a Linear after the conv (dcls_jax.dense)
         def grads(impl):
-            f = lambda x, w: jnp.sum(jnp.sin(dcls_jax.conv(x, w, 1, 3, 24, impl=impl)))
-            return jax.jit(jax.grad(f, argnums=(0, 1)))
-        hlo = grads("native").lower(x, w).compile().as_text()
+            f = lambda x, w, wl: jnp.sum(jnp.sin(dcls_jax.dense.linear(
+                dcls_jax.conv(x, w, 1, 3, 24, impl=impl), wl, impl=impl)))
+            return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+        hlo = grads("native").lower(x, w, wl).compile().as_text()
         assert "all-gather" not in hlo, "batch gathered"
-        (dx, dw), (rx, rw) = grads("native")(x, w), grads("xla")(x, w)
+        assert hlo.count("dcls_jax_matmul") >= 3, "forward, input and weight gradient products"
+        (dx, dw, dwl), (rx, rw, rwl) = grads("native")(x, w, wl), grads("xla")(x, w, wl)
         assert dx.sharding.spec == P("data"), dx.sharding
-        for a, b in ((dx, rx), (dw, rw)):
+        for a, b in ((dx, rx), (dw, rw), (dwl, rwl)):
+            assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) <= 1e-5
+        # inside shard_map (the Evaluator's step): results typed varying like their inputs, and the replicated
+        # weights' gradients summed over the devices
+        def local(impl):
+            f = lambda x, w, wl: jnp.sum(jnp.sin(dcls_jax.dense.linear(
+                dcls_jax.conv(x, w, 1, 3, 24, impl=impl), wl, impl=impl)))
+            return jax.jit(jax.shard_map(jax.grad(f, argnums=(0, 1, 2)), mesh=mesh,
+                                         in_specs=(P("data"), P(), P()), out_specs=(P("data"), P(), P())))
+        for a, b in zip(local("native")(x, w, wl), (rx, rw, rwl)):
             assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) <= 1e-5
         print("ok")
     """)
@@ -102,22 +114,26 @@ def test_batch_sharded_jit_stays_sharded():
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 target (AVX2 build)")
 def test_avx2_build_equals_lax(tmp_path):
-    """The 8-float-vector build (no AVX-512: smaller register blocks) on every edge case, in a subprocess."""
+    """The 8-float-vector build (no AVX-512: smaller register blocks and matmul tiles, 8x8 transposes) on every
+    edge case, in a subprocess."""
     code = textwrap.dedent("""
         import sys, jax, numpy as np
         sys.path.insert(0, %r)
-        import test_native as t
+        import test_dense as d, test_native as t
         from dcls_jax import native
         assert native.available(), native.unavailable_reason()
         for case in t.EDGE_CASES + [((2, 14, 17, 40), (17, 17), 1, 8), ((1, 9, 30, 24), (7, 7), 2, 3)]:
             t.test_blocks_and_chunks_equal_lax(*case)
         t.test_vmap_and_second_order_gradients()
+        for shape in d.SHAPES:
+            d.test_matmul_equals_float64(*shape)
+        d.test_gradients_to_second_order_equal_xla_dot()
         print("ok")
     """ % os.path.join(ROOT, "tests"))
     env = dict(os.environ, PYTHONPATH=ROOT, DCLS_JAX_NATIVE_MARCH="x86-64-v3", DCLS_JAX_CACHE_DIR=str(tmp_path))
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
-    assert len(list((tmp_path / "native").glob("depthwise-*.so"))) == 1
+    assert len(list((tmp_path / "native").glob("native-*.so"))) == 1
 
 
 def _available_in_subprocess(env_extra):
@@ -157,27 +173,30 @@ def test_compiles_into_a_fresh_private_cache(tmp_path):
     folder = tmp_path / "c" / "native"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     libs = [p.name for p in folder.iterdir()]
-    assert len(libs) == 1 and libs[0].startswith("depthwise-") and libs[0].endswith(".so"), libs  # no temp left
+    assert len(libs) == 1 and libs[0].startswith("native-") and libs[0].endswith(".so"), libs  # no temp left
 
 
 def test_stale_builds_are_pruned_used_ones_kept(tmp_path):
     folder = tmp_path / "native"
     folder.mkdir(mode=0o700)
-    stale, recent, other = folder / "depthwise-stale.so", folder / "depthwise-recent.so", folder / "notes.txt"
-    for f in (stale, recent, other):
+    stale, recent, other = folder / "native-stale.so", folder / "native-recent.so", folder / "notes.txt"
+    old_name = folder / "depthwise-stale.so"   # a build under the earlier name
+    for f in (stale, recent, other, old_name):
         f.write_bytes(b"x")
     old = time.time() - (native.STALE_DAYS + 1) * 86400
-    os.utime(stale, (old, old))
-    os.utime(other, (old, old))
+    for f in (stale, other, old_name):
+        os.utime(f, (old, old))
     ok, reason = _available_in_subprocess({"DCLS_JAX_CACHE_DIR": str(tmp_path)})
     assert ok == "True", reason
     names = sorted(p.name for p in folder.iterdir())
-    assert "depthwise-stale.so" not in names and "depthwise-recent.so" in names and "notes.txt" in names, names
-    assert len([n for n in names if n.startswith("depthwise-") and n != "depthwise-recent.so"]) == 1   # the build
+    assert "native-recent.so" in names and "notes.txt" in names, names
+    assert "native-stale.so" not in names and "depthwise-stale.so" not in names, names
+    assert len([n for n in names if n.startswith("native-") and n != "native-recent.so"]) == 1   # the build
 
 
 def test_source_ships_with_the_package():
     import tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["dcls_jax"]
-    assert "csrc/*.cc" in data and native.SOURCE.is_file()
+    assert "csrc/*.cc" in data and "csrc/*.h" in data
+    assert all(f.is_file() for f in native.SOURCES) and (native.CSRC / "common.h").is_file()

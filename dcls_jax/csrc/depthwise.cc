@@ -15,69 +15,24 @@
 // one load per tap); the kernel gradient holds a block of taps across a row of outputs. Tasks run on XLA's
 // intra-op thread pool. The kernel gradient sums fixed groups of tasks in order, then the groups in order: its
 // rounding does not depend on the number of threads.
-#include <algorithm>
 #include <array>
-#include <atomic>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <new>
-#include <memory>
-#include <mutex>
-#include <string>
 #include <utility>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
+
+using namespace dcls_jax;  // NOLINT: this file's kernels are the namespace's users
 
 using Array3 = ffi::Buffer<ffi::F32, 3>;
 using Array4 = ffi::Buffer<ffi::F32, 4>;
 
-// Floats per vector and the most output columns (forward: times two rows) or kernel columns (kernel gradient)
-// held in registers: 32 vector registers with AVX-512, 16 elsewhere (AVX2, NEON).
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;
-constexpr int64_t kMaxBlock = 12;
-#else
-constexpr int64_t kLanes = 8;
-constexpr int64_t kMaxBlock = 6;
-#endif
+// The most output columns (forward: times two rows) or kernel columns (kernel gradient) held in registers.
+constexpr int64_t kMaxBlock = kRegisters == 32 ? 12 : 6;
 constexpr int64_t kChunkVecs = 8;  // at most 8 vectors (128 channels) per task's tile
 constexpr int64_t kTileFloats = 1 << 19;  // ~2 MiB of input rows per task (an L2) where the batch allows
 constexpr int64_t kMinTasks = 16;         // enough tasks for the pool's threads
-
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-// A thread's scratch floats, 64-byte aligned (so that vector loads never split a cache line), zero-filled.
-class Scratch {
- public:
-  float* zeroed(int64_t n) {
-    if (n > size_) {
-      std::free(data_);
-      size_ = round_up_size(n);
-      data_ = static_cast<float*>(std::aligned_alloc(64, size_ * sizeof(float)));
-      if (!data_) throw std::bad_alloc();
-    }
-    std::memset(data_, 0, n * sizeof(float));
-    return data_;
-  }
-  ~Scratch() { std::free(data_); }
-
- private:
-  static int64_t round_up_size(int64_t n) { return (n + 15) / 16 * 16; }
-  float* data_ = nullptr;
-  int64_t size_ = 0;
-};
-
-inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The register block for a loop of n: the fewest padded iterations plus a per-block overhead of two, then the
 // least padding (17 -> 9, 23 -> 12, 56 -> 8, 14 -> 7, 13 -> 7; a block of 1 would leave the loads unshared).
@@ -127,32 +82,6 @@ struct Task {
     width = std::min(g.chunk, g.cp - cs);
   }
 };
-
-// Runs body(t) for t in [0, tasks) on the caller and the pool. The caller waits only for tasks some thread has
-// claimed, never for a closure still queued, so a busy or absent pool cannot deadlock it.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const F& body) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const F* fn = &body;
-  auto work = [state, fn, tasks]() {
-    int64_t finished = 0;
-    for (int64_t t; (t = state->next.fetch_add(1)) < tasks; ++finished) (*fn)(t);
-    if (finished && state->done.fetch_add(finished) + finished == tasks) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->cv.notify_all();
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == tasks; });
-}
 
 // The input rows and channels a task reads: tile[r][u][k] = x[n, p0*sh - ph + r, u - pw, cs + k] (0 outside).
 const float* fill_tile(const Geometry& g, const Task& k, const float* x, Scratch& scratch) {

@@ -1,0 +1,231 @@
+// Matrix products on the CPU, float32, as an XLA FFI custom call (dcls_jax/dense.py):
+//
+//   DclsMatmul:  c[i, j] = sum_p opA[i, p] * opB[p, j],  c (M, N)
+//   opA = a (M, K), or a stored (K, M) when ta = 1;  opB = b (K, N), or b stored (N, K) when tb = 1.
+//
+// A Linear layer's forward is (x, w, ta 0, tb 1) with w in PyTorch's (out, in) layout; its input gradient
+// (g, w, 0, 0) and its weight gradient (g, x, 1, 0). XLA:CPU's own GEMM runs the (out, in) weight at about
+// half the speed of oneDNN on the row counts of a ConvNeXt's later stages (BENCHMARKS.md).
+//
+// b is packed once per call into panels of kNR = two vectors of columns by kc rows (zero-padded beyond N;
+// when tb, transposed a kLanes x kLanes block at a time in registers). Tasks are (block of kMC rows of c,
+// group of panels); a task's register tile is kMR rows by kNR columns, each row's opA value broadcast from a
+// (rows in place, or a column of the stored (K, M) array) against the panel's two vectors. Every element of c
+// sums its K products in order, kc at a time with c holding the running sum: the rounding is the same for any
+// number of threads.
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace dcls_jax;  // NOLINT: this file's kernels are the namespace's users
+
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+
+constexpr int64_t kNR = 2 * kLanes;                    // columns of a register tile: two vectors
+constexpr int64_t kMR = kRegisters == 32 ? 12 : 6;    // its rows: 2 kMR accumulators, two b vectors, a broadcast
+constexpr int64_t kMC = 8 * kMR;                      // rows of c per task
+constexpr int64_t kKC = 256;                          // products per pass over a tile (a panel: 32 KiB)
+
+struct Shape {
+  int64_t m, n, k, kc, kblocks, npad, panels, mblocks, groups, per_group;
+  bool ta, tb;
+
+  Shape(int64_t m_, int64_t n_, int64_t k_, bool ta_, bool tb_, int64_t threads)
+      : m(m_), n(n_), k(k_), ta(ta_), tb(tb_) {
+    kblocks = std::max<int64_t>(1, div_up(k, kKC));
+    kc = std::max<int64_t>(1, div_up(k, kblocks));
+    npad = round_up(n, kNR);
+    panels = npad / kNR;
+    mblocks = div_up(m, kMC);
+    // few row blocks (small M): split the panels into groups, for about four tasks per thread
+    groups = std::min(panels, std::max<int64_t>(1, div_up(4 * threads, mblocks)));
+    per_group = div_up(panels, groups);
+    groups = div_up(panels, per_group);
+  }
+  int64_t kc_of(int64_t pc) const { return std::min(kc, k - pc * kc); }
+  // packed b: k block pc from pc * kc * npad, its panel jp from there + jp * kc_of(pc) * kNR, row-major
+  int64_t panel_offset(int64_t pc, int64_t jp) const { return pc * kc * npad + jp * kc_of(pc) * kNR; }
+};
+
+typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Stage B of a kLanes x kLanes transpose in registers: rows r and r + B swap their off-diagonal B x B blocks.
+template <int B>
+inline ivec swap_mask(bool second) {
+  ivec m{};
+  for (int l = 0; l < kLanes; ++l)
+    m[l] = second ? ((l & B) ? kLanes + l : l + B) : ((l & B) ? kLanes + l - B : l);
+  return m;
+}
+
+template <int B>
+inline void transpose_stage(vec* x) {
+  const ivec first = swap_mask<B>(false), second = swap_mask<B>(true);
+  for (int r = 0; r < kLanes; ++r) {
+    if (r & B) continue;
+    const vec u = x[r], v = x[r + B];
+    x[r] = __builtin_shuffle(u, v, first);
+    x[r + B] = __builtin_shuffle(u, v, second);
+  }
+}
+
+inline void transpose(vec* x) {
+  if constexpr (kLanes == 16) transpose_stage<8>(x);
+  transpose_stage<4>(x);
+  transpose_stage<2>(x);
+  transpose_stage<1>(x);
+}
+
+// Panel jp of opB, every k block, into bp.
+void pack_panel(const Shape& s, const float* b, float* bp, int64_t jp) {
+  const int64_t j0 = jp * kNR, nj = std::min(kNR, s.n - j0);
+  for (int64_t pc = 0; pc < s.kblocks; ++pc) {
+    const int64_t p0 = pc * s.kc, kc = s.kc_of(pc);
+    float* dst = bp + s.panel_offset(pc, jp);
+    if (nj < kNR) std::memset(dst, 0, kc * kNR * sizeof(float));
+    if (!s.tb) {   // b (K, N): the panel's rows are contiguous
+      for (int64_t p = 0; p < kc; ++p) std::memcpy(dst + p * kNR, b + (p0 + p) * s.n + j0, nj * sizeof(float));
+      continue;
+    }
+    // b stored (N, K): opB[p, j] = b[j * K + p], kLanes columns by kLanes rows per transpose
+    const int64_t pv = kc / kLanes * kLanes;
+    for (int64_t h = 0; h * kLanes < nj; ++h) {
+      const int64_t jn = std::min(kLanes, nj - h * kLanes);
+      const float* src = b + (j0 + h * kLanes) * s.k + p0;
+      for (int64_t p = 0; p < pv; p += kLanes) {
+        vec x[kLanes];
+        for (int64_t jj = 0; jj < kLanes; ++jj) x[jj] = jj < jn ? load(src + jj * s.k + p) : vec{};
+        transpose(x);
+        for (int64_t q = 0; q < kLanes; ++q) store(dst + (p + q) * kNR + h * kLanes, x[q]);
+      }
+      for (int64_t jj = 0; jj < jn; ++jj)
+        for (int64_t p = pv; p < kc; ++p) dst[p * kNR + h * kLanes + jj] = src[jj * s.k + p];
+    }
+  }
+}
+
+// c[i, j] (+)= sum_p opA[i, p] * panel[p, j] over one k block, for rows < ni and columns < nj of the tile.
+// TA false: opA[i, p] = a[i * lda + p] (rows beyond ni read row ni - 1); TA true: opA[i, p] = a[p * lda + i]
+// (kMR readable floats per p).
+template <bool TA>
+inline void tile(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict panel, float* c,
+                 int64_t ldc, int64_t ni, int64_t nj, bool first) {
+  vec acc0[kMR], acc1[kMR];
+  const bool full = ni == kMR && nj == kNR;
+  if (first) {
+    for (int i = 0; i < kMR; ++i) acc0[i] = acc1[i] = vec{};
+  } else if (full) {
+    for (int i = 0; i < kMR; ++i) {
+      acc0[i] = load(c + i * ldc);
+      acc1[i] = load(c + i * ldc + kLanes);
+    }
+  } else {
+    float t[kMR * kNR] = {};
+    for (int64_t i = 0; i < ni; ++i) std::memcpy(t + i * kNR, c + i * ldc, nj * sizeof(float));
+    for (int i = 0; i < kMR; ++i) {
+      acc0[i] = load(t + i * kNR);
+      acc1[i] = load(t + i * kNR + kLanes);
+    }
+  }
+  if constexpr (TA) {
+    for (int64_t p = 0; p < kc; ++p, a += lda, panel += kNR) {
+      const vec b0 = load(panel), b1 = load(panel + kLanes);
+#pragma GCC unroll 16
+      for (int i = 0; i < kMR; ++i) {
+        const vec ai = splat(a[i]);
+        acc0[i] += ai * b0;
+        acc1[i] += ai * b1;
+      }
+    }
+  } else {
+    const float* row[kMR];
+    for (int i = 0; i < kMR; ++i) row[i] = a + std::min<int64_t>(i, ni - 1) * lda;
+    for (int64_t p = 0; p < kc; ++p, panel += kNR) {
+      const vec b0 = load(panel), b1 = load(panel + kLanes);
+#pragma GCC unroll 16
+      for (int i = 0; i < kMR; ++i) {
+        const vec ai = splat(row[i][p]);
+        acc0[i] += ai * b0;
+        acc1[i] += ai * b1;
+      }
+    }
+  }
+  if (full) {
+    for (int i = 0; i < kMR; ++i) {
+      store(c + i * ldc, acc0[i]);
+      store(c + i * ldc + kLanes, acc1[i]);
+    }
+  } else {
+    float t[kMR * kNR];
+    for (int i = 0; i < kMR; ++i) {
+      store(t + i * kNR, acc0[i]);
+      store(t + i * kNR + kLanes, acc1[i]);
+    }
+    for (int64_t i = 0; i < ni; ++i) std::memcpy(c + i * ldc, t + i * kNR, nj * sizeof(float));
+  }
+}
+
+// Task t: rows [m0, m0 + mc) of c (block t / groups) times the panels of group t % groups.
+void run_task(const Shape& s, const float* a, const float* bp, float* c, int64_t t) {
+  thread_local Scratch scratch;
+  const int64_t m0 = t / s.groups * kMC, mc = std::min(kMC, s.m - m0);
+  const int64_t jp0 = t % s.groups * s.per_group, jp1 = std::min(s.panels, jp0 + s.per_group);
+  for (int64_t pc = 0; pc < s.kblocks; ++pc) {
+    const int64_t kc = s.kc_of(pc), p0 = pc * s.kc;
+    for (int64_t jp = jp0; jp < jp1; ++jp) {
+      const int64_t j0 = jp * kNR, nj = std::min(kNR, s.n - j0);
+      const float* panel = bp + s.panel_offset(pc, jp);
+      for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
+        const int64_t ni = std::min(kMR, mc - i0);
+        float* tile_c = c + (m0 + i0) * s.n + j0;
+        if (!s.ta) {
+          tile<false>(kc, a + (m0 + i0) * s.k + p0, s.k, panel, tile_c, s.n, ni, nj, pc == 0);
+        } else if (ni == kMR) {
+          tile<true>(kc, a + p0 * s.m + m0 + i0, s.m, panel, tile_c, s.n, ni, nj, pc == 0);
+        } else {   // the last rows of a stored (K, M) opA: copied, zero-padded to kMR
+          float* edge = scratch.zeroed(kc * kMR);
+          for (int64_t p = 0; p < kc; ++p)
+            std::memcpy(edge + p * kMR, a + (p0 + p) * s.m + m0 + i0, ni * sizeof(float));
+          tile<true>(kc, edge, kMR, panel, tile_c, s.n, ni, nj, pc == 0);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> c, int64_t ta, int64_t tb) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  const int64_t m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1];
+  const int64_t kb = tb ? bd[1] : bd[0], n = tb ? bd[0] : bd[1];
+  if (k != kb || cd[0] != m || cd[1] != n)
+    return ffi::Error::InvalidArgument("dcls_jax matmul: a, b and c disagree on M, K or N");
+  float* cs = c->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(cs, 0, m * n * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const Shape s(m, n, k, ta != 0, tb != 0, pool.num_threads());
+  std::unique_ptr<float, decltype(&std::free)> bp(
+      static_cast<float*>(std::aligned_alloc(64, round_up(s.kblocks * s.kc * s.npad * sizeof(float), 64))),
+      &std::free);
+  if (!bp) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dcls_jax matmul: out of memory");
+  const float* as = a.typed_data();
+  const float* bs = b.typed_data();
+  parallel_for(pool, s.panels, [&](int64_t jp) { pack_panel(s, bs, bp.get(), jp); });
+  parallel_for(pool, s.mblocks * s.groups, [&](int64_t t) { run_task(s, as, bp.get(), cs, t); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<Matrix>()
+                                  .Ret<Matrix>()
+                                  .Attr<int64_t>("ta")
+                                  .Attr<int64_t>("tb"));

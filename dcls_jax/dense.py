@@ -1,0 +1,155 @@
+"""The models' dense layers: `linear(x, weight, bias)`, torch.nn.functional.linear on (..., in) inputs with
+PyTorch's (out, in) weight, and `matmul(a, b, ta, tb)`, the product it runs on the CPU.
+
+    "xla"     jnp.einsum: XLA's dot;
+    "native"  C++ kernels for the CPU (csrc/matmul.cc, built and cached with the depthwise ones by
+              dcls_jax.native), float32. XLA:CPU's GEMM runs a Linear layer's (out, in) weight at about half
+              oneDNN's speed on the few hundred to few thousand rows of a ConvNeXt's later stages
+              (BENCHMARKS.md); this one is within ~10% of oneDNN there.
+
+Which runs: the `impl` argument, else the environment variable DCLS_JAX_DENSE ("auto" or a name), else
+"native" for float32 on the CPU where the kernels are available, else "xla". The choice is made when a function
+is traced. Forcing "native" where it cannot run (no compiler, another backend, another dtype) is an error.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("xla", "native")
+ENV_VAR = "DCLS_JAX_DENSE"
+
+
+def _native_reason(dtype, backend: str) -> str | None:
+    """Why the native product cannot run here, or None."""
+    if backend != "cpu":
+        return f"it runs on the CPU only (backend {backend!r})"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it computes float32 only (dtype {jnp.dtype(dtype).name})"
+    from dcls_jax.native import available, unavailable_reason
+    return None if available() else f"the C++ kernels are unavailable: {unavailable_reason()}"
+
+
+def selected_impl(dtype=jnp.float32, impl: str | None = None, backend: str | None = None) -> str:
+    """The implementation `linear` runs for inputs of `dtype` (what the benchmarks report)."""
+    backend = backend or jax.default_backend()
+    name, where = (impl, "argument") if impl else (os.environ.get(ENV_VAR) or "auto", ENV_VAR)
+    if name not in IMPLS + ("auto",):
+        raise ValueError(f"unknown dense implementation {name!r} ({where}); expected 'auto' or one of {IMPLS}")
+    reason = _native_reason(dtype, backend)
+    if name == "native" and reason:
+        raise ValueError(f"dense implementation 'native' cannot run: {reason}")
+    if name == "auto":
+        return "xla" if reason else "native"
+    return name
+
+
+def linear(x, weight, bias=None, *, impl: str | None = None):
+    """y = x @ weight.T + bias over the last axis of x, weight (out, in) as in torch.nn.Linear."""
+    if selected_impl(jnp.result_type(x, weight), impl) == "native":
+        y = matmul(x.reshape(-1, x.shape[-1]), weight, False, True).reshape(*x.shape[:-1], weight.shape[0])
+    else:
+        y = jnp.einsum("...i,oi->...o", x, weight)
+    return y if bias is None else y + bias
+
+
+def _xla(a, b, ta: bool, tb: bool):
+    """The same product with XLA's dot (the reference, and the batched case under vmap)."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _ffi(a, b, ta: bool, tb: bool):
+    m, n = a.shape[1 if ta else 0], b.shape[0 if tb else 1]
+    return jax.ffi.ffi_call("dcls_jax_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        a, b, ta=int(ta), tb=int(tb))
+
+
+@functools.cache
+def _partitioned(ta: bool, tb: bool):
+    """The custom call, partitioned over a's leading axis (a batch-sharded jit: the rows of x or of the
+    cotangent): each device multiplies its own rows; where those rows are the contraction (ta, a weight
+    gradient) b's rows follow them and a psum adds the devices' partials. Other axes are replicated first."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def shardings(mesh, arg_shapes):
+        spec = getattr(arg_shapes[0].sharding, "spec", None)
+        axes = spec[0] if spec else None
+        a = NamedSharding(mesh, P(axes, None))
+        if not ta:
+            return axes, (a, NamedSharding(mesh, P())), a
+        b = NamedSharding(mesh, P(None, axes) if tb else P(axes, None))
+        return axes, (a, b), NamedSharding(mesh, P())
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[2]
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes, args, out = shardings(mesh, arg_shapes)
+
+        def lower(a, b):
+            c = _ffi(a, b, ta, tb)
+            return lax.psum(c, axes) if ta and axes else c
+        return mesh, lower, out, args
+
+    @custom_partitioning
+    def call(a, b):
+        return _ffi(a, b, ta, tb)
+
+    rule = f"{'k m' if ta else 'm k'}, {'n k' if tb else 'k n'} -> m n"
+    lead = "k" if ta else "m"
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                       reduction_factors=("k",) if ta else (),
+                       need_replication_factors=tuple(f for f in "mkn" if f != lead))
+    return call
+
+
+@functools.cache
+def _op(ta: bool, tb: bool):
+    """The custom call as a function of two matrices; under vmap a mapped a folds into its rows (when they are
+    the product's rows), other cases run XLA's batched dot."""
+    from dcls_jax.native import available, unavailable_reason
+    if not available():   # also what registers the custom call
+        raise RuntimeError(f"dcls_jax.dense.matmul: the C++ kernels are unavailable: {unavailable_reason()}")
+    call = _partitioned(ta, tb)
+
+    @jax.custom_batching.custom_vmap
+    def op(a, b):
+        return call(a, b)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, a, b):
+        if in_batched == [True, False] and not ta:
+            c = op(a.reshape(-1, a.shape[-1]), b)
+            return c.reshape(axis_size, -1, c.shape[-1]), True
+        axes = tuple(0 if m else None for m in in_batched)
+        return jax.vmap(functools.partial(_xla, ta=ta, tb=tb), in_axes=axes)(a, b), True
+    return op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(a, b, ta: bool, tb: bool):
+    """op(a) @ op(b), float32, with the C++ kernels: op(a) = a.T when ta, op(b) = b.T when tb. Differentiable
+    to any order (reverse mode): the gradients are products of the same kind."""
+    from dcls_jax.native import match_vma
+    return match_vma(_op(bool(ta), bool(tb))(a.astype(jnp.float32), b.astype(jnp.float32)), a, b)
+
+
+def _matmul_fwd(a, b, ta, tb):
+    return matmul(a, b, ta, tb), (a, b)
+
+
+def _matmul_bwd(ta, tb, res, g):
+    a, b = res
+    da = matmul(b, g, tb, True) if ta else matmul(g, b, False, not tb)
+    db = matmul(g, a, True, ta) if tb else matmul(a, g, not ta, False)
+    from dcls_jax.native import fit_vma
+    return fit_vma(da.astype(a.dtype), a), fit_vma(db.astype(b.dtype), b)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)

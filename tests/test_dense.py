@@ -1,0 +1,104 @@
+"""dcls_jax.dense: the C++ matrix product against float64 numpy (every transpose, shapes around the register
+tile, the row blocks and the k blocks), its gradients to second order against XLA's dot, vmap, the dispatcher,
+and the models' Linear and pointwise layers running through it. Sharding: test_native's 4-device test."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dcls_jax import dense, native
+
+# rows around the 12-row register tile and 96-row blocks, columns around the 32-column panels, k around the
+# 256-product blocks and the 16-float transposes; empty products
+SHAPES = [(1, 1, 1), (13, 17, 33), (97, 257, 65), (12, 513, 32), (200, 31, 100), (0, 3, 4), (3, 0, 5), (4, 5, 0)]
+
+
+def _bound(a64, b64):
+    """The error bound of any float32 summation order: K u (|A| |B|), u = 2^-24 (FMA or not), with a margin."""
+    k = a64.shape[1]
+    return 1.01 * k * 2.0 ** -24 * (np.abs(a64) @ np.abs(b64)) + 1e-30
+
+
+@jax.jit
+def _all_products(a, b, at, bt):
+    """The four transposes of one product, op(a) @ op(b) with a (M, K), b (K, N) and at, bt their transposes."""
+    return [dense.matmul(u, v, ta, tb) for (u, ta), (v, tb) in itertools.product(((a, False), (at, True)),
+                                                                                     ((b, False), (bt, True)))]
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+def test_matmul_equals_float64(m, k, n):
+    rng = np.random.default_rng(m * 10007 + k * 101 + n)
+    a, b = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    bound = _bound(a.astype(np.float64), b.astype(np.float64))
+    for c in _all_products(a, b, np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)):
+        c = np.asarray(c)
+        assert c.shape == (m, n) and c.dtype == np.float32
+        assert np.all(np.abs(c - exact) <= bound), float(np.max(np.abs(c - exact) - bound, initial=0))
+
+
+def test_gradients_to_second_order_equal_xla_dot():
+    rng = np.random.default_rng(3)
+    for ta, tb in itertools.product((False, True), repeat=2):
+        a = jnp.asarray(rng.normal(size=(37, 20) if ta else (20, 37)), jnp.float32)
+        b = jnp.asarray(rng.normal(size=(45, 37) if tb else (37, 45)), jnp.float32)
+
+        def loss(f):
+            first = lambda a, b: jnp.sum(jnp.sin(f(a, b, ta, tb)))             # noqa: E731
+            return lambda a, b: jnp.sum(jax.grad(first, 1)(a, b) ** 2)          # a gradient of a gradient
+        for f, g in ((jax.grad(loss(dense.matmul), (0, 1)), jax.grad(loss(dense._xla), (0, 1))),
+                     (jax.grad(lambda a, b: jnp.sum(jnp.cos(dense.matmul(a, b, ta, tb))), (0, 1)),
+                      jax.grad(lambda a, b: jnp.sum(jnp.cos(dense._xla(a, b, ta, tb))), (0, 1)))):
+            for got, want in zip(jax.jit(f)(a, b), g(a, b)):
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def test_linear_under_vmap_and_with_bias():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 2, 5, 40)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 33, 40)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(33,)), jnp.float32)
+    ref = lambda x, w, b: np.einsum("...i,oi->...o", np.float64(x), np.float64(w)) + b   # noqa: E731
+    got = jax.jit(jax.vmap(lambda x: dense.linear(x, w[0], bias, impl="native")))(x)        # rows folded
+    np.testing.assert_allclose(got, ref(x, w[0], bias), rtol=1e-5, atol=1e-4)
+    got = jax.jit(jax.vmap(lambda x, w: dense.linear(x, w, impl="native")))(x, w)           # weights mapped too
+    np.testing.assert_allclose(got, np.stack([ref(x[i], w[i], 0) for i in range(3)]), rtol=1e-5, atol=1e-4)
+
+
+def test_dispatcher(monkeypatch):
+    assert dense.selected_impl(jnp.float32, backend="cpu") == "native"
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float64):
+        assert dense.selected_impl(dtype, backend="cpu") == "xla"
+        with pytest.raises(ValueError, match="float32 only"):
+            dense.selected_impl(dtype, "native", backend="cpu")
+    assert dense.selected_impl(jnp.float32, backend="gpu") == "xla"
+    with pytest.raises(ValueError, match="CPU only"):
+        dense.selected_impl(jnp.float32, "native", backend="gpu")
+    monkeypatch.setenv(dense.ENV_VAR, "xla")
+    assert dense.selected_impl(jnp.float32, backend="cpu") == "xla"
+    assert dense.selected_impl(jnp.float32, "native", backend="cpu") == "native"    # the argument wins
+    monkeypatch.setenv(dense.ENV_VAR, "blas")
+    with pytest.raises(ValueError, match="unknown dense implementation 'blas'"):
+        dense.selected_impl(jnp.float32, backend="cpu")
+    monkeypatch.setattr(native, "_state", {"ok": False, "reason": "OSError: no C++ compiler found"})
+    monkeypatch.delenv(dense.ENV_VAR)
+    assert dense.selected_impl(jnp.float32, backend="cpu") == "xla"
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
+        dense.selected_impl(jnp.float32, "native", backend="cpu")
+
+
+def test_models_linear_and_pointwise_layers_run_it():
+    from models.layers import Conv2d, Linear
+    rngs = nnx.Rngs(0)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 6, 6, 24)), jnp.float32)
+    for layer in (Linear(24, 40, rngs=rngs), Conv2d(24, 40, 1, stride=2, rngs=rngs)):
+        assert "dcls_jax_matmul" in str(jax.make_jaxpr(layer)(x))
+        w = np.float64(layer.weight[...]).reshape(40, 24)
+        xs = np.float64(x) if isinstance(layer, Linear) else np.float64(x)[:, ::2, ::2]
+        np.testing.assert_allclose(layer(x), xs @ w.T + np.float64(layer.bias[...]), rtol=1e-5, atol=1e-5)
