@@ -3,7 +3,8 @@
     python benchmarks/profile_convnext.py --batch 8 --iters 5 [--kernel 7|17] [--impls shifted,fft,xla]
 
 For each stage's shapes it times, jitted one by one, the pieces of a ConvNeXt block (depthwise conv per
-implementation, LayerNorm, Linear C->4C, GELU, Linear 4C->C, the whole block) plus the stem and the
+implementation, LayerNorm, Linear C->4C and 4C->C through dcls_jax.linear (the dense implementation the models
+run: "native" on the CPU) and as XLA's dot, GELU, the whole block) plus the stem and the
 downsamples, against the same PyTorch ops (timm's layout: depthwise conv on NCHW, the rest on NHWC) with
 --threads threads. Prints ms per call and PyTorch / JAX.
 """
@@ -64,20 +65,20 @@ def rows(batch, kernel, impls, iters):
         ln = L.LayerNorm(c)
         yield from both(f"{tag} layernorm", lambda x: ln(x), (hj,),
                         lambda x: F.layer_norm(x, (c,), eps=1e-6), (ht,))
-        yield from both(f"{tag} linear {c}->{4*c}", lambda x, w, b: jnp.einsum("...i,oi->...o", x, w) + b,
-                        (hj, jnp.asarray(w1), jnp.asarray(b1)), F.linear,
-                        (ht, torch.from_numpy(w1), torch.from_numpy(b1)))
+        dense_impls = (("", dcls_jax.linear), (" xla", lambda x, w, b: jnp.einsum("...i,oi->...o", x, w) + b))
+        for label, lin in dense_impls:
+            yield from both(f"{tag} linear {c}->{4*c}{label}", lin, (hj, jnp.asarray(w1), jnp.asarray(b1)),
+                            F.linear, (ht, torch.from_numpy(w1), torch.from_numpy(b1)))
         yield from both(f"{tag} gelu {4*c}", L.gelu, (jnp.asarray(u),), F.gelu, (torch.from_numpy(u),))
-        yield from both(f"{tag} linear {4*c}->{c}", lambda x, w, b: jnp.einsum("...i,oi->...o", x, w) + b,
-                        (jnp.asarray(u), jnp.asarray(w2), jnp.asarray(b2)), F.linear,
-                        (torch.from_numpy(u), torch.from_numpy(w2), torch.from_numpy(b2)))
+        for label, lin in dense_impls:
+            yield from both(f"{tag} linear {4*c}->{c}{label}", lin, (jnp.asarray(u), jnp.asarray(w2), jnp.asarray(b2)),
+                            F.linear, (torch.from_numpy(u), torch.from_numpy(w2), torch.from_numpy(b2)))
         gm = jnp.full((c,), 1e-6)
 
         def jblock(x, wdw, w1, b1, w2, b2):
             y = dcls_jax.conv(x, wdw, 1, kernel // 2, c)
             y = ln(y)
-            y = L.gelu(jnp.einsum("...i,oi->...o", y, w1) + b1)
-            y = jnp.einsum("...i,oi->...o", y, w2) + b2
+            y = dcls_jax.linear(L.gelu(dcls_jax.linear(y, w1, b1)), w2, b2)
             return x + y * gm
 
         tw = [torch.from_numpy(a) for a in (wdw, w1, b1, w2, b2)]
