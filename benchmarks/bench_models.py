@@ -11,7 +11,8 @@ cam:     Grad-CAM and Threshold-Grad-CAM from one backward pass, resized to 224 
          against the study's PyTorch step (forward hook + autograd.grad, benchmarks/bench_evaluate.torch_cams).
 train:   benchmarks/bench_train.py's steps (forward, loss, backward, AdamW; --precision) at --batch and S.
 Prints milliseconds per call (train: img/s) and PyTorch time / JAX time (> 1: JAX faster), and the depthwise
-convolution implementation the dispatcher chose (dcls_jax.conv; --impl forces one). PyTorch uses --threads
+convolution implementation the dispatcher chose (dcls_jax.conv; --impl forces one), and in the header the one
+the Linear and pointwise layers run (dcls_jax.dense; DCLS_JAX_DENSE=xla|native forces one). PyTorch uses --threads
 threads (default 2, as many as XLA:CPU's on the 2-core machine); it runs on CUDA when available.
 """
 from __future__ import annotations
@@ -137,7 +138,8 @@ def main(argv=None):
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"batch {args.batch}, median of {args.iters} (calls alternating); ratio = PyTorch time / JAX time; "
           f"malloc: {'freed memory kept' if kept else 'default'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"jit compiler_options={dcls_jax.compiler_options()}", flush=True)
+          f"jit compiler_options={dcls_jax.compiler_options()}; Linear / pointwise layers: "
+          f"{dcls_jax.dense.selected_impl()} (dcls_jax.dense)", flush=True)
     head = f"{'model':24} {'dw impl':14}"
     for p in passes:
         head += f" {p + ' jax':>11} {p + ' torch':>12} {'ratio':>6}"
