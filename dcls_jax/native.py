@@ -80,8 +80,8 @@ def _build() -> Path:
     # DCLS_JAX_NATIVE_MARCH: the target CPU (default: this one); the tests build an AVX2 one (x86-64-v3) too
     flags = ["-std=c++17", "-O3", f"-march={os.environ.get('DCLS_JAX_NATIVE_MARCH') or 'native'}", "-fPIC",
              "-shared", "-w"]
-    parts = (*(f.read_bytes() for f in (*SOURCES, CSRC / "common.h")), version, " ".join(flags), importlib.metadata.version("jaxlib"), platform.machine(),
-             _cpu_features())
+    parts = (*(f.read_bytes() for f in (*SOURCES, CSRC / "common.h")), version, " ".join(flags),
+             importlib.metadata.version("jaxlib"), platform.machine(), _cpu_features())
     key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()[:20]
     out_dir = cache_dir()
     _private_dir(out_dir)
