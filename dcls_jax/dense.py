@@ -10,6 +10,8 @@ PyTorch's (out, in) weight, and `matmul(a, b, ta, tb)`, the product it runs on t
 Which runs: the `impl` argument, else the environment variable DCLS_JAX_DENSE ("auto" or a name), else
 "native" for float32 on the CPU where the kernels are available, else "xla". The choice is made when a function
 is traced. Forcing "native" where it cannot run (no compiler, another backend, another dtype) is an error.
+"native" differentiates in reverse mode (grad, vjp, to any order); forward mode (jax.jvp, jacfwd) needs "xla",
+as the "native" convolutions do (DCLS_JAX_CONV).
 """
 from __future__ import annotations
 
