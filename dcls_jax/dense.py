@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dcls_jax.native import available, fit_vma, match_vma, unavailable_reason
+
 IMPLS = ("xla", "native")
 ENV_VAR = "DCLS_JAX_DENSE"
 
@@ -32,7 +34,6 @@ def _native_reason(dtype, backend: str) -> str | None:
         return f"it runs on the CPU only (backend {backend!r})"
     if jnp.dtype(dtype) != jnp.float32:
         return f"it computes float32 only (dtype {jnp.dtype(dtype).name})"
-    from dcls_jax.native import available, unavailable_reason
     return None if available() else f"the C++ kernels are unavailable: {unavailable_reason()}"
 
 
@@ -115,7 +116,6 @@ def _partitioned(ta: bool, tb: bool):
 def _op(ta: bool, tb: bool):
     """The custom call as a function of two matrices; under vmap a mapped a folds into its rows (when they are
     the product's rows), other cases run XLA's batched dot."""
-    from dcls_jax.native import available, unavailable_reason
     if not available():   # also what registers the custom call
         raise RuntimeError(f"dcls_jax.dense.matmul: the C++ kernels are unavailable: {unavailable_reason()}")
     call = _partitioned(ta, tb)
@@ -138,7 +138,6 @@ def _op(ta: bool, tb: bool):
 def matmul(a, b, ta: bool, tb: bool):
     """op(a) @ op(b), float32, with the C++ kernels: op(a) = a.T when ta, op(b) = b.T when tb. Differentiable
     to any order (reverse mode): the gradients are products of the same kind."""
-    from dcls_jax.native import match_vma
     return match_vma(_op(bool(ta), bool(tb))(a.astype(jnp.float32), b.astype(jnp.float32)), a, b)
 
 
@@ -150,7 +149,6 @@ def _matmul_bwd(ta, tb, res, g):
     a, b = res
     da = matmul(b, g, tb, True) if ta else matmul(g, b, False, not tb)
     db = matmul(g, a, True, ta) if tb else matmul(a, g, not ta, False)
-    from dcls_jax.native import fit_vma
     return fit_vma(da.astype(a.dtype), a), fit_vma(db.astype(b.dtype), b)
 
 
