@@ -138,6 +138,9 @@ def _op(ta: bool, tb: bool):
 def matmul(a, b, ta: bool, tb: bool):
     """op(a) @ op(b), float32, with the C++ kernels: op(a) = a.T when ta, op(b) = b.T when tb. Differentiable
     to any order (reverse mode): the gradients are products of the same kind."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0 if ta else 1] != b.shape[1 if tb else 0]:
+        raise ValueError(f"dcls_jax.dense.matmul: op(a) @ op(b) needs matrices with matching inner sizes, got a "
+                         f"{a.shape}{' transposed' if ta else ''} and b {b.shape}{' transposed' if tb else ''}")
     return match_vma(_op(bool(ta), bool(tb))(a.astype(jnp.float32), b.astype(jnp.float32)), a, b)
 
 

@@ -93,6 +93,15 @@ def test_dispatcher(monkeypatch):
         dense.selected_impl(jnp.float32, "native", backend="cpu")
 
 
+def test_mismatched_shapes_are_refused_when_traced():
+    with pytest.raises(ValueError, match="matching inner sizes"):
+        dense.linear(jnp.ones((4, 5)), jnp.ones((3, 6)), impl="native")
+    with pytest.raises(ValueError, match="matching inner sizes"):
+        dense.matmul(jnp.ones((4, 5)), jnp.ones((4, 5)), False, False)
+    with pytest.raises(ValueError, match="matching inner sizes"):
+        dense.matmul(jnp.ones((2, 4, 5)), jnp.ones((5, 3)), False, False)
+
+
 def test_models_linear_and_pointwise_layers_run_it():
     from models.layers import Conv2d, Linear
     rngs = nnx.Rngs(0)
