@@ -6,7 +6,9 @@
    the C++ GEMM ("native") and XLA's dot ("xla", jnp.einsum), calls alternating, then
    torch.nn.functional.linear on its own (libgomp's threads spin-wait after each PyTorch call: alternated with
    it, a 6 ms JAX product ran up to 2x slower); ms and GFLOP/s. No bias.
-2. Whole-model forwards with every Linear / pointwise layer on "native" against "xla" (two jits of the same
+2. The weight gradients of the same layers (g.T @ x over the rows), the C++ GEMM against XLA's dot: what
+   `dense._product` (XLA for these) rests on.
+3. Whole-model forwards with every Linear / pointwise layer on "native" against "xla" (two jits of the same
    model, traced under DCLS_JAX_DENSE=native and =xla, calls alternating): the in-model effect, which the
    isolated products (their output allocated afresh each call) do not show.
 """
@@ -47,6 +49,20 @@ def products(iters):
             times += paired_ms([(lambda: F.linear(xt, wt), lambda _: None)], iters)
         gf = 2 * m * k * n / 1e9
         yield f"{m}x{k}->{n}", times, [gf / t * 1e3 for t in times]
+
+
+def weight_grads(iters):
+    import jax
+    import jax.numpy as jnp
+
+    import dcls_jax
+    rng = np.random.default_rng(1)
+    for m, k, n in SHAPES:
+        g, x = jnp.asarray(rng.normal(size=(m, n)), jnp.float32), jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+        native = jax.jit(lambda g, x: dcls_jax.dense.matmul(g, x, True, False))
+        xla = jax.jit(lambda g, x: jnp.einsum("mo,mi->oi", g, x), compiler_options=dcls_jax.compiler_options())
+        times = paired_ms([(lambda f=f: f(g, x), jax.block_until_ready) for f in (native, xla)], iters)
+        yield f"({n}, {k}) over {m}", times, [2 * m * k * n / t / 1e6 for t in times]
 
 
 def models_ab(names, iters):
@@ -90,6 +106,10 @@ def main(argv=None):
     print(f"{'x @ w.T':18} {'native':>8} {'xla':>8} {'torch':>8}   GFLOP/s native / xla / torch", flush=True)
     for name, times, rates in products(args.iters):
         print(f"{name:18} " + " ".join(f"{t:8.2f}" for t in times) + "   " + " / ".join(f"{r:.0f}" for r in rates),
+              flush=True)
+    print(f"\n{'weight gradient':24} {'native':>8} {'xla':>8}   GFLOP/s native / xla", flush=True)
+    for name, times, rates in weight_grads(args.iters):
+        print(f"{name:24} " + " ".join(f"{t:8.2f}" for t in times) + "   " + " / ".join(f"{r:.0f}" for r in rates),
               flush=True)
     print(f"\n{'model forward, batch 8':24} {'native':>8} {'xla':>8}  xla/native", flush=True)
     for name, (a, b) in models_ab(args.models.split(","), args.iters):

@@ -93,7 +93,7 @@ def test_batch_sharded_jit_stays_sharded():
             return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
         hlo = grads("native").lower(x, w, wl).compile().as_text()
         assert "all-gather" not in hlo, "batch gathered"
-        assert hlo.count("dcls_jax_matmul") >= 3, "forward, input and weight gradient products"
+        assert hlo.count("dcls_jax_matmul") >= 2, "forward and input gradient products"
         (dx, dw, dwl), (rx, rw, rwl) = grads("native")(x, w, wl), grads("xla")(x, w, wl)
         assert dx.sharding.spec == P("data"), dx.sharding
         for a, b in ((dx, rx), (dw, rw), (dwl, rwl)):
