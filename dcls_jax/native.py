@@ -1,16 +1,21 @@
-"""The "native" depthwise convolution: C++ kernels for the CPU (csrc/depthwise.cc) run as XLA FFI custom calls.
+"""The "native" depthwise convolution: C++ kernels for the CPU (csrc/depthwise.cc) run as XLA FFI custom calls,
+and the library they share with the dense layers' GEMM (csrc/matmul.cc, run by dcls_jax.dense).
 
 XLA:CPU has no fast depthwise convolution (its grouped convolution is ~50x slower than oneDNN's, the shifted
 sums 5-10x), so the CPU kernels are our own: a register-blocked forward over vectors of 16 floats (8 without
 AVX-512), used for the input gradient too (the cotangent with the flipped kernel), and a kernel-gradient
 reduction. 1-D and 2-D; float32 inside (other float dtypes are cast in and out, as the FFT path does).
 
-The source is compiled on first use with the system's C++ compiler (`$CXX`, else c++ / g++ / clang++) against
-the installed jaxlib's FFI headers, for this CPU (-march=native; `DCLS_JAX_NATIVE_MARCH` names another), into a
-per-user cache (`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or ~/.cache/dcls-jax, subfolder native/)
-under a name that hashes the source, the compiler, the flags, jaxlib's version and the CPU's features; later
-processes load it from there, and a new build deletes the builds no process has loaded for STALE_DAYS days. Where no compiler works, or the cache folder is not private to this user,
-`available()` is False, `unavailable_reason()` says why, and the dispatcher keeps to the XLA paths.
+The sources are compiled on first use, into one library, with the system's C++ compiler (`$CXX`, else c++ / g++
+/ clang++) against the installed jaxlib's FFI headers, for this CPU (-march=native; `DCLS_JAX_NATIVE_MARCH`
+names another), into a per-user cache (`$DCLS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/dcls-jax` or
+~/.cache/dcls-jax, subfolder native/) under a name that hashes the sources, the compiler, the flags, jaxlib's
+version and the CPU's features; later processes load it from there, and a new build deletes the builds no
+process has loaded for STALE_DAYS days. Where no compiler works, or the cache folder is not private to this
+user, `available()` is False, `unavailable_reason()` says why, and the dispatchers keep to the XLA paths.
+
+Under shard_map, `match_vma` and `fit_vma` give the custom calls' results and cotangents the varying types JAX's
+own primitives would have (ffi_call types its results as invariant).
 """
 from __future__ import annotations
 
