@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dcls_jax.native import available, fit_vma, match_vma, unavailable_reason
+from dcls_jax.native import available, fit_vma, match_vma, partition_over_batch, unavailable_reason
 
 IMPLS = ("xla", "native")
 ENV_VAR = "DCLS_JAX_DENSE"
@@ -73,52 +73,20 @@ def _ffi(a, b, ta: bool, tb: bool):
 
 
 @functools.cache
-def _partitioned(ta: bool, tb: bool):
-    """The custom call, partitioned over a's leading axis (a batch-sharded jit: the rows of x or of the
-    cotangent): each device multiplies its own rows; where those rows are the contraction (ta, a weight
-    gradient) b's rows follow them and a psum adds the devices' partials. Other axes are replicated first."""
-    from jax.experimental.custom_partitioning import custom_partitioning
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    def shardings(mesh, arg_shapes):
-        spec = getattr(arg_shapes[0].sharding, "spec", None)
-        axes = spec[0] if spec else None
-        a = NamedSharding(mesh, P(axes, None))
-        if not ta:
-            return axes, (a, NamedSharding(mesh, P())), a
-        b = NamedSharding(mesh, P(None, axes) if tb else P(axes, None))
-        return axes, (a, b), NamedSharding(mesh, P())
-
-    def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, arg_shapes)[2]
-
-    def partition(mesh, arg_shapes, result_shape):
-        axes, args, out = shardings(mesh, arg_shapes)
-
-        def lower(a, b):
-            c = _ffi(a, b, ta, tb)
-            return lax.psum(c, axes) if ta and axes else c
-        return mesh, lower, out, args
-
-    @custom_partitioning
-    def call(a, b):
-        return _ffi(a, b, ta, tb)
-
-    rule = f"{'k m' if ta else 'm k'}, {'n k' if tb else 'k n'} -> m n"
-    lead = "k" if ta else "m"
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       reduction_factors=("k",) if ta else (),
-                       need_replication_factors=tuple(f for f in "mkn" if f != lead))
-    return call
-
-
-@functools.cache
 def _op(ta: bool, tb: bool):
-    """The custom call as a function of two matrices; under vmap a mapped a folds into its rows (when they are
-    the product's rows), other cases run XLA's batched dot."""
+    """The custom call as a function of two matrices, partitioned over a's rows (a batch-sharded jit); under
+    vmap a mapped a folds into its rows (when they are the product's rows), other cases run XLA's batched
+    dot."""
     if not available():   # also what registers the custom call
         raise RuntimeError(f"dcls_jax.dense.matmul: the C++ kernels are unavailable: {unavailable_reason()}")
-    call = _partitioned(ta, tb)
+    from jax.sharding import PartitionSpec as P
+
+    def specs(axes):   # a's rows sharded; where they are the contraction (ta) b's rows follow them
+        if not ta:
+            return P(axes, None), P(), P(axes, None)
+        return P(axes, None), (P(None, axes) if tb else P(axes, None)), P()
+    rule = f"{'k m' if ta else 'm k'}, {'n k' if tb else 'k n'} -> m n"
+    call = partition_over_batch(lambda a, b: _ffi(a, b, ta, tb), rule, specs)
 
     @jax.custom_batching.custom_vmap
     def op(a, b):
@@ -151,8 +119,8 @@ def _matmul_fwd(a, b, ta, tb):
 
 def _product(a, b, ta: bool, tb: bool):
     """A gradient's product: the C++ kernels, except where the contraction runs over a's stored rows (ta: a
-    Linear's weight gradient, summed over the batch's rows), which XLA's dot runs as fast or faster
-    (BENCHMARKS.md: 2.2x at 96 x 384 over 25088 rows)."""
+    Linear's weight gradient, summed over the batch's rows), which XLA's dot runs faster at 7 of ConvNeXt-T's 8
+    shapes (BENCHMARKS.md, bench_dense.py)."""
     return _xla(a, b, ta, tb) if ta else matmul(a, b, ta, tb)
 
 

@@ -178,11 +178,17 @@ def fit_vma(ct, primal):
 def _op(kind, stride, lo, size):
     """The custom call as a function of two arrays; under vmap the mapped axis folds into the batch (forward
     with an unmapped kernel) or runs as a loop (lax.map)."""
-    call = _partitioned(kind)
+    from jax.sharding import PartitionSpec as P
+
+    def specs(axes):   # the batch's axes: x and the cotangent sharded, the kernel replicated
+        batch = P(axes, None, None, None)
+        return (batch, P(), batch) if kind == "forward" else (batch, batch, P())
+    rule = "n h w c, i j c -> n p q c" if kind == "forward" else "n h w c, n p q c -> i j c"
+    call = partition_over_batch(lambda a, b: _ffi(kind, a, b, stride, lo, size), rule, specs)
 
     @jax.custom_batching.custom_vmap
     def op(a, b):
-        return call(a, b, stride, lo, size)
+        return call(a, b)
 
     @op.def_vmap
     def batched(axis_size, in_batched, a, b):
@@ -201,42 +207,41 @@ def _ffi(kind, a, b, stride, lo, size):
         a, b, sh=np.int64(stride[0]), sw=np.int64(stride[1]), ph=np.int64(lo[0]), pw=np.int64(lo[1]))
 
 
-@functools.cache
-def _partitioned(kind):
-    """The custom call, partitioned over the batch: under a sharded jit each device runs its own samples (an
-    unannotated custom call would gather the batch on every device). The kernel gradient sums the devices'
-    partials with a psum. Other dimensions are replicated first."""
+def partition_over_batch(fn, rule: str, specs):
+    """`fn(a, b)`, one custom call, partitioned over a's leading axis (the batch of a sharded jit): each device
+    runs its own rows; an unannotated custom call would gather them on every device. `rule` is the Shardy
+    einsum-like rule (its first factor is a's leading axis); `specs(axes)` gives a's, b's and the result's
+    PartitionSpecs for the batch's mesh axes. Where the leading factor is not in the result (a sum over the
+    batch: a kernel or weight gradient), a psum adds the devices' partials. Other axes are replicated first."""
     from jax.experimental.custom_partitioning import custom_partitioning
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+
+    inputs, result = rule.split("->")
+    factors = tuple(dict.fromkeys(inputs.replace(",", " ").split() + result.split()))   # in order (shardy)
+    lead = factors[0]
+    summed = lead not in result.split()
 
     def shardings(mesh, arg_shapes):
         spec = getattr(arg_shapes[0].sharding, "spec", None)
         axes = spec[0] if spec else None
-        lead = NamedSharding(mesh, P(axes, None, None, None))
-        second = lead if kind == "kernel_grad" else NamedSharding(mesh, P())
-        out = NamedSharding(mesh, P()) if kind == "kernel_grad" else lead
-        return axes, (lead, second), out
+        a, b, out = (NamedSharding(mesh, p) for p in specs(axes))
+        return axes, (a, b), out
 
-    def infer(stride, lo, size, mesh, arg_shapes, result_shape):
+    def infer(mesh, arg_shapes, result_shape):
         return shardings(mesh, arg_shapes)[2]
 
-    def partition(stride, lo, size, mesh, arg_shapes, result_shape):
+    def partition(mesh, arg_shapes, result_shape):
         axes, args, out = shardings(mesh, arg_shapes)
 
         def lower(a, b):
-            y = _ffi(kind, a, b, stride, lo, size)
-            return lax.psum(y, axes) if kind == "kernel_grad" and axes else y
+            y = fn(a, b)
+            return lax.psum(y, axes) if summed and axes else y
         return mesh, lower, out, args
 
-    @functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
-    def call(a, b, stride, lo, size):
-        return _ffi(kind, a, b, stride, lo, size)
-
-    rule = "n h w c, i j c -> n p q c" if kind == "forward" else "n h w c, n p q c -> i j c"
-    factors = tuple(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))   # in order (shardy)
+    call = custom_partitioning(fn)
     call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       reduction_factors=("n",) if kind == "kernel_grad" else (),
-                       need_replication_factors=tuple(f for f in factors if f != "n"))
+                       reduction_factors=(lead,) if summed else (),
+                       need_replication_factors=tuple(f for f in factors if f != lead))
     return call
 
 
