@@ -43,6 +43,26 @@ def test_matmul_equals_float64(m, k, n):
         assert np.all(np.abs(c - exact) <= bound), float(np.max(np.abs(c - exact) - bound, initial=0))
 
 
+def test_concurrent_products_each_get_their_own_packing():
+    """The packed b lives in one kept buffer, or a call's own when that is in use or past 64 MiB (1 x 4100 ->
+    4100 is 65 MiB): products on several threads at once, again and again, each equal float64."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(5)
+    cases = [(rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(n, k)).astype(np.float32))
+             for m, k, n in ((300, 200, 700), (50, 64, 40), (1, 4100, 4100), (97, 33, 260))]
+    product = jax.jit(lambda a, b: dense.matmul(a, b, False, True))
+
+    def check(case):
+        a, b = case
+        exact = a.astype(np.float64) @ b.T.astype(np.float64)
+        c = np.asarray(product(a, b))
+        return bool(np.all(np.abs(c - exact) <= _bound(a.astype(np.float64), b.T.astype(np.float64))))
+    for case in cases:
+        product(*case)                                                      # compiled before the race
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, cases * 4))
+
+
 def test_gradients_to_second_order_equal_xla_dot():
     rng = np.random.default_rng(3)
     for ta, tb in itertools.product((False, True), repeat=2):
