@@ -1,9 +1,8 @@
 """Dense DCLS kernels from (weight, P, SIG): the numbers of PyTorch dcls 0.1.1 `ConstructKernel{1,2,3}d`.
 
 Every version is separable: the kernel of tap k is a product of one 1-D profile per spatial axis, so
-`kernel[o, i, *x] = sum_k W[o, i, k] / Z[o, i, k] * prod_a g_a[o, i, k, x_a]` and the (d0, d1, O, I/g, K)
-tensor of the reference is never built: up to 64 taps the sum of the taps' outer products, one elementwise
-fusion (forward), whose derivatives are those of the same sum as one einsum over k (above 64 taps, the einsum).
+`kernel[o, i, *x] = sum_k W[o, i, k] / Z[o, i, k] * prod_a g_a[o, i, k, x_a]` is one einsum over k and the
+(d0, d1, O, I/g, K) tensor of the reference is never built.
 
 Axis pairing (c_j = dilated_kernel_size[j] // 2; P[j] is offset by c_j, as in the reference):
 - v1 / gauss / max: P[j] (and SIG[j]) act on spatial axis nd-1-j, i.e. in 2-D P[0] moves taps along the
@@ -20,7 +19,6 @@ Normalised versions divide each tap by (sum of its dense profile + 1e-7), like t
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -74,7 +72,13 @@ def _profiles(P, SIG, d, version):
     return out, norm
 
 
-def _checked(weight, P, SIG, dilated_kernel_size, version):
+def construct_kernel(weight, P, SIG, dilated_kernel_size, version: str):
+    """Dense kernel (O, I/groups, *dense, *dilated_kernel_size) from weight (O, I/g, *dense, K), P and SIG
+    (nd, O, I/g, *dense, K).
+
+    `dense` is empty for Dcls1d/2d/3d; Dcls3_1d (dcls 0.1.1's N_Md design) has two dense (fixed-tap) axes before
+    its one learnable axis: each of its dense taps is a 1-D DCLS kernel. SIG is used by "gauss" and "max" only
+    (pass None otherwise). Same numbers as dcls 0.1.1."""
     if version not in VERSIONS:
         raise ValueError(f"unknown DCLS version {version!r}; expected one of {VERSIONS}")
     nd = P.shape[0]
@@ -87,12 +91,6 @@ def _checked(weight, P, SIG, dilated_kernel_size, version):
         if SIG is None or SIG.shape != P.shape:
             raise ValueError(f"version {version!r} needs SIG of shape {P.shape}, got "
                              f"{None if SIG is None else SIG.shape}")
-    return d
-
-
-def _einsum_kernel(weight, P, SIG, d, version):
-    """The kernel as one einsum over the taps (XLA: a batched dot per output channel). Differentiated."""
-    nd = len(d)
     profiles, norm = _profiles(P, SIG, d, version)
     w = weight if norm is None else weight / norm
     letters, dense = "xyz", "abcdefgh"[:weight.ndim - 3]
@@ -101,46 +99,3 @@ def _einsum_kernel(weight, P, SIG, d, version):
     lead = "oi" + dense
     spec = f"{lead}k," + ",".join(f"{lead}k{letters[a]}" for a in range(nd)) + f"->{lead}" + letters[:nd]
     return jnp.einsum(spec, *operands, precision=lax.Precision.HIGHEST)
-
-
-_UNROLL_TAPS = 64   # kernels with at most this many taps are built as a sum of outer products
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _summed_kernel(weight, P, SIG, d, version):
-    """The same kernel as a sum over the taps, in order, of one scaled outer product of the profiles each: one
-    elementwise fusion, 2.4x faster than the batched dot on the CPU for the 18 kernels of ConvNeXt-T (12 -> 5 ms),
-    where XLA pays a fixed cost per tiny product. Its derivatives are the einsum's (custom_jvp: both modes)."""
-    nd = len(d)
-    profiles, norm = _profiles(P, SIG, d, version)
-    w = weight if norm is None else weight / norm
-    by_axis = dict(profiles)
-    lead = w.shape[:-1]
-    out = None
-    for k in range(w.shape[-1]):
-        term = w[..., k].reshape(*lead, *(1,) * nd)
-        for a in range(nd):
-            term = term * by_axis[a][..., k, :].reshape(*lead, *(d[a] if b == a else 1 for b in range(nd)))
-        out = term if out is None else out + term
-    return out
-
-
-@_summed_kernel.defjvp
-def _summed_kernel_jvp(d, version, primals, tangents):
-    _, tangent = jax.jvp(lambda w, p, s: _einsum_kernel(w, p, s, d, version), primals, tangents)
-    return _summed_kernel(*primals, d, version), tangent
-
-
-def construct_kernel(weight, P, SIG, dilated_kernel_size, version: str):
-    """Dense kernel (O, I/groups, *dense, *dilated_kernel_size) from weight (O, I/g, *dense, K), P and SIG
-    (nd, O, I/g, *dense, K).
-
-    `dense` is empty for Dcls1d/2d/3d; Dcls3_1d (dcls 0.1.1's N_Md design) has two dense (fixed-tap) axes before
-    its one learnable axis: each of its dense taps is a 1-D DCLS kernel. SIG is used by "gauss" and "max" only
-    (pass None otherwise). Same numbers as dcls 0.1.1."""
-    d = _checked(weight, P, SIG, dilated_kernel_size, version)
-    if SIG is not None and version not in ("gauss", "max"):
-        SIG = None
-    if weight.shape[-1] <= _UNROLL_TAPS:
-        return _summed_kernel(weight, P, SIG, d, version)
-    return _einsum_kernel(weight, P, SIG, d, version)

@@ -151,12 +151,6 @@ def test_parity_published_depthwise():
     _check_parity((8, 8, 34, 17, 8, 1, 8, "zeros", False, (9, 9)), "v1")
 
 
-@pytest.mark.parametrize("version", ["v0", "gauss"])
-def test_parity_more_taps_than_unrolled(version):
-    """Past kernel.py's _UNROLL_TAPS (64) taps the kernel is one einsum instead of a sum of outer products."""
-    _check_parity((2, 4, 70, 9, 2, 1, 4, "zeros", True, (7, 8)), version)
-
-
 def test_corner_gradients_are_torch_zeros():
     """Positions on integers (v1) and SIG = 0 (max): torch's abs/relu give exactly 0 gradient there."""
     @jax.jit
