@@ -323,9 +323,10 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 x, Array4 gy,
   if (auto e = check(g); e.failure()) return e;
   float* out = dw->typed_data();
   // Each chunk of channels' tasks in G fixed groups of consecutive tasks, a group's tasks summed in order into
-  // its partial, the partials then summed in order: the same rounding for any number of threads.
+  // its partial, the partials then summed in order: the same rounding for any number of threads. About
+  // kMinTasks (chunk, group) items in all: more partials would only cost memory and their sum.
   const int64_t part_size = g.kh * g.kw_pad * g.chunk, per_chunk = g.n * g.blocks;
-  const int64_t groups = std::max<int64_t>(1, std::min(per_chunk, kMinTasks));
+  const int64_t groups = std::max<int64_t>(1, std::min(per_chunk, div_up(kMinTasks, g.chunks)));
   std::vector<float> parts(g.chunks * groups * part_size, 0.0f);
   if (g.n * g.ho * g.wo > 0) {
     const float* xs = x.typed_data();
@@ -338,15 +339,16 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, Array4 x, Array4 gy,
         task(g, xs, gs, part, u * g.chunks + ch);
     });
   }
-  for (int64_t ch = 0; ch < g.chunks; ++ch) {
-    float* sum = parts.data() + ch * groups * part_size;
-    for (int64_t grp = 1; grp < groups; ++grp)
-      for (int64_t e = 0; e < part_size; ++e) sum[e] += sum[grp * part_size + e];
+  // The sum of the partials and its copy into dw, a chunk's kernel row (i) per task.
+  parallel_for(pool, g.chunks * g.kh, [&](int64_t item) {
+    const int64_t ch = item / g.kh, i = item % g.kh;
     const int64_t cs = ch * g.chunk, cw = std::min(g.chunk, g.cp - cs), cnt = std::min(cw, g.c - cs);
-    for (int64_t i = 0; i < g.kh; ++i)
-      for (int64_t j = 0; j < g.kw; ++j)
-        std::memcpy(out + (i * g.kw + j) * g.c + cs, sum + (i * g.kw_pad + j) * cw, cnt * sizeof(float));
-  }
+    float* sum = parts.data() + ch * groups * part_size + i * g.kw_pad * cw;
+    for (int64_t grp = 1; grp < groups; ++grp)
+      for (int64_t e = 0; e < g.kw * cw; ++e) sum[e] += sum[grp * part_size + e];
+    for (int64_t j = 0; j < g.kw; ++j)
+      std::memcpy(out + (i * g.kw + j) * g.c + cs, sum + j * cw, cnt * sizeof(float));
+  });
   return ffi::Error::Success();
 }
 
