@@ -616,4 +616,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.keep_freed_memory()   # before JAX allocates: see its docstring
     sys.exit(main())

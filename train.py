@@ -676,4 +676,5 @@ def _one_line(e: Exception) -> str:
 
 
 if __name__ == "__main__":
+    runtime.keep_freed_memory()   # before JAX allocates: see its docstring
     sys.exit(cli())

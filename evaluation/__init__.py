@@ -13,7 +13,7 @@ train.py; data beside).
 Modules: `metrics` (the registry of alignment metrics and their reducers), `protocols` (how a CAM is put next to
 the human map), `evaluator` (Evaluator: the jitted, sharded step, precision, accuracy; Explainer: the predictions
 and CAMs of single photos), `checkpoints` (the published-checkpoint lookup: download, verify, convert once into the
-cache), `runtime` (progress bars, atomic writes, multi-host flags).
+cache), `runtime` (progress bars, atomic writes, multi-host flags, the programs' malloc settings).
 The constants below are what the command lines need before JAX is imported (the modules import JAX)."""
 from pathlib import Path
 

@@ -1,13 +1,17 @@
-"""What the command-line programs share: progress bars, atomic writes, multi-host initialisation.
+"""What the command-line programs share: progress bars, atomic writes, multi-host initialisation, the
+process's malloc settings.
 
     parser = argparse.ArgumentParser(); runtime.add_distributed_flags(parser)
     args = parser.parse_args(); runtime.check_distributed_flags(args)   # ValueError on a bad flag
     runtime.init_distributed(args)          # jax.distributed.initialize() when asked or when a cluster is seen
     with runtime.Progress(total=1000, unit="img") as bar: bar.update(8)
     runtime.write_atomic("out.json", text)
+    runtime.keep_freed_memory()             # first thing in a program (evaluate.py and train.py do)
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 
@@ -113,3 +117,25 @@ def init_distributed(args, force: bool = False) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(*flags)
     return True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def keep_freed_memory() -> bool:
+    """Keeps the memory the process frees for its next allocations (glibc's malloc; elsewhere nothing, False).
+
+    XLA:CPU allocates a computation's outputs and temporaries at every call, from the calling thread. glibc
+    serves those threads from arenas whose heaps it unmaps as soon as they shrink, and maps blocks above 32 MiB
+    afresh each time, so every call page-faults its activations in again: ~23,000 faults per ConvNeXt-T
+    forward at batch 8, a twentieth of its time on a 2-core CPU (BENCHMARKS.md). One arena, and blocks kept
+    up to 1 GiB (mallopt M_ARENA_MAX 1, M_MMAP_THRESHOLD and M_TRIM_THRESHOLD 1 GiB) stop that; the process
+    keeps its peak memory. It acts on threads that have not allocated yet: call it first. It changes the whole
+    process, so the library never calls it; evaluate.py and train.py do, run as programs."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return all(libc.mallopt(option, value) == 1
+                   for option, value in ((-8, 1), (-3, 1 << 30), (-1, 1 << 30)))
+    except (OSError, AttributeError, TypeError):
+        return False

@@ -42,6 +42,41 @@ def _python(code: str, *args, devices: int = 1, timeout: float = 300) -> subproc
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Both programs: the process's malloc settings
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_refaulting_freed_blocks():
+    """A 96 MiB block freed and allocated again on a worker thread (as XLA:CPU's per-call buffers are): glibc
+    maps it afresh and page-faults all of it every time; after runtime.keep_freed_memory() only the first time."""
+    code = """
+        import ctypes, ctypes.util, resource, sys, threading
+        from evaluation import runtime
+        applied = runtime.keep_freed_memory() if sys.argv[1] == "1" else None
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        def work(out, size=96 << 20):
+            for _ in range(3):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                p = libc.malloc(size)
+                ctypes.memset(p, 1, size)
+                libc.free(p)
+                out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        out = []
+        t = threading.Thread(target=work, args=(out,))
+        t.start(); t.join()
+        print(applied, *out)
+    """
+    pages = (96 << 20) // os.sysconf("SC_PAGE_SIZE")
+    default, kept = (_python(code, flag).stdout.split() for flag in ("0", "1"))
+    assert default[0] == "None" and all(int(f) >= pages // 2 for f in default[1:]), default
+    assert kept[0] == "True" and int(kept[1]) >= pages // 2 and all(int(f) < pages // 50 for f in kept[2:]), kept
+    for program in ("evaluate.py", "train.py"):
+        with open(os.path.join(ROOT, program)) as f:
+            assert 'if __name__ == "__main__":\n    runtime.keep_freed_memory()' in f.read(), program
+
+
+# ------------------------------------------------------------------------------------------------------------
 # train.py: configuration and input errors
 
 
