@@ -30,18 +30,23 @@ constexpr int64_t kRegisters = 16;
 
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-// A thread's scratch floats, 64-byte aligned (so that vector loads never split a cache line), zero-filled.
+// A thread's scratch floats, 64-byte aligned (so that vector loads never split a cache line): as left by the
+// last use, or zero-filled.
 class Scratch {
  public:
-  float* zeroed(int64_t n) {
+  float* get(int64_t n) {
     if (n > size_) {
       std::free(data_);
       size_ = round_up_size(n);
       data_ = static_cast<float*>(std::aligned_alloc(64, size_ * sizeof(float)));
       if (!data_) throw std::bad_alloc();
     }
-    std::memset(data_, 0, n * sizeof(float));
     return data_;
+  }
+  float* zeroed(int64_t n) {
+    float* p = get(n);
+    std::memset(p, 0, n * sizeof(float));
+    return p;
   }
   ~Scratch() { std::free(data_); }
 

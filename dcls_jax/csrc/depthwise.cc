@@ -90,21 +90,32 @@ struct Task {
 };
 
 // The input rows and channels a task reads: tile[r][u][k] = x[n, p0*sh - ph + r, u - pw, cs + k] (0 outside).
+// Only the padding is zero-filled (filling the whole tile first had cost ~10% of a 7x7 forward).
 const float* fill_tile(const Geometry& g, const Task& k, const float* x, Scratch& scratch) {
-  const int64_t row0 = k.p0 * g.sh - g.ph, cnt = std::min(k.width, g.c - k.cs);
-  float* tile = scratch.zeroed(g.tile_h() * g.tile_w * k.width);
-  const int64_t u0 = std::max<int64_t>(0, g.pw), u1 = std::min(g.tile_w, g.w + g.pw);  // tile columns in x
+  const int64_t row0 = k.p0 * g.sh - g.ph, cnt = std::min(k.width, g.c - k.cs), cw = k.width;
+  float* tile = scratch.get(g.tile_h() * g.tile_w * cw);
+  const int64_t u0 = std::clamp<int64_t>(g.pw, 0, g.tile_w);                 // tile columns in x: [u0, u1)
+  const int64_t u1 = std::clamp<int64_t>(g.w + g.pw, u0, g.tile_w);
   for (int64_t r = 0; r < g.tile_h(); ++r) {
     const int64_t ih = row0 + r;
-    if (ih < 0 || ih >= g.h || u0 >= u1) continue;
+    float* row = tile + r * g.tile_w * cw;
+    if (ih < 0 || ih >= g.h || u0 == u1) {
+      std::memset(row, 0, g.tile_w * cw * sizeof(float));
+      continue;
+    }
+    std::memset(row, 0, u0 * cw * sizeof(float));
+    std::memset(row + u1 * cw, 0, (g.tile_w - u1) * cw * sizeof(float));
     const float* src = x + ((k.n * g.h + ih) * g.w + (u0 - g.pw)) * g.c + k.cs;
-    float* dst = tile + (r * g.tile_w + u0) * k.width;
-    if (cnt == g.c && cnt == k.width) {
+    float* dst = row + u0 * cw;
+    if (cnt == g.c && cnt == cw) {
       std::memcpy(dst, src, (u1 - u0) * g.c * sizeof(float));
-    } else if (cnt == kLanes) {   // one vector per column (the forward's tiles)
-      for (int64_t u = u0; u < u1; ++u, src += g.c, dst += k.width) store(dst, load(src));
+    } else if (cnt == kLanes && cw == kLanes) {   // one vector per column (the forward's tiles)
+      for (int64_t u = u0; u < u1; ++u, src += g.c, dst += cw) store(dst, load(src));
     } else {
-      for (int64_t u = u0; u < u1; ++u, src += g.c, dst += k.width) std::memcpy(dst, src, cnt * sizeof(float));
+      for (int64_t u = u0; u < u1; ++u, src += g.c, dst += cw) {
+        std::memcpy(dst, src, cnt * sizeof(float));
+        std::memset(dst + cnt, 0, (cw - cnt) * sizeof(float));
+      }
     }
   }
   return tile;
