@@ -9,14 +9,11 @@ allocates its outputs and temporaries per call, so large activations are page-fa
 It changes the whole process (PyTorch too, which gains more from it than JAX: convnext_tiny's forward 395 -> 324
 ms against 337 -> 319), so the benchmarks only do it when asked (--keep-memory).
 """
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluation.runtime import keep_freed_memory  # noqa: E402,F401  (re-exported)
+from evaluation.runtime import keep_freed_memory  # noqa: F401  (re-exported; the scripts put the root on sys.path)
 
 
 def median_ms(fn, sync, iters: int, warmup: int = 1) -> float:
