@@ -15,7 +15,13 @@ Two lowerings, chosen by backend:
 - TPU (Mosaic): grid (batch, channel block of 128 lanes); the padded map of one image and channel block sits
   in VMEM and the taps are unrolled with static slices.
 Elsewhere (CPU) both run with interpret=True, which is how their correctness is tested; `PALLAS_FLAVOUR`
-chooses which one ("gpu" | "tpu" | None = by backend).
+chooses which one ("gpu" | "tpu" | None = by backend) and `PALLAS_INTERPRET` whether it is interpreted (None = on
+any backend the flavour is not for; False lowers it natively, e.g. to check the lowering for another platform).
+
+Each call names its compiler: jax 0.10 sends a GPU `pallas_call` without compiler parameters to Mosaic GPU
+(`jax_pallas_use_mosaic_gpu`), which would stage these whole-array kernels in shared memory and fail (jax 0.11
+and later default to Triton); the Triton parameters make every jax version lower them to Triton. The TPU grid is (parallel, parallel), so chips
+with two TensorCores split it.
 """
 from __future__ import annotations
 
@@ -25,9 +31,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 PALLAS_FLAVOUR: str | None = None
+PALLAS_INTERPRET: bool | None = None
 _BC_GPU, _BC_TPU = 32, 128
+_GPU_PARAMS = pltriton.CompilerParams(num_warps=4)
+_TPU_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
 
 def _flavour() -> tuple[str, bool]:
@@ -35,6 +46,8 @@ def _flavour() -> tuple[str, bool]:
     flavour = PALLAS_FLAVOUR or ("tpu" if backend == "tpu" else "gpu")
     if flavour not in ("gpu", "tpu"):
         raise ValueError(f"PALLAS_FLAVOUR must be 'gpu', 'tpu' or None, got {flavour!r}")
+    if PALLAS_INTERPRET is not None:
+        return flavour, bool(PALLAS_INTERPRET)
     native = (flavour == "gpu" and backend in ("gpu", "cuda", "rocm")) or (flavour == "tpu" and backend == "tpu")
     return flavour, not native
 
@@ -95,7 +108,7 @@ def _gpu_fwd(x, wt, interpret):
         grid=(n, ho, cp // bc),
         in_specs=[pl.no_block_spec, pl.no_block_spec],
         out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, bw, bc), lambda b, i, cb: (b, i, 0, cb)),
-        interpret=interpret, name="dcls_depthwise_fwd",
+        interpret=interpret, compiler_params=_GPU_PARAMS, name="dcls_depthwise_fwd",
     )(_gpu_flat_x(x, bw, kw), wt.reshape(kh * kw, cp))
     return out[:, :, :wo, :c]
 
@@ -113,7 +126,7 @@ def _gpu_dw(x, dy, kh, kw, interpret):
         grid=(kh * kw, cp // bc, n),
         in_specs=[pl.no_block_spec, pl.no_block_spec],
         out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, 1, bc), lambda t, cb, b: (b, t, 0, cb)),
-        interpret=interpret, name="dcls_depthwise_dw",
+        interpret=interpret, compiler_params=_GPU_PARAMS, name="dcls_depthwise_dw",
     )(_gpu_flat_x(x, bw, kw), dy)
     return part.sum(0).reshape(kh, kw, cp)[..., :c]
 
@@ -148,7 +161,7 @@ def _tpu_call(kernel, name: str, out_shape, out_block: tuple, operands: list, bl
         return pl.BlockSpec(block, lambda b, cb: ((b,) if batched else (0,)) + (0,) * (len(block) - 2) + (cb,))
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(out_shape.shape[0], out_shape.shape[-1] // _BC_TPU),
                           in_specs=[spec(b) for b in blocks], out_specs=spec(out_block), interpret=interpret,
-                          name=name)(*operands)
+                          compiler_params=_TPU_PARAMS, name=name)(*operands)
 
 
 def _tpu_fwd(x, wt, interpret):

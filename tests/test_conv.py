@@ -4,8 +4,10 @@ the dispatcher and its overrides, DCLS parity with PyTorch dcls 0.1.1 through ev
 Each case compiles one program holding the reference and all implementations (LLVM -O0, as test_dcls.py),
 so the file stays fast on two cores. Pallas kernels run with interpret=True here, both lowerings (GPU and TPU).
 """
+import contextlib
 import importlib
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -289,3 +291,36 @@ def test_dcls_parity_through_every_path(case, impl):
                     "published-v1": ((8, 8, 34, 17, 8, 1, 8, "zeros", False, (9, 9)), "v1")}[case]
     with C.use_impl(impl):
         test_dcls._check_parity(cfg, version)
+
+
+def _abstract_gpu():
+    """jax >= 0.12 asks which GPU a Triton kernel is lowered for when none is attached; older versions do not."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
+@pytest.mark.parametrize("flavour, platform, target", [("gpu", "cuda", "__gpu$xla.gpu.triton"),
+                                                       ("tpu", "tpu", "tpu_custom_call")])
+def test_pallas_kernels_lower_natively(monkeypatch, flavour, platform, target):
+    """The Pallas kernels lowered for the platform they are written for, without one attached: forward, input
+    and kernel gradients, strided and not, fp32 and bf16, each a native kernel call (Triton on GPU, never Mosaic
+    GPU, jax 0.10's default for a pallas_call without compiler parameters; Mosaic on TPU)."""
+    monkeypatch.setattr(pallas_conv, "PALLAS_FLAVOUR", flavour)
+    monkeypatch.setattr(pallas_conv, "PALLAS_INTERPRET", False)
+
+    def step(x, w):
+        loss = lambda x, w: sum(dcls_jax.conv(x, w, s, 8, x.shape[-1], impl="pallas").astype(jnp.float32).sum()
+                                for s in (1, 2))
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.ShapeDtypeStruct((2, 20, 18, 40), dtype)
+        w = jax.ShapeDtypeStruct((40, 1, 17, 15), dtype)
+        with _abstract_gpu() if flavour == "gpu" else contextlib.nullcontext():
+            text = jax.jit(step).trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+        calls = re.findall(r"custom_call @([\w$.]+)", text)
+        # stride 1: forward, input gradient, kernel gradient; stride 2: four phases, three calls each
+        assert calls.count(target) == 3 + 4 * 3, calls
+        assert set(calls) == {target}, calls
