@@ -14,12 +14,15 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 out=${OUT:-/tmp}
 nvidia-smi -L
+case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in   # the floor's memory bandwidth, GB/s
+  *H200*) gbs=4800 ;; *H100*PCIe*) gbs=2000 ;; *) gbs=3350 ;;
+esac
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.txt"; }
 # 1. every depthwise implementation (Pallas Triton kernels natively) against lax, fp32 and bf16 (~1 min)
 run check_conv 120 benchmarks/check_conv.py --big 128
 # 2. per implementation and shape, fwd and fwd+bwd, fp32 and bf16, against PyTorch, with the floor fraction (~4 min)
-run conv 280 benchmarks/bench_conv.py --batch 128 --dtypes fp32,bf16 --impls xla,fft,pallas --iters 5
+run conv 280 benchmarks/bench_conv.py --batch 128 --dtypes fp32,bf16 --impls xla,fft,pallas --iters 5 --peak-gbs $gbs
 # 3. the DCLS layer fwd+bwd at (128, 56, 56, 96), v0 17/34 (target <= 2.5 ms), auto and each forced path (~1.5 min)
 for impl in auto fft pallas; do
   DCLS_JAX_CONV=$impl run dcls_$impl 40 benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 10
