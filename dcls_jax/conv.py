@@ -328,6 +328,10 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
         raise ValueError(f"stride {stride}, padding {padding} and dilation {dilation} must give {nd} values")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"stride {stride} and dilation {dilation} must be >= 1, padding {padding} >= 0")
+    if groups < 1 or x.shape[-1] % groups or w.shape[0] % groups or w.shape[1] * groups != x.shape[-1]:
+        raise ValueError(f"groups {groups} does not fit input channels {x.shape[-1]} and kernel {tuple(w.shape)} "
+                         f"(need groups >= 1 dividing both channel counts, and kernel in-channels x groups = "
+                         f"input channels)")
     pads = [(p, p) for p in padding]
     span = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilation)]
     if any(s + 2 * p < k for s, p, k in zip(x.shape[1:-1], padding, span)):
@@ -343,6 +347,8 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
             raise ValueError(f"implementation {impl!r} needs x and w of one real floating dtype, got {x.dtype} "
                              f"and {w.dtype}")
         name = "xla"
+    if name != "xla" and (x.size == 0 or w.size == 0):
+        name = "xla"           # nothing to compute: lax gives the empty or all-zero result and gradients
     if name == "shifted":
         return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "fft":

@@ -280,6 +280,21 @@ def test_overrides_argument_context_environment(monkeypatch):
                                   _reference(xi.astype(jnp.float32), wi.astype(jnp.float32), 1, 1))
     with pytest.raises(ValueError, match="larger than the padded input"):
         dcls_jax.conv(x[:, :10, :10], w, 1, 0, 4)
+    for groups, wk in ((0, w), (3, w), (4, jnp.zeros((4, 2, 3, 3)))):     # as torch: groups must fit the channels
+        with pytest.raises(ValueError, match=f"groups {groups} does not fit"):
+            dcls_jax.conv(x, wk, 1, 1, groups)
+
+
+@pytest.mark.parametrize("impl", ("xla", "shifted", "fft", "shifted_fft", "pallas", "native"))
+def test_empty_batch_through_every_path(impl):
+    """A batch of zero images (and a map of zero rows, padded): the result's shape and zero gradients, as lax."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 1, 5, 3)), jnp.float32)
+    for shape, pad in (((0, 9, 8, 6), 2), ((2, 0, 8, 6), 3)):
+        x = jnp.zeros(shape, jnp.float32)
+        y, (dx, dw) = jax.value_and_grad(lambda x, w: dcls_jax.conv(x, w, 1, pad, 6, impl=impl).sum(),
+                                         argnums=(0, 1))(x, w)
+        assert dcls_jax.conv(x, w, 1, pad, 6, impl=impl).shape == _reference(x, w, 1, pad).shape
+        assert float(y) == 0 and dx.shape == x.shape and not np.any(dw)
 
 
 # DCLS parity with PyTorch dcls 0.1.1 through every forced implementation (test_dcls.py runs the default one).
