@@ -24,9 +24,10 @@ run check_conv 120 benchmarks/check_conv.py --big 128
 # 2. per implementation and shape, fwd and fwd+bwd, fp32 and bf16, against PyTorch, with the floor fraction (~4 min)
 run conv 280 benchmarks/bench_conv.py --batch 128 --dtypes fp32,bf16 --impls xla,fft,pallas --iters 5 --peak-gbs $gbs
 # 3. the DCLS layer fwd+bwd at (128, 56, 56, 96), v0 17/34 (target <= 2.5 ms), auto and each forced path (~1.5 min)
-for impl in auto fft pallas; do
-  DCLS_JAX_CONV=$impl run dcls_$impl 40 benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 10
+for impl in auto fft pallas autotune; do   # autotune: times xla, shifted, fft and pallas first (2 shapes)
+  DCLS_JAX_CONV=$impl run dcls_$impl $([ $impl = autotune ] && echo 80 || echo 40) benchmarks/bench_dcls.py --batch 128 --size 56 --channels 96 --iters 10
 done
+[ -f ~/.cache/dcls-jax/autotune.json ] && cp ~/.cache/dcls-jax/autotune.json "$out/autotune.json"
 # 4. evaluation step (Grad-CAM + metrics) and bf16 train step, batch 128 / 64, against PyTorch (~4 min)
 [ -f benchmarks/bench_evaluate.py ] && run evaluate 150 benchmarks/bench_evaluate.py --models resnet50,convnext_tiny_dcls --batch 64 --steps 5
 [ -f benchmarks/bench_train.py ] && run train 120 benchmarks/bench_train.py --batch 128 --size 224 --precision bf16 --steps 5

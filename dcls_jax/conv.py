@@ -18,7 +18,8 @@ several implementations of the same cross-correlation, each with its forward pas
                use; where no compiler works, "auto" never picks it and forcing it is an error).
 
 Which one runs: the `impl` argument, else the innermost `use_impl(...)` context, else the environment variable
-DCLS_JAX_CONV ("auto" or a name), else `choose_impl`, a table measured per backend (BENCHMARKS.md). The choice
+DCLS_JAX_CONV ("auto" or a name), else `choose_impl`, a table measured per backend (BENCHMARKS.md). "autotune"
+(any of the three) times the implementations once per case and keeps the fastest (dcls_jax.autotune). The choice
 is made when a function is traced: a jitted function keeps the implementation it was traced with. A forced
 implementation that cannot run a case (pallas on a 3-D input) is an error when given as the argument and
 falls back to the table when it comes from the context or the environment.
@@ -50,8 +51,9 @@ def _tuple(v, n: int) -> tuple[int, ...]:
 
 
 def _check_impl(name: str, where: str) -> str:
-    if name not in IMPLS + ("auto",):
-        raise ValueError(f"unknown convolution implementation {name!r} ({where}); expected 'auto' or one of {IMPLS}")
+    if name not in IMPLS + ("auto", "autotune"):
+        raise ValueError(f"unknown convolution implementation {name!r} ({where}); expected 'auto', 'autotune' or "
+                         f"one of {IMPLS}")
     return name
 
 
@@ -121,6 +123,8 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
     depthwise = groups == c_in and c_out % c_in == 0 and w_shape[1] == 1 and all(d == 1 for d in dilation)
     if impl is not None:
         _check_impl(impl, "impl argument")
+        if impl == "autotune":
+            return _autotuned(x_shape, w_shape, stride, padding, dtype, backend) if depthwise else "xla"
         if impl not in ("auto", "xla") and not depthwise:
             raise ValueError(f"implementation {impl!r} runs depthwise convolutions only (groups == in "
                              f"channels, out a multiple of in, dilation 1); got x {tuple(x_shape)}, "
@@ -139,9 +143,20 @@ def selected_impl(x_shape, w_shape, stride=1, padding=0, groups: int = 1, dilati
         return "xla"
     forced = _forced.get() or os.environ.get(ENV_VAR) or "auto"
     _check_impl(forced, f"use_impl / {ENV_VAR}")
+    if impl is None and forced == "autotune":
+        return _autotuned(x_shape, w_shape, stride, padding, dtype, backend)
     if impl is None and forced != "auto" and _supports(forced, nd, backend, dtype):
         return forced
     return choose_impl(w_shape[2:], x_shape[1:-1], c_in, stride, dtype, backend)
+
+
+def _autotuned(x_shape, w_shape, stride, padding, dtype, backend) -> str:
+    """The timed choice (dcls_jax.autotune): one name, or "value+differentiated" when the two differ."""
+    from dcls_jax.autotune import choose
+    nd = len(w_shape) - 2
+    value, differentiated = choose(tuple(x_shape), tuple(w_shape), _tuple(stride, nd),
+                                            _tuple(padding, nd), dtype, backend)
+    return value if value == differentiated else f"{value}+{differentiated}"
 
 
 _MAX_UNROLLED_TAPS = 64
@@ -289,6 +304,23 @@ def _shifted_bwd(stride, pads, res, dy):
 _shifted_sum_depthwise.defvjp(_shifted_fwd, _shifted_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _pair_depthwise(x, w, stride, padding, value_impl, differentiated_impl):
+    """One implementation for the value and another, forward and backward, under differentiation."""
+    return conv(x, w, stride, padding, x.shape[-1], impl=value_impl)
+
+
+def _pair_fwd(x, w, stride, padding, value_impl, differentiated_impl):
+    return jax.vjp(lambda a, b: conv(a, b, stride, padding, a.shape[-1], impl=differentiated_impl), x, w)
+
+
+def _pair_bwd(stride, padding, value_impl, differentiated_impl, vjp, dy):
+    return vjp(dy)
+
+
+_pair_depthwise.defvjp(_pair_fwd, _pair_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted_fft_depthwise(x, w, stride, pads):
     """Shifted sums when only the value is needed (inference: the faster forward for large kernels on XLA:CPU);
@@ -337,18 +369,23 @@ def conv(x, w, stride=1, padding=0, groups: int = 1, dilation=1, *, impl: str | 
     if any(s + 2 * p < k for s, p, k in zip(x.shape[1:-1], padding, span)):
         raise ValueError(f"kernel {tuple(w.shape[2:])} (dilation {dilation}) is larger than the padded input "
                          f"{tuple(s + 2 * p for s, p in zip(x.shape[1:-1], padding))}")
-    name = selected_impl(x.shape, w.shape, stride, padding, groups, dilation, x.dtype, impl)
+    fixed = impl not in (None, "auto", "autotune")
+    plain = x.dtype == w.dtype and jnp.issubdtype(x.dtype, jnp.floating)
+    empty = x.size == 0 or w.size == 0
+    # the fast paths run real floating inputs of one dtype, and have nothing to do on empty ones: lax runs those
+    name = ("xla" if not fixed and (empty or not plain) else
+            selected_impl(x.shape, w.shape, stride, padding, groups, dilation, x.dtype, impl))
+    if name != "xla" and not plain:
+        raise ValueError(f"implementation {impl!r} needs x and w of one real floating dtype, got {x.dtype} "
+                         f"and {w.dtype}")
+    if empty:
+        name = "xla"
+    if "+" in name:
+        return _pair_depthwise(x, w, tuple(stride), tuple(padding), *name.split("+"))
     if name != "xla" and w.shape[0] != x.shape[-1]:
         # channel multiplier m: output channel o reads input channel o // m, i.e. a depthwise conv of the input
         # with each channel repeated m times (autodiff sums the copies' gradients)
         x = jnp.repeat(x, w.shape[0] // x.shape[-1], axis=-1)
-    if name != "xla" and (x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating)):
-        if impl is not None:   # the fast paths run real floating inputs of one dtype; XLA runs the rest
-            raise ValueError(f"implementation {impl!r} needs x and w of one real floating dtype, got {x.dtype} "
-                             f"and {w.dtype}")
-        name = "xla"
-    if name != "xla" and (x.size == 0 or w.size == 0):
-        name = "xla"           # nothing to compute: lax gives the empty or all-zero result and gradients
     if name == "shifted":
         return _shifted_sum_depthwise(x, w, tuple(stride), tuple(pads))
     if name == "fft":
