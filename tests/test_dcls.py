@@ -1,4 +1,5 @@
 """dcls_jax against PyTorch dcls 0.1.1: kernels, outputs, gradients, init, shared positions, clamp, errors."""
+import importlib
 import logging
 
 import jax
@@ -149,6 +150,34 @@ def test_parity_with_pytorch(name, version):
 def test_parity_published_depthwise():
     """The MetaFormer/FastViT layer (17 / 34 / v1, depthwise, in = out = groups): conv.py's scanned CPU path."""
     _check_parity((8, 8, 34, 17, 8, 1, 8, "zeros", False, (9, 9)), "v1")
+
+
+@pytest.mark.parametrize("name", ["1d", "2d-nonsquare", "3d-dw-nonsquare"])
+def test_v0_einsum_parity_with_pytorch(monkeypatch, name):
+    """v0 as the einsum of its profiles (GPU, TPU); the CPU's default, the scatter, is test_parity_with_pytorch's."""
+    monkeypatch.setattr(importlib.import_module("dcls_jax.kernel"), "V0_SCATTER", False)
+    _check_parity(CONFIGS[name], "v0")
+
+
+def test_v0_far_positions_are_dropped():
+    """Taps far outside the grid (beyond int32 once floored, or NaN) add nothing; the others add their bilinear
+    corners, computed here by hand from the reference's formula."""
+    d, w = 5, np.array([[[1.5, -2.0, 0.75, 3.0]]], np.float32)                    # (O=1, I=1, K=4)
+    P = np.array([[[[0.25, 3e9, -1e30, np.nan]]], [[[-1.5, 0.0, 0.0, 1.0]]]], np.float32)
+    want = np.zeros((d, d), np.float64)
+    py, px = P[0, 0, 0, 0] + d // 2, P[1, 0, 0, 0] + d // 2
+    fy, fx = int(np.floor(py)), int(np.floor(px))
+    ry, rx = py - fy, px - fx
+    for a, b, c in ((0, 0, (1 - ry) * (1 - rx)), (0, 1, (1 - ry) * rx), (1, 0, ry * (1 - rx)), (1, 1, ry * rx)):
+        want[fy + a, fx + b] += w[0, 0, 0] * c
+    for scatter in (True, False):
+        kernel_mod = importlib.import_module("dcls_jax.kernel")
+        old, kernel_mod.V0_SCATTER = kernel_mod.V0_SCATTER, scatter
+        try:
+            got = dcls_jax.construct_kernel(jnp.asarray(w), jnp.asarray(P), None, d, "v0")
+        finally:
+            kernel_mod.V0_SCATTER = old
+        np.testing.assert_allclose(np.asarray(got[0, 0]), want, rtol=1e-6, atol=1e-6)
 
 
 def test_corner_gradients_are_torch_zeros():
