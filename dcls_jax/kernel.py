@@ -14,11 +14,12 @@ Axis pairing (c_j = dilated_kernel_size[j] // 2; P[j] is offset by c_j, as in th
   the grid are dropped; floor carries no gradient.
 Normalised versions divide each tap by (sum of its dense profile + 1e-7), like the reference.
 
-v0 on the CPU is built as the reference builds it, a scatter of each tap's 2^nd bilinear corners into the grid:
-XLA:CPU runs the einsum as one small product per (o, i) at a fixed cost each (ConvNeXt-T-DCLS's 18 kernels: 12.7
-ms forward, 44 ms with the gradients of weight and positions; the scatter 5.7 and 3.6 ms, 2-core CPU). Elsewhere
-the einsum runs (a GPU's scatter-add sums in no fixed order, a TPU's is slow); `V0_SCATTER` overrides (None: by
-backend).
+On the CPU, v0 and v1 are built as scatters of each tap's 2^nd corners into the grid (v0 is the reference's own
+bilinear scatter; v1's profile relu(1 - |u|) is nonzero at floor(p) and floor(p) + 1 only, so the same two
+points per axis, with the same formula, give the same values, normaliser and gradients). XLA:CPU runs the einsum
+as one small product per (o, i) at a fixed cost each (ConvNeXt-T-DCLS's 18 kernels: 12.7 ms forward, 44 ms with
+the gradients of weight and positions; the scatter 5.7 and 3.6 ms, 2-core CPU). Elsewhere the einsum runs (a
+GPU's scatter-add sums in no fixed order, a TPU's is slow); `SCATTER` overrides (None: by backend).
 
 `abs` is taken as sign(x) * x and `relu` as jax.nn.relu so that, like torch, their gradients are 0 at 0
 (SIG = 0 for "max", positions exactly on integers for "v1"). Gauss distances are squared directly (no norm).
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 VERSIONS = ("v0", "v1", "gauss", "max")
-V0_SCATTER: bool | None = None
+SCATTER: bool | None = None
 _V0_AXIS = {1: (0,), 2: (0, 1), 3: (0, 2, 1)}  # spatial axis moved by P[j] in v0
 
 
@@ -81,32 +82,47 @@ def _profiles(P, SIG, d, version):
     return out, norm
 
 
-def _v0_scatter(weight, P, d):
-    """The v0 kernel (O, I/g, *dense, *d) as the reference's bilinear scatter: tap k adds W (1 - r) or W r per
-    axis at its 2^nd corners floor(p) + {0, 1}; corners outside the grid are dropped, floor carries no gradient."""
+def _corner_scatter(weight, P, d, version):
+    """The v0 or v1 kernel (O, I/g, *dense, *d) as a scatter: tap k adds W times its profile's values at its 2^nd
+    corners floor(p) + {0, 1} (v0: 1 - r and r; v1: relu(1 - |grid - p|), as `_profiles`), divided for v1 by the
+    same normaliser; corners outside the grid are dropped, floor carries no gradient."""
     nd = P.shape[0]
     lead = weight.shape[:-1]
     size = math.prod(d)
     strides = [math.prod(d[a + 1:]) for a in range(nd)]
-    p = [P[j] + (d[j] // 2) for j in range(nd)]
-    f = [lax.stop_gradient(jnp.floor(pj)) for pj in p]
-    r = [pj - fj for pj, fj in zip(p, f)]
+    axes = _V0_AXIS[nd] if version == "v0" else tuple(nd - 1 - j for j in range(nd))
+    points, values, inside = [], [], []          # per P-index j: the two corners' grid points, values, masks
+    for j in range(nd):
+        p = P[j] + (d[j] // 2)
+        f = lax.stop_gradient(jnp.floor(p))
+        at = (f, f + 1)                          # float: no integer overflow for wild positions
+        if version == "v0":
+            values.append((1 - (p - f), p - f))
+        else:
+            values.append(tuple(jax.nn.relu(1 - _abs(g - p)) for g in at))
+        inside.append(tuple((g >= 0) & (g < d[axes[j]]) for g in at))
+        points.append(tuple(jnp.clip(g, 0, d[axes[j]] - 1).astype(jnp.int32) for g in at))
+    w = weight
+    if version == "v1":                          # the profile's sum over the grid: its in-grid corners
+        norm = 1.0
+        for vals, ins in zip(values, inside):
+            norm = norm * (jnp.where(ins[0], vals[0], 0) + jnp.where(ins[1], vals[1], 0))
+        w = weight / (norm + 1e-7)
     idx, val = [], []
     for corner in itertools.product((0, 1), repeat=nd):
-        flat, inside, v = 0, True, weight
+        flat, ok, v = 0, True, w
         for j, c in enumerate(corner):
-            a = _V0_AXIS[nd][j]
-            at = f[j] + c                                     # float: no integer overflow for wild positions
-            inside = inside & (at >= 0) & (at < d[a])
-            flat = flat + jnp.clip(at, 0, d[a] - 1).astype(jnp.int32) * strides[a]
-            v = v * (r[j] if c else 1 - r[j])
-        idx.append(jnp.where(inside, flat, size))             # past the end: dropped
+            ok = ok & inside[j][c]
+            flat = flat + points[j][c] * strides[axes[j]]
+            v = v * values[j][c]
+        idx.append(jnp.where(ok, flat, size))    # past the end: dropped
         val.append(v)
     b = math.prod(lead)
-    idx = jnp.stack(idx, -1).reshape(b, -1)
-    val = jnp.stack(val, -1).reshape(b, -1)
     rows = jnp.arange(b)[:, None]
-    out = jnp.zeros((b, size), weight.dtype).at[rows, idx].add(val, mode="drop")
+    out = jnp.zeros((b, size), weight.dtype).at[rows, jnp.stack(idx, -1).reshape(b, -1)].add(
+        jnp.stack(val, -1).reshape(b, -1), mode="drop")
+    if version == "v1":   # a NaN position makes its profile, its normaliser and so its whole kernel NaN (reference)
+        out = jnp.where(jnp.isnan(P).any(axis=(0, -1)).reshape(b, 1), jnp.nan, out)
     return out.reshape(*lead, *d)
 
 
@@ -129,8 +145,8 @@ def construct_kernel(weight, P, SIG, dilated_kernel_size, version: str):
         if SIG is None or SIG.shape != P.shape:
             raise ValueError(f"version {version!r} needs SIG of shape {P.shape}, got "
                              f"{None if SIG is None else SIG.shape}")
-    if version == "v0" and (V0_SCATTER if V0_SCATTER is not None else jax.default_backend() == "cpu"):
-        return _v0_scatter(weight, P, d)
+    if version in ("v0", "v1") and (SCATTER if SCATTER is not None else jax.default_backend() == "cpu"):
+        return _corner_scatter(weight, P, d, version)
     profiles, norm = _profiles(P, SIG, d, version)
     w = weight if norm is None else weight / norm
     letters, dense = "xyz", "abcdefgh"[:weight.ndim - 3]

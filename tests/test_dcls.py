@@ -152,32 +152,40 @@ def test_parity_published_depthwise():
     _check_parity((8, 8, 34, 17, 8, 1, 8, "zeros", False, (9, 9)), "v1")
 
 
+@pytest.mark.parametrize("version", ["v0", "v1"])
 @pytest.mark.parametrize("name", ["1d", "2d-nonsquare", "3d-dw-nonsquare"])
-def test_v0_einsum_parity_with_pytorch(monkeypatch, name):
-    """v0 as the einsum of its profiles (GPU, TPU); the CPU's default, the scatter, is test_parity_with_pytorch's."""
-    monkeypatch.setattr(importlib.import_module("dcls_jax.kernel"), "V0_SCATTER", False)
-    _check_parity(CONFIGS[name], "v0")
+def test_einsum_parity_with_pytorch(monkeypatch, name, version):
+    """v0 and v1 as the einsum of their profiles (GPU, TPU); the CPU's default, the scatter of their corners, is
+    test_parity_with_pytorch's."""
+    monkeypatch.setattr(importlib.import_module("dcls_jax.kernel"), "SCATTER", False)
+    _check_parity(CONFIGS[name], version)
 
 
-def test_v0_far_positions_are_dropped():
-    """Taps far outside the grid (beyond int32 once floored, or NaN) add nothing; the others add their bilinear
-    corners, computed here by hand from the reference's formula."""
+def test_far_positions_are_dropped():
+    """Taps far outside the grid (beyond int32 once floored) add nothing; the in-grid tap adds its bilinear corners,
+    computed here by hand from the reference's formulas (v1: P[0] moves columns, normalised by its profile sums).
+    A NaN position: v0 drops the tap, v1's whole kernel is NaN (its normaliser), as in the reference."""
     d, w = 5, np.array([[[1.5, -2.0, 0.75, 3.0]]], np.float32)                    # (O=1, I=1, K=4)
-    P = np.array([[[[0.25, 3e9, -1e30, np.nan]]], [[[-1.5, 0.0, 0.0, 1.0]]]], np.float32)
+    P = np.array([[[[0.25, 3e9, -1e30, np.inf]]], [[[-1.5, 0.0, 0.0, 1.0]]]], np.float32)
     want = np.zeros((d, d), np.float64)
     py, px = P[0, 0, 0, 0] + d // 2, P[1, 0, 0, 0] + d // 2
     fy, fx = int(np.floor(py)), int(np.floor(px))
     ry, rx = py - fy, px - fx
     for a, b, c in ((0, 0, (1 - ry) * (1 - rx)), (0, 1, (1 - ry) * rx), (1, 0, ry * (1 - rx)), (1, 1, ry * rx)):
         want[fy + a, fx + b] += w[0, 0, 0] * c
+    kernel_mod = importlib.import_module("dcls_jax.kernel")
+    nan = P.copy()
+    nan[0, 0, 0, 3] = np.nan
     for scatter in (True, False):
-        kernel_mod = importlib.import_module("dcls_jax.kernel")
-        old, kernel_mod.V0_SCATTER = kernel_mod.V0_SCATTER, scatter
+        old, kernel_mod.SCATTER = kernel_mod.SCATTER, scatter
         try:
-            got = dcls_jax.construct_kernel(jnp.asarray(w), jnp.asarray(P), None, d, "v0")
+            build = lambda p, v: np.asarray(dcls_jax.construct_kernel(jnp.asarray(w), jnp.asarray(p), None, d, v))
+            np.testing.assert_allclose(build(P, "v0")[0, 0], want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(build(P[::-1], "v1")[0, 0], want / (1 + 1e-7), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(build(nan, "v0")[0, 0], want, rtol=1e-6, atol=1e-6)
+            assert np.isnan(build(nan[::-1], "v1")).all()
         finally:
-            kernel_mod.V0_SCATTER = old
-        np.testing.assert_allclose(np.asarray(got[0, 0]), want, rtol=1e-6, atol=1e-6)
+            kernel_mod.SCATTER = old
 
 
 def test_corner_gradients_are_torch_zeros():
