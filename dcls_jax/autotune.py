@@ -18,6 +18,7 @@ to time a case the file lacks.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -78,10 +79,16 @@ def _write(entries: dict[str, tuple[str, str]]) -> None:
         warnings.warn(f"dcls_jax autotune: choices kept for this process only ({path}: {e})", stacklevel=3)
 
 
+@functools.cache
+def _cpu_tag() -> str:
+    """Every CPU's device kind is "cpu": this one named by its features (a home folder may be shared)."""
+    return hashlib.sha256(f"{platform.machine()} {_cpu_features()}".encode()).hexdigest()[:10]
+
+
 def _key(x_shape, w_shape, stride, padding, dtype, backend: str) -> str:
     kind = jax.devices(backend)[0].device_kind
-    if backend == "cpu":   # every CPU is "cpu": name this one by its features (a home folder may be shared)
-        kind += "-" + hashlib.sha256(f"{platform.machine()} {_cpu_features()}".encode()).hexdigest()[:10]
+    if backend == "cpu":
+        kind += "-" + _cpu_tag()
     return (f"{backend}|{kind}|jax {jax.__version__}|x{tuple(x_shape)} w{tuple(w_shape)} "
             f"s{tuple(stride)} p{tuple(padding)} {jnp.dtype(dtype).name}")
 
