@@ -154,8 +154,8 @@ def _autotuned(x_shape, w_shape, stride, padding, dtype, backend) -> str:
     """The timed choice (dcls_jax.autotune): one name, or "value+differentiated" when the two differ."""
     from dcls_jax.autotune import choose
     nd = len(w_shape) - 2
-    value, differentiated = choose(tuple(x_shape), tuple(w_shape), _tuple(stride, nd),
-                                            _tuple(padding, nd), dtype, backend)
+    value, differentiated = choose(tuple(x_shape), tuple(w_shape), _tuple(stride, nd), _tuple(padding, nd), dtype,
+                                   backend)
     return value if value == differentiated else f"{value}+{differentiated}"
 
 
