@@ -42,7 +42,8 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc")   # one library; both include csrc/common.h
 _TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom-call name: C symbol
             "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
-            "dcls_jax_matmul": "DclsMatmul"}
+            "dcls_jax_matmul": "DclsMatmul",
+            "dcls_jax_linear_gelu": "DclsLinearGelu"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -208,9 +209,9 @@ def _ffi(kind, a, b, stride, lo, size):
 
 
 def partition_over_batch(fn, rule: str, specs):
-    """`fn(a, b)`, one custom call, partitioned over a's leading axis (the batch of a sharded jit): each device
+    """`fn(a, b, ...)`, one custom call, partitioned over a's leading axis (the batch of a sharded jit): each device
     runs its own rows; an unannotated custom call would gather them on every device. `rule` is the Shardy
-    einsum-like rule (its first factor is a's leading axis); `specs(axes)` gives a's, b's and the result's
+    einsum-like rule (its first factor is a's leading axis); `specs(axes)` gives every operand's and the result's
     PartitionSpecs for the batch's mesh axes. Where the leading factor is not in the result (a sum over the
     batch: a kernel or weight gradient), a psum adds the devices' partials. Other axes are replicated first."""
     from jax.experimental.custom_partitioning import custom_partitioning
@@ -224,8 +225,8 @@ def partition_over_batch(fn, rule: str, specs):
     def shardings(mesh, arg_shapes):
         spec = getattr(arg_shapes[0].sharding, "spec", None)
         axes = spec[0] if spec else None
-        a, b, out = (NamedSharding(mesh, p) for p in specs(axes))
-        return axes, (a, b), out
+        *args, out = (NamedSharding(mesh, p) for p in specs(axes))
+        return axes, tuple(args), out
 
     def infer(mesh, arg_shapes, result_shape):
         return shardings(mesh, arg_shapes)[2]
@@ -233,8 +234,8 @@ def partition_over_batch(fn, rule: str, specs):
     def partition(mesh, arg_shapes, result_shape):
         axes, args, out = shardings(mesh, arg_shapes)
 
-        def lower(a, b):
-            y = fn(a, b)
+        def lower(*operands):
+            y = fn(*operands)
             return lax.psum(y, axes) if summed and axes else y
         return mesh, lower, out, args
 

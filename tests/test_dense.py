@@ -16,6 +16,11 @@ from dcls_jax import dense, native
 # rows around the 12-row register tile and 96-row blocks, columns around the 32-column panels, k around the
 # 256-product blocks and the 16-float transposes; empty products
 # up to 768 rows (8 blocks of 96) each task packs its own panels; from 769 the whole opB is packed first
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
 SHAPES = [(1, 1, 1), (13, 17, 33), (97, 257, 65), (12, 513, 32), (200, 31, 100), (768, 19, 70), (769, 300, 47),
           (0, 3, 4), (3, 0, 5), (4, 5, 0)]
 
@@ -66,6 +71,49 @@ def test_concurrent_products_each_get_their_own_packing():
         product(*case[:2])                                                  # compiled before the race
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(check, cases[:1] * 2 + cases[1:] * 25))   # the 65 MiB one twice: it takes the time
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 5, 1), (13, 17, 33), (97, 257, 65), (769, 40, 70)])
+def test_linear_gelu_in_one_call_equals_float64(monkeypatch, m, k, n):
+    """linear(..., activation="gelu") on the CPU: one call (bias and GELU on the product's registers), on both
+    sides of the 768-row bound and with columns past the last whole panel, within the product's bound times
+    GELU's slope (<= 1.13) plus erf's error (<= 4e-7) times |z| / 2, and within 1e-6 of the separate ops."""
+    from scipy.special import erf
+    rng = np.random.default_rng(m + k + n)
+    x, w = rng.normal(size=(m, k)).astype(np.float32), (rng.normal(size=(n, k)) / np.sqrt(k)).astype(np.float32)
+    b = rng.normal(size=(n,)).astype(np.float32) * 2
+    fused = jax.jit(lambda x, w, b: dense.linear(x, w, b, activation="gelu"))
+    assert "dcls_jax_linear_gelu" in fused.lower(x, w, b).as_text()
+    y = np.asarray(fused(x, w, b))
+    x64, w64 = x.astype(np.float64), w.T.astype(np.float64)
+    z = x64 @ w64 + b
+    exact = 0.5 * z * (1 + erf(z / np.sqrt(2)))
+    bound = 1.13 * (_bound(x64, w64) + 2.0 ** -24 * np.abs(z)) + 2.5e-7 * (1 + np.abs(z)) + 2.0 ** -23 * np.abs(exact)
+    assert np.all(np.abs(y - exact) <= bound), float(np.max(np.abs(y - exact) - bound))
+    monkeypatch.setattr(dense, "FUSE", False)
+    separate = jax.jit(lambda x, w, b: dense.linear(x, w, b, activation="gelu"))
+    assert "dcls_jax_linear_gelu" not in separate.lower(x, w, b).as_text()
+    assert np.abs(y - np.asarray(separate(x, w, b))).max() <= 1e-6
+
+
+def test_linear_gelu_gradients_and_vmap_are_the_separate_ops():
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(3, 7, 20)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(45, 20)) / 5, jnp.float32)
+    b = jnp.asarray(rng.normal(size=(45,)), jnp.float32)
+
+    def loss(impl):
+        return lambda x, w, b: jnp.sum(jnp.sin(dense.linear(x, w, b, impl=impl, activation="gelu")))
+    grads = jax.jit(jax.grad(loss("native"), (0, 1, 2)))(x, w, b)
+    for got, want in zip(grads, jax.grad(loss("xla"), (0, 1, 2))(x, w, b)):
+        assert rel(got, want) <= 2e-5
+    ws = jnp.stack([w, w * 0.5, -w])
+    for fn, args in ((lambda x: dense.linear(x, w, b, impl="native", activation="gelu"), (x,)),        # rows fold
+                     (lambda x, w: dense.linear(x, w, b, impl="native", activation="gelu"), (x, ws))):  # a loop
+        ref = jax.vmap(lambda *a: dense.gelu(dense.linear(*a[:1], *(a[1:] or (w,)), b, impl="xla")))(*args)
+        assert rel(jax.jit(jax.vmap(fn))(*args), ref) <= 1e-5
+    with pytest.raises(ValueError, match="unknown activation"):
+        dense.linear(x, w, b, activation="relu")
 
 
 def test_gradients_to_second_order_equal_xla_dot():

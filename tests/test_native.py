@@ -109,6 +109,16 @@ def test_batch_sharded_jit_stays_sharded():
                                          in_specs=(P("data"), P(), P()), out_specs=(P("data"), P(), P())))
         for a, b in zip(local("native")(x, w, wl), (rx, rw, rwl)):
             assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) <= 1e-5
+        # a Linear's value with its GELU in one call: rows split over the devices too, plain and in shard_map
+        bl = jnp.asarray(rng.normal(size=(40,)), jnp.float32)
+        xs = jax.device_put(jnp.asarray(rng.normal(size=(8, 5, 24)), jnp.float32), NamedSharding(mesh, P("data")))
+        act = lambda impl: lambda x, wl, bl: dcls_jax.dense.linear(x, wl, bl, impl=impl, activation="gelu")
+        hlo = jax.jit(act("native")).lower(xs, wl, bl).compile().as_text()
+        assert "all-gather" not in hlo and "dcls_jax_linear_gelu" in hlo, "fused call gathered or absent"
+        y, r = jax.jit(act("native"))(xs, wl, bl), jax.jit(act("xla"))(xs, wl, bl)
+        assert y.sharding.spec == P("data") and float(jnp.abs(y - r).max()) <= 1e-5
+        sm = jax.jit(jax.shard_map(act("native"), mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P("data")))
+        assert float(jnp.abs(sm(xs, wl, bl) - r).max()) <= 1e-5
         print("ok")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)

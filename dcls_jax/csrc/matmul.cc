@@ -10,10 +10,10 @@
 // b is packed once per call into panels of kNR = two vectors of columns by kc rows (zero-padded beyond N;
 // when tb, transposed a kLanes x kLanes block at a time in registers). Tasks are (block of kMC rows of c,
 // group of panels), or for up to kFusedBlocks blocks of rows (every row, group of panels), each task then
-// packing its own panels as it goes; a task's register tile is kMR rows by kNR columns, each row's opA value broadcast from a
-// (rows in place, or a column of the stored (K, M) array) against the panel's two vectors. Every element of c
-// sums its K products in order, kc at a time with c holding the running sum: the rounding is the same for any
-// number of threads.
+// packing its own panels as it goes; a task's register tile is kMR rows by kNR columns, each row's opA value
+// broadcast from a (rows in place, or a column of the stored (K, M) array) against the panel's two vectors.
+// Every element of c sums its K products in order, kc at a time with c holding the running sum: the rounding is
+// the same for any number of threads.
 #include <vector>
 
 #include "common.h"
@@ -23,6 +23,7 @@ namespace {
 using namespace dcls_jax;  // NOLINT: this file's kernels are the namespace's users
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;
+using Vector = ffi::Buffer<ffi::F32, 1>;   // (a comma inside the handler macros' arguments would split them)
 
 constexpr int64_t kNR = 2 * kLanes;                    // columns of a register tile: two vectors
 constexpr int64_t kMR = kRegisters == 32 ? 12 : 6;    // its rows: 2 kMR accumulators, two b vectors, a broadcast
@@ -146,12 +147,38 @@ void pack_block(const Shape& s, const float* b, float* dst, int64_t jp, int64_t 
   }
 }
 
+// What the last k block adds to a tile before storing it (DclsLinearGelu): the bias (padded to whole panels) and
+// the exact GELU, z / 2 (1 + erf(z / sqrt 2)).
+struct Epilogue {
+  const float* bias = nullptr;
+  bool gelu = false;
+};
+
+// erf on [-4, 4] (clamped beyond, where float erf is +-1 to 2e-8) as x P(x^2) / Q(x^2): the rational
+// approximation of Eigen's and XLA's float erf; max error 3.8e-7 (XLA:CPU's jax.lax.erf: 3.3e-7).
+inline vec erf(vec x) {
+  const vec lo = splat(-4.0f), hi = splat(4.0f);
+  x = x < lo ? lo : x;   // NaN stays NaN
+  x = x > hi ? hi : x;
+  const vec x2 = x * x;
+  vec p = splat(-2.72614225801306e-10f);
+  for (float a : {2.77068142495902e-08f, -2.10102402082508e-06f, -5.69250639462346e-05f, -7.34990630326855e-04f,
+                  -2.95459980854025e-03f, -1.60960333262415e-02f})
+    p = p * x2 + splat(a);
+  vec q = splat(-1.45660718464996e-05f);
+  for (float b : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f, -1.42647390514189e-02f})
+    q = q * x2 + splat(b);
+  return x * p / q;
+}
+
+inline vec gelu(vec z) { return splat(0.5f) * z * (splat(1.0f) + erf(z * splat(0.70710678118654752f))); }
+
 // c[i, j] (+)= sum_p opA[i, p] * panel[p, j] over one k block, for rows < ni and columns < nj of the tile.
 // TA false: opA[i, p] = a[i * lda + p] (rows beyond ni read row ni - 1); TA true: opA[i, p] = a[p * lda + i]
 // (kMR readable floats per p).
 template <bool TA>
 inline void tile(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict panel, float* c,
-                 int64_t ldc, int64_t ni, int64_t nj, bool first) {
+                 int64_t ldc, int64_t ni, int64_t nj, bool first, const float* bias = nullptr, bool act = false) {
   vec acc0[kMR], acc1[kMR];
   for (int64_t i = 0; i < ni; ++i) {   // c's rows, wanted at the end: in cache by then (2-9% at these shapes)
     __builtin_prefetch(c + i * ldc, 1);
@@ -196,6 +223,17 @@ inline void tile(int64_t kc, const float* __restrict a, int64_t lda, const float
       }
     }
   }
+  if (bias) {   // the last k block of DclsLinearGelu: bias, then GELU, on the registers
+    const vec b0 = load(bias), b1 = load(bias + kLanes);
+    for (int i = 0; i < kMR; ++i) {
+      acc0[i] += b0;
+      acc1[i] += b1;
+      if (act) {
+        acc0[i] = gelu(acc0[i]);
+        acc1[i] = gelu(acc1[i]);
+      }
+    }
+  }
   if (full) {
     for (int i = 0; i < kMR; ++i) {
       store(c + i * ldc, acc0[i]);
@@ -213,46 +251,63 @@ inline void tile(int64_t kc, const float* __restrict a, int64_t lda, const float
 
 // Rows [m0, m0 + mc) of c, k block pc, against one packed panel (columns from j0).
 void panel_rows(const Shape& s, const float* a, const float* panel, float* c, int64_t m0, int64_t mc,
-                int64_t pc, int64_t j0, Scratch& scratch) {
+                int64_t pc, int64_t j0, Scratch& scratch, const Epilogue& ep) {
   const int64_t kc = s.kc_of(pc), p0 = pc * s.kc, nj = std::min(kNR, s.n - j0);
+  const float* bias = ep.bias && pc == s.kblocks - 1 ? ep.bias + j0 : nullptr;
   for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
     const int64_t ni = std::min(kMR, mc - i0);
     float* tile_c = c + (m0 + i0) * s.n + j0;
     if (!s.ta) {
-      tile<false>(kc, a + (m0 + i0) * s.k + p0, s.k, panel, tile_c, s.n, ni, nj, pc == 0);
+      tile<false>(kc, a + (m0 + i0) * s.k + p0, s.k, panel, tile_c, s.n, ni, nj, pc == 0, bias, ep.gelu);
     } else if (ni == kMR) {
-      tile<true>(kc, a + p0 * s.m + m0 + i0, s.m, panel, tile_c, s.n, ni, nj, pc == 0);
+      tile<true>(kc, a + p0 * s.m + m0 + i0, s.m, panel, tile_c, s.n, ni, nj, pc == 0, bias, ep.gelu);
     } else {   // the last rows of a stored (K, M) opA: copied, zero-padded to kMR
       float* edge = scratch.zeroed(kc * kMR);
       for (int64_t p = 0; p < kc; ++p) std::memcpy(edge + p * kMR, a + (p0 + p) * s.m + m0 + i0, ni * sizeof(float));
-      tile<true>(kc, edge, kMR, panel, tile_c, s.n, ni, nj, pc == 0);
+      tile<true>(kc, edge, kMR, panel, tile_c, s.n, ni, nj, pc == 0, bias, ep.gelu);
     }
   }
 }
 
 // Task t: rows [m0, m0 + mc) of c (block t / groups) times the panels of group t % groups, from the packed bp.
-void run_task(const Shape& s, const float* a, const float* bp, float* c, int64_t t) {
+void run_task(const Shape& s, const float* a, const float* bp, float* c, int64_t t, const Epilogue& ep) {
   thread_local Scratch scratch;
   const int64_t m0 = t / s.groups * kMC, mc = std::min(kMC, s.m - m0);
   const int64_t jp0 = t % s.groups * s.per_group, jp1 = std::min(s.panels, jp0 + s.per_group);
   for (int64_t pc = 0; pc < s.kblocks; ++pc)
     for (int64_t jp = jp0; jp < jp1; ++jp)
-      panel_rows(s, a, bp + s.panel_offset(pc, jp), c, m0, mc, pc, jp * kNR, scratch);
+      panel_rows(s, a, bp + s.panel_offset(pc, jp), c, m0, mc, pc, jp * kNR, scratch, ep);
 }
 
 // Few rows (s.fused): task t takes every row and the panels of group t, each packed a k block at a time into a
 // buffer that stays in L1 and used at once, where packing the whole opB first sends it to memory and back. Same
 // sums, bit for bit; 2-core AVX-512, against packing first: 1.2-1.4x at 49-196 rows, 1.1-1.2x at 392, 1.0-1.1x
 // at 784; at 1568 and more rows 0.8-0.9x (every panel then streams all of opA's rows from memory).
-void run_fused_task(const Shape& s, const float* a, const float* b, float* c, int64_t t) {
+void run_fused_task(const Shape& s, const float* a, const float* b, float* c, int64_t t, const Epilogue& ep) {
   thread_local Scratch scratch, own;
   const int64_t jp0 = t * s.per_group, jp1 = std::min(s.panels, jp0 + s.per_group);
   float* panel = own.get(s.kc * kNR);
   for (int64_t pc = 0; pc < s.kblocks; ++pc)
     for (int64_t jp = jp0; jp < jp1; ++jp) {
       pack_block(s, b, panel, jp, pc);
-      panel_rows(s, a, panel, c, 0, s.m, pc, jp * kNR, scratch);
+      panel_rows(s, a, panel, c, 0, s.m, pc, jp * kNR, scratch, ep);
     }
+}
+
+// c = op(a) @ op(b), then the epilogue; m, n, k >= 1.
+ffi::Error Product(ffi::ThreadPool& pool, const Shape& s, const float* as, const float* bs, float* cs,
+                   const Epilogue& ep) {
+  if (s.fused) {
+    parallel_for(pool, s.groups, [&](int64_t t) { run_fused_task(s, as, bs, cs, t, ep); });
+    return ffi::Error::Success();
+  }
+  PackBuffer bp(s.kblocks * s.kc * s.npad);
+  if (!bp.get()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dcls_jax matmul: out of memory");
+  parallel_for(pool, s.panels, [&](int64_t jp) {
+    for (int64_t pc = 0; pc < s.kblocks; ++pc) pack_block(s, bs, bp.get() + s.panel_offset(pc, jp), jp, pc);
+  });
+  parallel_for(pool, s.mblocks * s.groups, [&](int64_t t) { run_task(s, as, bp.get(), cs, t, ep); });
+  return ffi::Error::Success();
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> c, int64_t ta, int64_t tb) {
@@ -267,20 +322,24 @@ ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> 
     std::memset(cs, 0, m * n * sizeof(float));
     return ffi::Error::Success();
   }
-  const Shape s(m, n, k, ta != 0, tb != 0, pool.num_threads());
-  const float* as = a.typed_data();
-  const float* bs = b.typed_data();
-  if (s.fused) {
-    parallel_for(pool, s.groups, [&](int64_t t) { run_fused_task(s, as, bs, cs, t); });
-    return ffi::Error::Success();
-  }
-  PackBuffer bp(s.kblocks * s.kc * s.npad);
-  if (!bp.get()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "dcls_jax matmul: out of memory");
-  parallel_for(pool, s.panels, [&](int64_t jp) {
-    for (int64_t pc = 0; pc < s.kblocks; ++pc) pack_block(s, bs, bp.get() + s.panel_offset(pc, jp), jp, pc);
-  });
-  parallel_for(pool, s.mblocks * s.groups, [&](int64_t t) { run_task(s, as, bp.get(), cs, t); });
-  return ffi::Error::Success();
+  return Product(pool, Shape(m, n, k, ta != 0, tb != 0, pool.num_threads()), a.typed_data(), b.typed_data(), cs,
+                 Epilogue{});
+}
+
+// A Linear layer and its GELU, the value only (dense.linear's custom_vjp differentiates the unfused form):
+// c = gelu(x @ w^T + bias), x (M, K), w (N, K) as torch.nn.Linear's, K >= 1. The bias is added to the finished
+// sum and GELU taken on the register tile before it is stored: the same numbers as the product, then the bias,
+// then GELU, without the pass over c that XLA's separate fusion makes.
+ffi::Error LinearGelu(ffi::ThreadPool pool, Matrix x, Matrix w, Vector bias, ffi::Result<Matrix> c) {
+  auto xd = x.dimensions(), wd = w.dimensions(), cd = c->dimensions();
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  if (wd[1] != k || k == 0 || bias.dimensions()[0] != n || cd[0] != m || cd[1] != n)
+    return ffi::Error::InvalidArgument("dcls_jax linear_gelu: x, w, bias and c disagree on M, K or N (or K = 0)");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const Shape s(m, n, k, false, true, pool.num_threads());
+  std::vector<float> padded(s.npad, 0.0f);   // whole panels: a tile's bias loads stay inside
+  std::memcpy(padded.data(), bias.typed_data(), n * sizeof(float));
+  return Product(pool, s, x.typed_data(), w.typed_data(), c->typed_data(), Epilogue{padded.data(), true});
 }
 
 }  // namespace
@@ -293,3 +352,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsMatmul, Matmul,
                                   .Ret<Matrix>()
                                   .Attr<int64_t>("ta")
                                   .Attr<int64_t>("tb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsLinearGelu, LinearGelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<Matrix>()
+                                  .Arg<Vector>()
+                                  .Ret<Matrix>());
