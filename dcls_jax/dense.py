@@ -96,34 +96,40 @@ def _ffi(a, b, ta: bool, tb: bool):
         a, b, ta=int(ta), tb=int(tb))
 
 
+def _rows_op(ffi, rule: str, specs, fallback, fold: bool):
+    """A custom call of (a, *others) partitioned over a's rows (a batch-sharded jit); under vmap a mapped a alone
+    folds into its rows (where `fold`: they are the result's rows), other cases run `fallback` (XLA) mapped."""
+    if not available():   # also what registers the custom calls
+        raise RuntimeError(f"dcls_jax.dense: the C++ kernels are unavailable: {unavailable_reason()}")
+    call = partition_over_batch(ffi, rule, specs)
+
+    @jax.custom_batching.custom_vmap
+    def op(*args):
+        return call(*args)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, a, *others):
+        if fold and in_batched[0] and not any(in_batched[1:]):
+            c = op(a.reshape(-1, a.shape[-1]), *others)
+            return c.reshape(axis_size, -1, c.shape[-1]), True
+        axes = tuple(0 if m else None for m in in_batched)
+        return jax.vmap(fallback, in_axes=axes)(a, *others), True
+    return op
+
+
 @functools.cache
 def _op(ta: bool, tb: bool):
-    """The custom call as a function of two matrices, partitioned over a's rows (a batch-sharded jit); under
-    vmap a mapped a folds into its rows (when they are the product's rows), other cases run XLA's batched
-    dot."""
-    if not available():   # also what registers the custom call
-        raise RuntimeError(f"dcls_jax.dense.matmul: the C++ kernels are unavailable: {unavailable_reason()}")
+    """The product's custom call, partitioned over a's rows (where they are the contraction, ta, b's rows follow
+    them and the devices' partials are summed)."""
     from jax.sharding import PartitionSpec as P
 
-    def specs(axes):   # a's rows sharded; where they are the contraction (ta) b's rows follow them
+    def specs(axes):
         if not ta:
             return P(axes, None), P(), P(axes, None)
         return P(axes, None), (P(None, axes) if tb else P(axes, None)), P()
     rule = f"{'k m' if ta else 'm k'}, {'n k' if tb else 'k n'} -> m n"
-    call = partition_over_batch(lambda a, b: _ffi(a, b, ta, tb), rule, specs)
-
-    @jax.custom_batching.custom_vmap
-    def op(a, b):
-        return call(a, b)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, a, b):
-        if in_batched == [True, False] and not ta:
-            c = op(a.reshape(-1, a.shape[-1]), b)
-            return c.reshape(axis_size, -1, c.shape[-1]), True
-        axes = tuple(0 if m else None for m in in_batched)
-        return jax.vmap(functools.partial(_xla, ta=ta, tb=tb), in_axes=axes)(a, b), True
-    return op
+    return _rows_op(lambda a, b: _ffi(a, b, ta, tb), rule, specs, functools.partial(_xla, ta=ta, tb=tb),
+                    fold=not ta)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -164,29 +170,14 @@ def _unfused_gelu(x, w, b):
 
 @functools.cache
 def _gelu_op():
-    """The fused call as a function of (x, w, bias), partitioned over x's rows; under vmap a mapped x folds into
-    its rows, other cases run the unfused form."""
-    if not available():
-        raise RuntimeError(f"dcls_jax.dense.linear: the C++ kernels are unavailable: {unavailable_reason()}")
+    """The Linear + GELU custom call, partitioned over x's rows."""
     from jax.sharding import PartitionSpec as P
 
     def ffi(x, w, b):
         return jax.ffi.ffi_call("dcls_jax_linear_gelu", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]),
                                                                              jnp.float32))(x, w, b)
-    call = partition_over_batch(ffi, "m k, n k, n -> m n", lambda axes: (P(axes, None), P(), P(), P(axes, None)))
-
-    @jax.custom_batching.custom_vmap
-    def op(x, w, b):
-        return call(x, w, b)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, x, w, b):
-        if in_batched == [True, False, False]:
-            c = op(x.reshape(-1, x.shape[-1]), w, b)
-            return c.reshape(axis_size, -1, c.shape[-1]), True
-        axes = tuple(0 if m else None for m in in_batched)
-        return jax.vmap(lambda x, w, b: gelu(_xla(x, w, False, True) + b), in_axes=axes)(x, w, b), True
-    return op
+    return _rows_op(ffi, "m k, n k, n -> m n", lambda axes: (P(axes, None), P(), P(), P(axes, None)),
+                    lambda x, w, b: gelu(_xla(x, w, False, True) + b), fold=True)
 
 
 @jax.custom_vjp
