@@ -22,6 +22,7 @@ import functools
 import hashlib
 import importlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -95,10 +96,7 @@ def _key(x_shape, w_shape, stride, padding, dtype, backend: str) -> str:
 
 def candidates(x_shape, w_shape, dtype, backend: str) -> list[str]:
     """The implementations timed for this case on `backend`."""
-    nd = len(w_shape) - 2
-    taps = 1
-    for k in w_shape[2:]:
-        taps *= k
+    nd, taps = len(w_shape) - 2, math.prod(w_shape[2:])
     out = []
     for impl in _CANDIDATES:
         if not _conv_mod._supports(impl, nd, backend, dtype):

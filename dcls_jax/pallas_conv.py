@@ -20,8 +20,8 @@ any backend the flavour is not for; False lowers it natively, e.g. to check the 
 
 Each call names its compiler: jax 0.10 sends a GPU `pallas_call` without compiler parameters to Mosaic GPU
 (`jax_pallas_use_mosaic_gpu`), which would stage these whole-array kernels in shared memory and fail (jax 0.11
-and later default to Triton); the Triton parameters make every jax version lower them to Triton. The TPU grid is (parallel, parallel), so chips
-with two TensorCores split it.
+and later default to Triton); the Triton parameters make every jax version lower them to Triton. The TPU grid
+is (parallel, parallel), so chips with two TensorCores split it.
 """
 from __future__ import annotations
 
