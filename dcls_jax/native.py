@@ -39,11 +39,12 @@ import numpy as np
 from jax import lax
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc")   # one library; both include csrc/common.h
+SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc", CSRC / "attention.cc")   # one library; all include common.h
 _TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom-call name: C symbol
             "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
             "dcls_jax_matmul": "DclsMatmul",
-            "dcls_jax_linear_gelu": "DclsLinearGelu"}
+            "dcls_jax_linear_gelu": "DclsLinearGelu",
+            "dcls_jax_attention": "DclsAttention"}
 _lock = threading.Lock()
 _state: dict = {}
 

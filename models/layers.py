@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dcls_jax import VERSIONS, Dcls2d
+from dcls_jax.attention import attention
 from dcls_jax.conv import conv
 from dcls_jax.dense import gelu, linear  # noqa: F401 (gelu: the models' GELU, re-exported)
 
@@ -351,11 +352,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x):
         b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                       # (B, N, heads, head_dim)
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim ** -0.5
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, h, w, -1)
+        y = attention(self.qkv(x).reshape(b, h * w, -1), self.num_heads).reshape(b, h, w, -1)
         return self.proj_drop(self.proj(y))
 
 

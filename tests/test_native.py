@@ -77,7 +77,7 @@ def test_vmap_and_second_order_gradients():
 
 
 def test_batch_sharded_jit_stays_sharded():
-    """4 host devices: the custom calls (depthwise and matmul) run on each device's samples (no all-gather),
+    """4 host devices: the custom calls (depthwise, matmul, attention) run on each device's samples (no all-gather),
     the kernel and weight gradients sum across devices, and values equal XLA's."""
     code = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
@@ -119,6 +119,16 @@ def test_batch_sharded_jit_stays_sharded():
         assert y.sharding.spec == P("data") and float(jnp.abs(y - r).max()) <= 1e-5
         sm = jax.jit(jax.shard_map(act("native"), mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P("data")))
         assert float(jnp.abs(sm(xs, wl, bl) - r).max()) <= 1e-5
+        # attention (dcls_jax.attention): each device attends over its own samples' tokens
+        qkv = jax.device_put(jnp.asarray(rng.normal(size=(8, 9, 3 * 2 * 8)), jnp.float32),
+                             NamedSharding(mesh, P("data")))
+        att = lambda impl: lambda x: dcls_jax.attention(x, 2, impl=impl)
+        hlo = jax.jit(att("native")).lower(qkv).compile().as_text()
+        assert "all-gather" not in hlo and "dcls_jax_attention" in hlo, "attention gathered or absent"
+        y, r = jax.jit(att("native"))(qkv), jax.jit(att("xla"))(qkv)
+        assert y.sharding.spec == P("data") and float(jnp.abs(y - r).max()) <= 1e-5
+        sm = jax.jit(jax.shard_map(att("native"), mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+        assert float(jnp.abs(sm(qkv) - r).max()) <= 1e-5
         print("ok")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
@@ -132,11 +142,11 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 def test_fresh_cache_build_equals_lax(tmp_path):
     """A build into a fresh cache folder (created private, 0700; no temp file left), in a subprocess, on every
     edge case. On x86-64 it is the 8-float-vector build (x86-64-v3, no AVX-512: smaller register blocks and
-    matmul tiles, 8x8 transposes), which this machine's own build does not exercise."""
+    matmul and attention tiles, 8x8 transposes), which this machine's own build does not exercise."""
     code = textwrap.dedent("""
         import sys, jax, numpy as np
         sys.path.insert(0, %r)
-        import test_dense as d, test_native as t
+        import test_attention as a, test_dense as d, test_native as t
         from dcls_jax import native
         assert native.available(), native.unavailable_reason()
         for case in t.EDGE_CASES + [((2, 14, 17, 40), (17, 17), 1, 8), ((1, 9, 30, 24), (7, 7), 2, 3)]:
@@ -145,6 +155,8 @@ def test_fresh_cache_build_equals_lax(tmp_path):
         for shape in d.SHAPES:
             d.test_matmul_equals_float64(*shape)
         d.test_gradients_to_second_order_equal_xla_dot()
+        for shape in a.SHAPES:
+            a.test_equals_float64(*shape)
         print("ok")
     """ % os.path.join(ROOT, "tests"))
     env = dict(os.environ, PYTHONPATH=ROOT, DCLS_JAX_CACHE_DIR=str(tmp_path / "c"))
