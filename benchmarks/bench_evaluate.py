@@ -40,22 +40,23 @@ METHODS = ("gradcam", "threshold_gradcam")
 # PyTorch: the study's pipeline
 
 
-def torch_model(name: str):
-    """The timm (+ dcls) model of `name` with random weights, as the parity tests build it, in eval mode."""
+def torch_model(name: str, **overrides):
+    """The timm (+ dcls) model of `name` with random weights, as the parity tests build it, in eval mode;
+    `overrides` go to timm.create_model (e.g. drop_path_rate)."""
     from models import get_entry
     family = get_entry(name).family
     if family == "resnet":
         from tests.test_resnet import reference
     elif family == "convnext" and name.endswith("_gauss"):   # test_convnext's reference would build a plain
         from tests.test_convnext_gauss import reference          # convnext_tiny for it (no "_dcls" suffix)
-        return reference()
+        return reference(**overrides)
     elif family == "convnext":
         from tests.test_convnext import reference
     elif family == "metaformer":
         from tests.test_metaformer import timm_model as reference
     else:
         from tests.test_fastvit import reference
-    return reference(name)
+    return reference(name, **overrides)
 
 
 def torch_cams(model, layer, x, labels):

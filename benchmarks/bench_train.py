@@ -6,7 +6,7 @@ the same precision (bf16: autocast in PyTorch, bfloat16 compute in JAX with floa
 models also clamp their positions after each step. The JAX step keeps train.py's per-step work (normalising the
 uint8 batch on the device, reseeding drop path); mixup, erasing and EMA are off on both sides.
 
-    python benchmarks/bench_train.py                                   # small, CPU: tiny models, 64 px, fp32
+    python benchmarks/bench_train.py                                   # small, CPU: tiny ConvNeXts, 64 px, fp32
     python benchmarks/bench_train.py --full                            # GPU: batch 128, 224 px, bf16
     python benchmarks/bench_train.py --batch 64 --size 160 --precision fp32 --models convnext_tiny
 
@@ -34,6 +34,7 @@ from evaluation import training  # noqa: E402
 
 TINY = {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)}
 TINY_DCLS = {"kernel_count": 6, "dilated_kernel_size": 7}
+DROP_PATH = configs.Config.drop_path   # both sides' stochastic depth
 
 
 def jax_step(name: str, batch: int, size: int, precision: str, tiny: bool, steps: int, warmup: int) -> float:
@@ -61,20 +62,30 @@ def jax_step(name: str, batch: int, size: int, precision: str, tiny: bool, steps
     return steps * batch / (time.perf_counter() - start)
 
 
-def torch_step(name: str, batch: int, size: int, precision: str, tiny: bool, steps: int, warmup: int) -> float:
+def torch_model(name: str, tiny: bool):
+    """The PyTorch reference in train mode, drop path 0.1 as configs.Config's default: full-size, any of the
+    registry's models as the parity tests build them (bench_evaluate.torch_model); tiny, a ConvNeXt of TINY
+    (+ TINY_DCLS), as jax_step's."""
     import timm
-    import torch
+    if not tiny:
+        from bench_evaluate import torch_model as reference
+        return reference(name, drop_path_rate=DROP_PATH).train()
+    if not name.startswith("convnext") or name.endswith("_gauss"):
+        raise ValueError(f"--tiny builds ConvNeXt models only (depths and dims of {TINY}); got {name}")
     from tests.torch_ref import dclsify
+    model = timm.create_model(name.removesuffix("_dcls"), drop_path_rate=DROP_PATH, **TINY)
+    if name.endswith("_dcls"):
+        dclsify([[(block, "conv_dw") for block in stage.blocks] for stage in model.stages],
+                kernel_count=TINY_DCLS["kernel_count"], dilated_kernel_size=TINY_DCLS["dilated_kernel_size"],
+                version="v0")
+    return model.train()
+
+
+def torch_step(name: str, batch: int, size: int, precision: str, tiny: bool, steps: int, warmup: int) -> float:
+    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dcls = name.endswith("_dcls")
-    model = timm.create_model(name.removesuffix("_dcls"), drop_path_rate=0.1, **(TINY if tiny else {}))
-    if dcls:
-        count, dks = ((TINY_DCLS["kernel_count"], TINY_DCLS["dilated_kernel_size"]) if tiny
-                      else (34 if "tiny" in name else 40, 17))
-        dclsify([[(block, "conv_dw") for block in stage.blocks] for stage in model.stages],
-                kernel_count=count, dilated_kernel_size=dks, version="v0")
-    model = model.to(device).train()
+    model = torch_model(name, tiny).to(device)
     layers = [m for m in model.modules() if hasattr(m, "clamp_parameters")]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.05)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -107,7 +118,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
-                        help="1-block stages, 16-128 channels, DCLS 7/6 (default: on for CPU runs)")
+                        help="ConvNeXt with 1-block stages, 16-128 channels, DCLS 7/6 (default: the ConvNeXt models "
+                             "on the CPU)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="batch 128, 224 px, bf16, full-size models")
@@ -115,16 +127,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.full:
         args.batch, args.size, args.precision, args.tiny = 128, 224, "bf16", False
-    tiny = jax.default_backend() == "cpu" if args.tiny is None else args.tiny
+    cpu = jax.default_backend() == "cpu"
+
+    def tiny(name):   # default: tiny for ConvNeXt models on the CPU
+        return (cpu and name.startswith("convnext") and not name.endswith("_gauss")) if args.tiny is None \
+            else args.tiny
     print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; batch {args.batch}, {args.size} px, "
-          f"{args.precision}, {'tiny' if tiny else 'full-size'} models, {args.steps} timed steps")
-    common = (args.batch, args.size, args.precision, tiny, args.steps, args.warmup)
+          f"{args.precision}, {args.steps} timed steps")
+    common = (args.batch, args.size, args.precision)
+    timing = (args.steps, args.warmup)
     # PyTorch first: on CPU, XLA's idle worker threads would otherwise slow PyTorch down.
-    ref = {name: torch_step(name, *common) if args.torch else float("nan") for name in args.models}
-    print(f"{'model':<22} {'JAX img/s':>10} {'PyTorch img/s':>14} {'JAX/PyTorch':>12}")
+    ref = {name: torch_step(name, *common, tiny(name), *timing) if args.torch else float("nan")
+           for name in args.models}
+    print(f"{'model':<22} {'size':>9} {'JAX img/s':>10} {'PyTorch img/s':>14} {'JAX/PyTorch':>12}")
     for name in args.models:
-        ours = jax_step(name, *common)
-        print(f"{name:<22} {ours:>10.1f} {ref[name]:>14.1f} {ours / ref[name]:>12.2f}", flush=True)
+        ours = jax_step(name, *common, tiny(name), *timing)
+        print(f"{name:<22} {'tiny' if tiny(name) else 'full':>9} {ours:>10.1f} {ref[name]:>14.1f} "
+              f"{ours / ref[name]:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":
