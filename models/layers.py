@@ -104,15 +104,19 @@ class Conv2d(nnx.Module):
         """The dense kernel (O, I/groups, kh, kw), as `dcls_jax.Dcls2d.kernel()` gives its constructed one."""
         return self.weight[...]
 
-    def __call__(self, x):
+    def __call__(self, x, activation: str | None = None):
+        """The convolution, then `activation` (None or "gelu"; a pointwise conv takes it in the product's call)."""
+        if activation not in (None, "gelu"):
+            raise ValueError(f"unknown activation {activation!r}; expected None or 'gelu'")
         w = self.weight[...].astype(x.dtype)
+        bias = None if self.bias is None else self.bias[...].astype(x.dtype)
         if w.shape[2:] == (1, 1) and self.groups == 1 and self.padding in (0, (0, 0)):
             sh, sw = (self.stride, self.stride) if isinstance(self.stride, int) else self.stride
             # pointwise (strided: on every s-th pixel): a matmul, faster than XLA's CPU conv
-            y = linear(x[:, ::sh, ::sw], w[:, :, 0, 0])
-        else:
-            y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
-        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+            return linear(x[:, ::sh, ::sw], w[:, :, 0, 0], bias, activation=activation)
+        y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
+        y = y if bias is None else y + bias
+        return gelu(y) if activation == "gelu" else y
 
 
 class BatchNorm2d(nnx.Module):
@@ -232,8 +236,8 @@ class Mlp(nnx.Module):
         self.drop = Dropout(drop, rngs=rngs)
 
     def __call__(self, x):
-        if self.act is gelu and type(self.fc1) is Linear:   # one call with its GELU (a CAM tap on fc1 replaces it)
-            return self.drop(self.fc2(self.drop(self.fc1(x, activation="gelu"))))
+        if self.act is gelu and type(self.fc1) in (Linear, Conv2d):   # one call with its GELU where the product
+            return self.drop(self.fc2(self.drop(self.fc1(x, activation="gelu"))))   # can (a CAM tap replaces fc1)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

@@ -184,3 +184,23 @@ def test_models_linear_and_pointwise_layers_run_it():
         w = np.float64(layer.weight[...]).reshape(40, 24)
         xs = np.float64(x) if isinstance(layer, Linear) else np.float64(x)[:, ::2, ::2]
         np.testing.assert_allclose(layer(x), xs @ w.T + np.float64(layer.bias[...]), rtol=1e-5, atol=1e-5)
+
+
+def test_models_gelu_mlps_take_the_fused_call():
+    """ConvNeXt's Linear Mlp and FastViT's 1x1-conv Mlp run fc1 + GELU as one call, equal to the float64 layer;
+    a non-pointwise Conv2d applies the activation after its convolution."""
+    from scipy.special import erf
+
+    from models.layers import Conv2d, Mlp
+    rngs = nnx.Rngs(1)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 5, 24)), jnp.float32)
+    gelu64 = lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2)))
+    for mlp in (Mlp(24, 40, rngs=rngs), Mlp(24, 40, rngs=rngs, use_conv=True)):
+        assert "dcls_jax_linear_gelu" in str(jax.make_jaxpr(mlp)(x))
+        w1, w2 = (np.float64(f.weight[...]).reshape(f.weight.shape[:2]) for f in (mlp.fc1, mlp.fc2))
+        h = gelu64(np.float64(x) @ w1.T + np.float64(mlp.fc1.bias[...]))
+        np.testing.assert_allclose(mlp(x), h @ w2.T + np.float64(mlp.fc2.bias[...]), rtol=1e-5, atol=1e-5)
+    conv = Conv2d(24, 24, 3, padding=1, groups=24, rngs=rngs)
+    np.testing.assert_allclose(conv(x, activation="gelu"), gelu64(np.float64(conv(x))), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown activation"):
+        conv(x, activation="relu")
