@@ -21,6 +21,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dcls_jax.native import available, fit_vma, match_vma, partition_over_batch, unavailable_reason
@@ -61,27 +62,57 @@ def gelu(x):
     return 0.5 * x * (1 + lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
-ACTIVATIONS = (None, "gelu")
-FUSE = True   # "native" runs linear(..., activation="gelu") as one call (False: the product, then XLA's GELU)
+def star_relu(x, scale, shift):
+    """MetaFormer's StarReLU, scale * relu(x)^2 + shift (scalars, or arrays of one element)."""
+    return scale * jnp.square(jax.nn.relu(x)) + shift
 
 
-def linear(x, weight, bias=None, *, impl: str | None = None, activation: str | None = None):
-    """y = x @ weight.T + bias over the last axis of x, weight (out, in) as in torch.nn.Linear; then `activation`
-    ("gelu": the exact GELU). With "native", the value of a Linear + GELU is one C++ call that adds the bias and
-    takes GELU on the product's registers (its erf: max error 3.8e-7, XLA's 3.3e-7), saving XLA's pass over the
-    output; under differentiation the product, bias and GELU run as separate ops, as without activation."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+ACTIVATIONS = (None, "gelu", "star_relu")
+_CODES = {None: 0, "gelu": 1, "star_relu": 2}   # csrc/matmul.cc's Activation
+FUSE = True   # "native" runs linear(..., activation=...) as one call (False: the product, then XLA's activation)
+
+
+def _activation(activation):
+    """(name, params): None, "gelu" or ("star_relu", scale, shift) as `linear` takes them."""
+    if activation is None or (isinstance(activation, str) and activation == "gelu"):
+        return activation, None
+    if isinstance(activation, tuple) and len(activation) == 3 and activation[0] == "star_relu":
+        return "star_relu", jnp.concatenate([jnp.ravel(jnp.asarray(p, jnp.float32)) for p in activation[1:]])
+    raise ValueError(f"unknown activation {activation!r}; expected None, 'gelu' or ('star_relu', scale, shift)")
+
+
+def activate(y, activation):
+    """`activation` (as `linear` takes it) applied to y by XLA."""
+    return _activate(y, *_activation(activation))
+
+
+def _activate(y, name, params):
+    if name == "gelu":
+        return gelu(y)
+    if name == "star_relu":
+        return star_relu(y, params[0].astype(y.dtype), params[1].astype(y.dtype))
+    return y
+
+
+def linear(x, weight, bias=None, *, impl: str | None = None, activation=None):
+    """y = x @ weight.T + bias over the last axis of x, weight (out, in) as in torch.nn.Linear; then `activation`:
+    "gelu" (the exact GELU) or ("star_relu", scale, shift) (MetaFormer's StarReLU, scale * relu(y)^2 + shift,
+    scalars). With "native", the value of a Linear and its activation is one C++ call that adds the bias and takes
+    the activation on the product's registers (GELU's erf: max error 3.8e-7, XLA's 3.3e-7), saving XLA's pass over
+    the output; under differentiation the product, bias and activation run as separate ops."""
+    name, params = _activation(activation)
     native = selected_impl(jnp.result_type(x, weight), impl) == "native"
     rows = x.reshape(-1, x.shape[-1])
-    if native and activation == "gelu" and bias is not None and FUSE and rows.size and bias.dtype == jnp.float32:
-        return linear_gelu(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    if native and name and FUSE and rows.size and (bias is None or bias.dtype == jnp.float32):
+        b = jnp.zeros((weight.shape[0],), jnp.float32) if bias is None else bias
+        p = jnp.zeros((2,), jnp.float32) if params is None else params
+        return linear_act(rows, weight, b, p, name).reshape(*x.shape[:-1], weight.shape[0])
     if native:
         y = matmul(rows, weight, False, True).reshape(*x.shape[:-1], weight.shape[0])
     else:
         y = jnp.einsum("...i,oi->...o", x, weight)
     y = y if bias is None else y + bias
-    return gelu(y) if activation == "gelu" else y
+    return _activate(y, name, params)
 
 
 def _xla(a, b, ta: bool, tb: bool):
@@ -164,36 +195,36 @@ def _matmul_bwd(ta, tb, res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _unfused_gelu(x, w, b):
-    return gelu(matmul(x, w, False, True) + b)
+def _unfused(x, w, b, p, name):
+    return _activate(matmul(x, w, False, True) + b, name, p)
 
 
 @functools.cache
-def _gelu_op():
-    """The Linear + GELU custom call, partitioned over x's rows."""
+def _act_op(name: str):
+    """The Linear + activation custom call, partitioned over x's rows."""
     from jax.sharding import PartitionSpec as P
 
-    def ffi(x, w, b):
-        return jax.ffi.ffi_call("dcls_jax_linear_gelu", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]),
-                                                                             jnp.float32))(x, w, b)
-    return _rows_op(ffi, "m k, n k, n -> m n", lambda axes: (P(axes, None), P(), P(), P(axes, None)),
-                    lambda x, w, b: gelu(_xla(x, w, False, True) + b), fold=True)
+    def ffi(x, w, b, p):
+        return jax.ffi.ffi_call("dcls_jax_linear_act", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
+            x, w, b, p, act=np.int64(_CODES[name]))
+    return _rows_op(ffi, "m k, n k, n, s -> m n", lambda axes: (P(axes, None), P(), P(), P(), P(axes, None)),
+                    lambda x, w, b, p: _activate(_xla(x, w, False, True) + b, name, p), fold=True)
 
 
-@jax.custom_vjp
-def linear_gelu(x, w, b):
-    """gelu(x @ w.T + b) for x (M, K), w (N, K), b (N,), float32, as one C++ call (the value only: gradients
-    differentiate `_unfused_gelu`)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def linear_act(x, w, b, p, name: str):
+    """act(x @ w.T + b) for x (M, K), w (N, K), b (N,), act `name` ("gelu", "star_relu" with p = (scale, shift)),
+    float32, as one C++ call (the value only: gradients differentiate `_unfused`)."""
     f32 = jnp.float32
-    return match_vma(_gelu_op()(x.astype(f32), w.astype(f32), b.astype(f32)), x, w, b)
+    return match_vma(_act_op(name)(x.astype(f32), w.astype(f32), b.astype(f32), p.astype(f32)), x, w, b, p)
 
 
-def _linear_gelu_fwd(x, w, b):
-    return jax.vjp(_unfused_gelu, x, w, b)
+def _linear_act_fwd(x, w, b, p, name):
+    return jax.vjp(lambda *a: _unfused(*a, name), x, w, b, p)
 
 
-def _linear_gelu_bwd(vjp, g):
+def _linear_act_bwd(name, vjp, g):
     return vjp(g)
 
 
-linear_gelu.defvjp(_linear_gelu_fwd, _linear_gelu_bwd)
+linear_act.defvjp(_linear_act_fwd, _linear_act_bwd)

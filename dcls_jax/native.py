@@ -43,7 +43,7 @@ SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc", CSRC / "attention.cc")   #
 _TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom-call name: C symbol
             "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
             "dcls_jax_matmul": "DclsMatmul",
-            "dcls_jax_linear_gelu": "DclsLinearGelu",
+            "dcls_jax_linear_act": "DclsLinearAct",
             "dcls_jax_attention": "DclsAttention"}
 _lock = threading.Lock()
 _state: dict = {}

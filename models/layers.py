@@ -23,7 +23,7 @@ from flax import nnx
 from dcls_jax import VERSIONS, Dcls2d
 from dcls_jax.attention import attention
 from dcls_jax.conv import conv
-from dcls_jax.dense import gelu, linear  # noqa: F401 (gelu: the models' GELU, re-exported)
+from dcls_jax.dense import activate, gelu, linear  # noqa: F401 (gelu: the models' GELU, re-exported)
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -74,7 +74,7 @@ class Linear(nnx.Module):
         else:
             self.bias = None
 
-    def __call__(self, x, activation: str | None = None):
+    def __call__(self, x, activation=None):
         bias = None if self.bias is None else self.bias[...].astype(x.dtype)
         return linear(x, self.weight[...].astype(x.dtype), bias, activation=activation)
 
@@ -104,10 +104,9 @@ class Conv2d(nnx.Module):
         """The dense kernel (O, I/groups, kh, kw), as `dcls_jax.Dcls2d.kernel()` gives its constructed one."""
         return self.weight[...]
 
-    def __call__(self, x, activation: str | None = None):
-        """The convolution, then `activation` (None or "gelu"; a pointwise conv takes it in the product's call)."""
-        if activation not in (None, "gelu"):
-            raise ValueError(f"unknown activation {activation!r}; expected None or 'gelu'")
+    def __call__(self, x, activation=None):
+        """The convolution, then `activation` (as dcls_jax.linear takes it; a pointwise conv takes it in the product's
+        call)."""
         w = self.weight[...].astype(x.dtype)
         bias = None if self.bias is None else self.bias[...].astype(x.dtype)
         if w.shape[2:] == (1, 1) and self.groups == 1 and self.padding in (0, (0, 0)):
@@ -115,8 +114,7 @@ class Conv2d(nnx.Module):
             # pointwise (strided: on every s-th pixel): a matmul, faster than XLA's CPU conv
             return linear(x[:, ::sh, ::sw], w[:, :, 0, 0], bias, activation=activation)
         y = conv(x, w, self.stride, self.padding, self.groups, self.dilation)
-        y = y if bias is None else y + bias
-        return gelu(y) if activation == "gelu" else y
+        return activate(y if bias is None else y + bias, activation)
 
 
 class BatchNorm2d(nnx.Module):
@@ -236,8 +234,11 @@ class Mlp(nnx.Module):
         self.drop = Dropout(drop, rngs=rngs)
 
     def __call__(self, x):
-        if self.act is gelu and type(self.fc1) in (Linear, Conv2d):   # one call with its GELU where the product
-            return self.drop(self.fc2(self.drop(self.fc1(x, activation="gelu"))))   # can (a CAM tap replaces fc1)
+        # fc1 and its activation in one call where the product can (a CAM tap on fc1 replaces the module): GELU,
+        # or an activation module that says how (`linear_activation()`, e.g. MetaFormer's StarReLU)
+        spec = "gelu" if self.act is gelu else getattr(self.act, "linear_activation", lambda: None)()
+        if spec is not None and type(self.fc1) in (Linear, Conv2d):
+            return self.drop(self.fc2(self.drop(self.fc1(x, activation=spec))))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dcls_jax.dense import star_relu
 import models.layers as layers
 from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential,
                            build_stages, check_stages, global_avg_pool, identity, share_positions,
@@ -74,7 +75,11 @@ class StarReLU(nnx.Module):
         self.bias = nnx.Param(jnp.full((1,), bias_value))
 
     def __call__(self, x):
-        return self.scale[...].astype(x.dtype) * squared_relu(x) + self.bias[...].astype(x.dtype)
+        return star_relu(x, self.scale[...].astype(x.dtype), self.bias[...].astype(x.dtype))
+
+    def linear_activation(self):
+        """This activation as dcls_jax.linear takes it (Mlp runs fc1 and it in one call)."""
+        return ("star_relu", self.scale[...], self.bias[...])
 
 
 class Scale(nnx.Module):

@@ -83,7 +83,7 @@ def test_linear_gelu_in_one_call_equals_float64(monkeypatch, m, k, n):
     x, w = rng.normal(size=(m, k)).astype(np.float32), (rng.normal(size=(n, k)) / np.sqrt(k)).astype(np.float32)
     b = rng.normal(size=(n,)).astype(np.float32) * 2
     fused = jax.jit(lambda x, w, b: dense.linear(x, w, b, activation="gelu"))
-    assert "dcls_jax_linear_gelu" in fused.lower(x, w, b).as_text()
+    assert "dcls_jax_linear_act" in fused.lower(x, w, b).as_text()
     y = np.asarray(fused(x, w, b))
     x64, w64 = x.astype(np.float64), w.T.astype(np.float64)
     z = x64 @ w64 + b
@@ -92,8 +92,49 @@ def test_linear_gelu_in_one_call_equals_float64(monkeypatch, m, k, n):
     assert np.all(np.abs(y - exact) <= bound), float(np.max(np.abs(y - exact) - bound))
     monkeypatch.setattr(dense, "FUSE", False)
     separate = jax.jit(lambda x, w, b: dense.linear(x, w, b, activation="gelu"))
-    assert "dcls_jax_linear_gelu" not in separate.lower(x, w, b).as_text()
+    assert "dcls_jax_linear_act" not in separate.lower(x, w, b).as_text()
     assert np.abs(y - np.asarray(separate(x, w, b))).max() <= 1e-6
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 5, 1), (97, 257, 65), (769, 40, 70)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_star_relu_in_one_call_equals_float64(m, k, n, with_bias):
+    """linear(..., activation=("star_relu", s, b)) on the CPU (MetaFormer's fc1: no bias): one call, within the
+    product's bound times StarReLU's slope 2 |s| relu(z), plus the rounding of s relu(z)^2 + b."""
+    rng = np.random.default_rng(m * k + n)
+    x, w = rng.normal(size=(m, k)).astype(np.float32), (rng.normal(size=(n, k)) / np.sqrt(k)).astype(np.float32)
+    b = rng.normal(size=(n,)).astype(np.float32) if with_bias else None
+    s, t = np.float32([0.8]), np.float32([-0.3])
+    fused = jax.jit(lambda x, w, b, s, t: dense.linear(x, w, b, activation=("star_relu", s, t)))
+    assert "dcls_jax_linear_act" in fused.lower(x, w, b, s, t).as_text()
+    y = np.asarray(fused(x, w, b, s, t))
+    x64, w64 = x.astype(np.float64), w.T.astype(np.float64)
+    z = x64 @ w64 + (0 if b is None else b)
+    r = np.maximum(z, 0)
+    exact = 0.8 * r ** 2 - 0.3
+    bound = 1.6 * r * (_bound(x64, w64) + 2.0 ** -24 * np.abs(z)) + 2.0 ** -22 * (0.8 * r ** 2 + 0.3)
+    assert np.all(np.abs(y - exact) <= bound), float(np.max(np.abs(y - exact) - bound))
+    separate = np.asarray(dense.star_relu(dense.linear(x, w, b, impl="xla"), s, t))   # XLA's dot: its own order
+    assert np.all(np.abs(y - separate) <= 4e-6 * (1 + np.abs(separate)))
+
+
+def test_linear_star_relu_gradients_and_vmap_are_the_separate_ops():
+    """Gradients of x, w and StarReLU's two scalars through the fused call equal XLA's separate ops; vmap folds."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(3, 7, 20)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(45, 20)) / 5, jnp.float32)
+    s, t = jnp.float32([1.3]), jnp.float32([0.2])
+
+    def loss(impl):
+        return lambda x, w, s, t: jnp.sum(jnp.sin(dense.linear(x, w, impl=impl, activation=("star_relu", s, t))))
+    grads = jax.jit(jax.grad(loss("native"), (0, 1, 2, 3)))(x, w, s, t)
+    for got, want in zip(grads, jax.grad(loss("xla"), (0, 1, 2, 3))(x, w, s, t)):
+        assert rel(got, want) <= 2e-5
+    fn = jax.jit(jax.vmap(lambda x: dense.linear(x, w, impl="native", activation=("star_relu", s, t))))
+    assert rel(fn(x), dense.star_relu(jnp.einsum("bni,oi->bno", x, w), s, t)) <= 1e-5
+    for bad in ("star_relu", ("star_relu", s), ("relu", s, t)):
+        with pytest.raises(ValueError, match="unknown activation"):
+            dense.linear(x, w, activation=bad)
 
 
 def test_linear_gelu_gradients_and_vmap_are_the_separate_ops():
@@ -186,9 +227,9 @@ def test_models_linear_and_pointwise_layers_run_it():
         np.testing.assert_allclose(layer(x), xs @ w.T + np.float64(layer.bias[...]), rtol=1e-5, atol=1e-5)
 
 
-def test_models_gelu_mlps_take_the_fused_call():
-    """ConvNeXt's Linear Mlp and FastViT's 1x1-conv Mlp run fc1 + GELU as one call, equal to the float64 layer;
-    a non-pointwise Conv2d applies the activation after its convolution."""
+def test_models_mlps_take_the_fused_call():
+    """ConvNeXt's Linear Mlp and FastViT's 1x1-conv Mlp run fc1 + GELU as one call, MetaFormer's fc1 + StarReLU
+    too, equal to the float64 layers; a non-pointwise Conv2d applies the activation after its convolution."""
     from scipy.special import erf
 
     from models.layers import Conv2d, Mlp
@@ -196,10 +237,17 @@ def test_models_gelu_mlps_take_the_fused_call():
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 5, 5, 24)), jnp.float32)
     gelu64 = lambda z: 0.5 * z * (1 + erf(z / np.sqrt(2)))
     for mlp in (Mlp(24, 40, rngs=rngs), Mlp(24, 40, rngs=rngs, use_conv=True)):
-        assert "dcls_jax_linear_gelu" in str(jax.make_jaxpr(mlp)(x))
+        assert "dcls_jax_linear_act" in str(jax.make_jaxpr(mlp)(x))
         w1, w2 = (np.float64(f.weight[...]).reshape(f.weight.shape[:2]) for f in (mlp.fc1, mlp.fc2))
         h = gelu64(np.float64(x) @ w1.T + np.float64(mlp.fc1.bias[...]))
         np.testing.assert_allclose(mlp(x), h @ w2.T + np.float64(mlp.fc2.bias[...]), rtol=1e-5, atol=1e-5)
+    from models.metaformer import StarReLU
+    act = StarReLU(0.7, -0.2)
+    mlp = Mlp(24, 40, act=act, bias=False, rngs=rngs)
+    assert "dcls_jax_linear_act" in str(jax.make_jaxpr(mlp)(x))
+    w1, w2 = (np.float64(f.weight[...]) for f in (mlp.fc1, mlp.fc2))
+    h = 0.7 * np.maximum(np.float64(x) @ w1.T, 0) ** 2 - 0.2
+    np.testing.assert_allclose(mlp(x), h @ w2.T, rtol=1e-5, atol=1e-5)
     conv = Conv2d(24, 24, 3, padding=1, groups=24, rngs=rngs)
     np.testing.assert_allclose(conv(x, activation="gelu"), gelu64(np.float64(conv(x))), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="unknown activation"):

@@ -147,11 +147,13 @@ void pack_block(const Shape& s, const float* b, float* dst, int64_t jp, int64_t 
   }
 }
 
-// What the last k block adds to a tile before storing it (DclsLinearGelu): the bias (padded to whole panels) and
-// the exact GELU, z / 2 (1 + erf(z / sqrt 2)).
+// What the last k block does to a tile before storing it (DclsLinearAct): adds the bias (padded to whole panels),
+// then takes the activation: none, the exact GELU z / 2 (1 + erf(z / sqrt 2)), or StarReLU s relu(z)^2 + b.
+enum Activation : int64_t { kIdentity = 0, kGelu = 1, kStarRelu = 2 };
 struct Epilogue {
   const float* bias = nullptr;
-  bool gelu = false;
+  int64_t act = kIdentity;
+  float scale = 1.0f, shift = 0.0f;   // StarReLU's s and b
 };
 
 // erf on [-4, 4] (clamped beyond, where float erf is +-1 to 2e-8) as x P(x^2) / Q(x^2): the rational
@@ -173,12 +175,25 @@ inline vec erf(vec x) {
 
 inline vec gelu(vec z) { return splat(0.5f) * z * (splat(1.0f) + erf(z * splat(0.70710678118654752f))); }
 
+// StarReLU as the models write it, s * (relu(z) * relu(z)) + b (relu keeps NaN).
+inline vec star_relu(vec z, vec s, vec b) {
+  const vec r = z < vec{} ? vec{} : z;
+  return s * (r * r) + b;
+}
+
+inline vec activate(vec z, const Epilogue& ep) {
+  if (ep.act == kGelu) return gelu(z);
+  if (ep.act == kStarRelu) return star_relu(z, splat(ep.scale), splat(ep.shift));
+  return z;
+}
+
 // c[i, j] (+)= sum_p opA[i, p] * panel[p, j] over one k block, for rows < ni and columns < nj of the tile.
 // TA false: opA[i, p] = a[i * lda + p] (rows beyond ni read row ni - 1); TA true: opA[i, p] = a[p * lda + i]
 // (kMR readable floats per p).
 template <bool TA>
 inline void tile(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict panel, float* c,
-                 int64_t ldc, int64_t ni, int64_t nj, bool first, const float* bias = nullptr, bool act = false) {
+                 int64_t ldc, int64_t ni, int64_t nj, bool first, const float* bias = nullptr,
+                 const Epilogue* ep = nullptr) {
   vec acc0[kMR], acc1[kMR];
   for (int64_t i = 0; i < ni; ++i) {   // c's rows, wanted at the end: in cache by then (2-9% at these shapes)
     __builtin_prefetch(c + i * ldc, 1);
@@ -223,15 +238,11 @@ inline void tile(int64_t kc, const float* __restrict a, int64_t lda, const float
       }
     }
   }
-  if (bias) {   // the last k block of DclsLinearGelu: bias, then GELU, on the registers
+  if (bias) {   // the last k block of DclsLinearAct: bias, then the activation, on the registers
     const vec b0 = load(bias), b1 = load(bias + kLanes);
     for (int i = 0; i < kMR; ++i) {
-      acc0[i] += b0;
-      acc1[i] += b1;
-      if (act) {
-        acc0[i] = gelu(acc0[i]);
-        acc1[i] = gelu(acc1[i]);
-      }
+      acc0[i] = activate(acc0[i] + b0, *ep);
+      acc1[i] = activate(acc1[i] + b1, *ep);
     }
   }
   if (full) {
@@ -258,13 +269,13 @@ void panel_rows(const Shape& s, const float* a, const float* panel, float* c, in
     const int64_t ni = std::min(kMR, mc - i0);
     float* tile_c = c + (m0 + i0) * s.n + j0;
     if (!s.ta) {
-      tile<false>(kc, a + (m0 + i0) * s.k + p0, s.k, panel, tile_c, s.n, ni, nj, pc == 0, bias, ep.gelu);
+      tile<false>(kc, a + (m0 + i0) * s.k + p0, s.k, panel, tile_c, s.n, ni, nj, pc == 0, bias, &ep);
     } else if (ni == kMR) {
-      tile<true>(kc, a + p0 * s.m + m0 + i0, s.m, panel, tile_c, s.n, ni, nj, pc == 0, bias, ep.gelu);
+      tile<true>(kc, a + p0 * s.m + m0 + i0, s.m, panel, tile_c, s.n, ni, nj, pc == 0, bias, &ep);
     } else {   // the last rows of a stored (K, M) opA: copied, zero-padded to kMR
       float* edge = scratch.zeroed(kc * kMR);
       for (int64_t p = 0; p < kc; ++p) std::memcpy(edge + p * kMR, a + (p0 + p) * s.m + m0 + i0, ni * sizeof(float));
-      tile<true>(kc, edge, kMR, panel, tile_c, s.n, ni, nj, pc == 0, bias, ep.gelu);
+      tile<true>(kc, edge, kMR, panel, tile_c, s.n, ni, nj, pc == 0, bias, &ep);
     }
   }
 }
@@ -326,20 +337,26 @@ ffi::Error Matmul(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix> 
                  Epilogue{});
 }
 
-// A Linear layer and its GELU, the value only (dense.linear's custom_vjp differentiates the unfused form):
-// c = gelu(x @ w^T + bias), x (M, K), w (N, K) as torch.nn.Linear's, K >= 1. The bias is added to the finished
-// sum and GELU taken on the register tile before it is stored: the same numbers as the product, then the bias,
-// then GELU, without the pass over c that XLA's separate fusion makes.
-ffi::Error LinearGelu(ffi::ThreadPool pool, Matrix x, Matrix w, Vector bias, ffi::Result<Matrix> c) {
+// A Linear layer and its activation, the value only (dense.linear's custom_vjp differentiates the unfused form):
+// c = act(x @ w^T + bias), x (M, K), w (N, K) as torch.nn.Linear's, K >= 1; act: `act` (Activation), with
+// params = (s, b) for StarReLU. The bias is added to the finished sum and the activation taken on the register
+// tile before it is stored: the same numbers as the product, then the bias, then the activation, without the
+// pass over c that XLA's separate fusion makes.
+ffi::Error LinearAct(ffi::ThreadPool pool, Matrix x, Matrix w, Vector bias, Vector params, ffi::Result<Matrix> c,
+                     int64_t act) {
   auto xd = x.dimensions(), wd = w.dimensions(), cd = c->dimensions();
   const int64_t m = xd[0], k = xd[1], n = wd[0];
   if (wd[1] != k || k == 0 || bias.dimensions()[0] != n || cd[0] != m || cd[1] != n)
-    return ffi::Error::InvalidArgument("dcls_jax linear_gelu: x, w, bias and c disagree on M, K or N (or K = 0)");
+    return ffi::Error::InvalidArgument("dcls_jax linear_act: x, w, bias and c disagree on M, K or N (or K = 0)");
+  if (act < kIdentity || act > kStarRelu || params.dimensions()[0] != 2)
+    return ffi::Error::InvalidArgument("dcls_jax linear_act: unknown activation, or params not (s, b)");
   if (m == 0 || n == 0) return ffi::Error::Success();
   const Shape s(m, n, k, false, true, pool.num_threads());
   std::vector<float> padded(s.npad, 0.0f);   // whole panels: a tile's bias loads stay inside
   std::memcpy(padded.data(), bias.typed_data(), n * sizeof(float));
-  return Product(pool, s, x.typed_data(), w.typed_data(), c->typed_data(), Epilogue{padded.data(), true});
+  const float* ps = params.typed_data();
+  return Product(pool, s, x.typed_data(), w.typed_data(), c->typed_data(),
+                 Epilogue{padded.data(), act, ps[0], ps[1]});
 }
 
 }  // namespace
@@ -353,10 +370,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsMatmul, Matmul,
                                   .Attr<int64_t>("ta")
                                   .Attr<int64_t>("tb"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsLinearGelu, LinearGelu,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsLinearAct, LinearAct,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Matrix>()
                                   .Arg<Matrix>()
                                   .Arg<Vector>()
-                                  .Ret<Matrix>());
+                                  .Arg<Vector>()
+                                  .Ret<Matrix>()
+                                  .Attr<int64_t>("act"));
