@@ -117,6 +117,44 @@ class Conv2d(nnx.Module):
         return activate(y if bias is None else y + bias, activation)
 
 
+def channel_mean(x):
+    """The mean over every axis but the last (channels-last: one value per channel). On the CPU it is one
+    reduction over the rows of x as a (rows, channels) array, behind an optimization barrier: XLA:CPU otherwise
+    rewrites a reduction over a map's batch and spatial axes into a windowed reduction ~10x slower than a plain one
+    (BatchNorm's batch statistics at (8, 56, 56, 256): 43 -> 5 ms forward, 143 -> 37 ms with the gradients)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if jax.default_backend() == "cpu":
+        rows = jax.lax.optimization_barrier(rows)
+    return rows.mean(0)
+
+
+def channel_sum(x):
+    """The sum over every axis but the last, as channel_mean reduces."""
+    rows = x.reshape(-1, x.shape[-1])
+    if jax.default_backend() == "cpu":
+        rows = jax.lax.optimization_barrier(rows)
+    return rows.sum(0)
+
+
+@jax.custom_vjp
+def channel_affine(x, scale, shift):
+    """x * scale + shift with per-channel (last axis) scale and shift: their gradients reduce the cotangent with
+    channel_sum (autodiff's own reduction of the broadcast is the slow windowed one on XLA:CPU)."""
+    return x * scale + shift
+
+
+def _channel_affine_fwd(x, scale, shift):
+    return x * scale + shift, (x, scale)
+
+
+def _channel_affine_bwd(res, g):
+    x, scale = res
+    return g * scale, channel_sum(g * x).astype(scale.dtype), channel_sum(g).astype(scale.dtype)
+
+
+channel_affine.defvjp(_channel_affine_fwd, _channel_affine_bwd)
+
+
 class BatchNorm2d(nnx.Module):
     """torch.nn.BatchNorm2d over the last (channel) axis. Train mode normalises with the biased batch
     variance and updates the running variance with the unbiased one, momentum 0.1, as PyTorch does."""
@@ -131,19 +169,20 @@ class BatchNorm2d(nnx.Module):
         self.use_running_average = False
 
     def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])   # (rows, channels): XLA:CPU reduces these fast (channel_mean)
         if self.use_running_average:
             mean, var = self.running_mean[...], self.running_var[...]
         else:
-            axes = tuple(range(x.ndim - 1))
             xf = x.astype(jnp.float32)
-            mean = xf.mean(axes)
-            var = jnp.square(xf - mean).mean(axes)
-            n = math.prod(x.shape[:-1])
+            mean = channel_mean(xf)
+            var = channel_mean(jnp.square(xf - mean))
+            n = x.shape[0]
             m = self.momentum
             self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
             self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1)
         scale = self.weight[...] * jax.lax.rsqrt(var + self.eps)
-        return (x * scale.astype(x.dtype) + (self.bias[...] - mean * scale).astype(x.dtype))
+        return channel_affine(x, scale.astype(x.dtype), (self.bias[...] - mean * scale).astype(x.dtype)).reshape(shape)
 
 
 class LayerNorm(nnx.Module):

@@ -163,3 +163,31 @@ def test_bad_arguments_raise_clear_errors():
         create_model("resnet50", depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="4 stages"):
         create_model("resnet50", layers=(1, 1, 1))
+
+
+def test_train_mode_batchnorm_gradients_match_pytorch():
+    """BatchNorm2d in train mode (statistics and affine over (rows, channels), channel_affine's own gradient):
+    the values, running statistics and the gradients of input, weight and bias against torch.nn.BatchNorm2d."""
+    from models.layers import BatchNorm2d
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 5, 7, 12)).astype(np.float32) * 2 + 1
+    g = rng.normal(size=x.shape).astype(np.float32)
+    w, b = rng.normal(size=12).astype(np.float32), rng.normal(size=12).astype(np.float32)
+    bn = BatchNorm2d(12)
+    bn.weight[...], bn.bias[...] = jnp.asarray(w), jnp.asarray(b)
+
+    @nnx.jit
+    def grads(bn, x):   # nnx's transforms: the running statistics update in place
+        return nnx.grad(lambda m, x: jnp.sum(m(x) * g), argnums=(0, 1))(bn, x)
+    dp, dx = grads(bn, jnp.asarray(x))
+    ref = torch.nn.BatchNorm2d(12)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(w))
+        ref.bias.copy_(torch.from_numpy(b))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    (ref(xt) * torch.from_numpy(g).permute(0, 3, 1, 2)).sum().backward()
+    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["weight"].get_value(), ref.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["bias"].get_value(), ref.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_var.get_value(), ref.running_var.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(bn.running_mean.get_value(), ref.running_mean.numpy(), rtol=1e-6, atol=1e-7)
