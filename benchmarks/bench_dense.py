@@ -1,6 +1,6 @@
 """The dense layers' implementations (dcls_jax.dense) against each other and PyTorch, in one process.
 
-    python benchmarks/bench_dense.py --iters 9 [--models convnext_tiny,resnet50] [--keep-memory]
+    python benchmarks/bench_dense.py --iters 9 [--models convnext_tiny,resnet50] [--parts attention] [--keep-memory]
 
 1. The Linear shapes of ConvNeXt-T's four stages at batch 8 (rows x in -> out, PyTorch's (out, in) weight):
    the C++ GEMM ("native") and XLA's dot ("xla", jnp.einsum), calls alternating, then
@@ -8,9 +8,12 @@
    it, a 6 ms JAX product ran up to 2x slower); ms and GFLOP/s. No bias.
 2. The weight gradients of the same layers (g.T @ x over the rows), the C++ GEMM against XLA's dot: what
    `dense._product` (XLA for these) rests on.
-3. Whole-model forwards with every Linear / pointwise layer on "native" against "xla" (two jits of the same
-   model, traced under DCLS_JAX_DENSE=native and =xla, calls alternating): the in-model effect, which the
-   isolated products (their output allocated afresh each call) do not show.
+3. Attention (dcls_jax.attention) at CAFormer-S18's and FastViT's shapes, batch 8: the C++ call against the
+   XLA form (einsums and softmax), calls alternating, then PyTorch's
+   torch.nn.functional.scaled_dot_product_attention on its own.
+4. Whole-model forwards with every Linear / pointwise layer (and attention) on "native" against "xla" (two jits
+   of the same model, traced under DCLS_JAX_DENSE=native and =xla, calls alternating): the in-model effect,
+   which the isolated products (their output allocated afresh each call) do not show.
 """
 from __future__ import annotations
 
@@ -65,6 +68,30 @@ def weight_grads(iters):
         yield f"({n}, {k}) over {m}", times, [2 * m * k * n / t / 1e6 for t in times]
 
 
+ATTENTION = ((8, 196, 10, 32), (8, 49, 16, 32), (8, 64, 24, 32), (1, 196, 10, 32))   # batch, tokens, heads, dim
+
+
+def attentions(iters):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    import dcls_jax
+    rng = np.random.default_rng(2)
+    for b, n, h, d in ATTENTION:
+        qkv = rng.normal(size=(b, n, 3 * h * d)).astype(np.float32)
+        qj = jnp.asarray(qkv)
+        fns = [(lambda f=jax.jit(lambda x, i=impl: dcls_jax.attention(x, h, impl=i),
+                                 compiler_options=dcls_jax.compiler_options()): f(qj), jax.block_until_ready)
+               for impl in ("native", "xla")]
+        times = paired_ms(fns, iters)
+        q, k, v = torch.from_numpy(qkv).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        with torch.no_grad():
+            times += paired_ms([(lambda: F.scaled_dot_product_attention(q, k, v), lambda _: None)], iters)
+        yield f"{b}x{n} tokens, {h}x{d}", times
+
+
 def models_ab(names, iters):
     import jax
     import jax.numpy as jnp
@@ -93,6 +120,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=9)
     ap.add_argument("--models", default="convnext_tiny,convnext_tiny_dcls,resnet50,caformer_s18,fastvit_sa24,"
                                         "convnext_base")
+    ap.add_argument("--parts", default="products,grads,attention,models",
+                    help="comma-separated: products, grads, attention, models")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep-memory", action="store_true", help="timing.keep_freed_memory (glibc mallopt)")
     args = ap.parse_args(argv)
@@ -103,17 +132,25 @@ def main(argv=None):
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  jax {jax.__version__}, torch {torch.__version__} "
           f"({args.threads} threads), median of {args.iters} (ms, calls alternating); malloc: "
           f"{'freed memory kept' if kept else 'default'}", flush=True)
-    print(f"{'x @ w.T':18} {'native':>8} {'xla':>8} {'torch':>8}   GFLOP/s native / xla / torch", flush=True)
-    for name, times, rates in products(args.iters):
-        print(f"{name:18} " + " ".join(f"{t:8.2f}" for t in times) + "   " + " / ".join(f"{r:.0f}" for r in rates),
-              flush=True)
-    print(f"\n{'weight gradient':24} {'native':>8} {'xla':>8}   GFLOP/s native / xla", flush=True)
-    for name, times, rates in weight_grads(args.iters):
-        print(f"{name:24} " + " ".join(f"{t:8.2f}" for t in times) + "   " + " / ".join(f"{r:.0f}" for r in rates),
-              flush=True)
-    print(f"\n{'model forward, batch 8':24} {'native':>8} {'xla':>8}  xla/native", flush=True)
-    for name, (a, b) in models_ab(args.models.split(","), args.iters):
-        print(f"{name:24} {a:8.1f} {b:8.1f}  {b / a:.3f}", flush=True)
+    parts = set(args.parts.split(","))
+    if "products" in parts:
+        print(f"{'x @ w.T':18} {'native':>8} {'xla':>8} {'torch':>8}   GFLOP/s native / xla / torch", flush=True)
+        for name, times, rates in products(args.iters):
+            print(f"{name:18} " + " ".join(f"{t:8.2f}" for t in times) + "   "
+                  + " / ".join(f"{r:.0f}" for r in rates), flush=True)
+    if "grads" in parts:
+        print(f"\n{'weight gradient':24} {'native':>8} {'xla':>8}   GFLOP/s native / xla", flush=True)
+        for name, times, rates in weight_grads(args.iters):
+            print(f"{name:24} " + " ".join(f"{t:8.2f}" for t in times) + "   "
+                  + " / ".join(f"{r:.0f}" for r in rates), flush=True)
+    if "attention" in parts:
+        print(f"\n{'attention':24} {'native':>8} {'xla':>8} {'torch':>8}", flush=True)
+        for name, times in attentions(args.iters):
+            print(f"{name:24} " + " ".join(f"{t:8.2f}" for t in times), flush=True)
+    if "models" in parts:
+        print(f"\n{'model forward, batch 8':24} {'native':>8} {'xla':>8}  xla/native", flush=True)
+        for name, (a, b) in models_ab(args.models.split(","), args.iters):
+            print(f"{name:24} {a:8.1f} {b:8.1f}  {b / a:.3f}", flush=True)
 
 
 if __name__ == "__main__":
