@@ -68,19 +68,25 @@ struct Shape {
   }
 };
 
+// The register tile both products use: acc[r][v] = sum_i a[r][i] * b[i * ldb + v * kLanes ...], i < count, in
+// order (kRows rows of a broadcast against NV vectors of each row of b).
+template <int64_t NV>
+inline void accumulate(const float* const* a, const float* b, int64_t ldb, int64_t count, vec (&acc)[kRows][NV]) {
+  for (int64_t i = 0; i < count; ++i, b += ldb) {
+    vec bv[NV];
+    for (int64_t v = 0; v < NV; ++v) bv[v] = load(b + v * kLanes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const vec av = splat(a[r][i]);
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+}
+
 // NV vectors of keys from v0 for kRows query rows q[r]: out[r][v0 * kLanes ...] = scale * q[r] . k[j].
 template <int64_t NV>
 void score_tile(const Shape& s, const float* const* q, const float* kt, int64_t v0, float* out) {
   vec acc[kRows][NV] = {};
-  for (int64_t c = 0; c < s.d; ++c) {
-    const float* krow = kt + c * s.np + v0 * kLanes;
-    vec kv[NV];
-    for (int64_t v = 0; v < NV; ++v) kv[v] = load(krow + v * kLanes);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const vec qv = splat(q[r][c]);
-      for (int64_t v = 0; v < NV; ++v) acc[r][v] += qv * kv[v];
-    }
-  }
+  accumulate<NV>(q, kt + v0 * kLanes, s.np, s.d, acc);
   for (int64_t r = 0; r < kRows; ++r)
     for (int64_t v = 0; v < NV; ++v) store(out + r * s.np + (v0 + v) * kLanes, acc[r][v] * splat(s.scale));
 }
@@ -109,16 +115,10 @@ void scores(const Shape& s, const float* qkv, const float* kt, int64_t b, int64_
 template <int64_t NV>
 void value_tile(const Shape& s, const float* p, const float* vp, const float* inv, int64_t v0, int64_t rows,
                 float* y) {
+  const float* rows_p[kRows];
+  for (int64_t r = 0; r < kRows; ++r) rows_p[r] = p + r * s.np;
   vec acc[kRows][NV] = {};
-  for (int64_t j = 0; j < s.n; ++j) {
-    const float* vrow = vp + j * s.dp + v0 * kLanes;
-    vec vv[NV];
-    for (int64_t v = 0; v < NV; ++v) vv[v] = load(vrow + v * kLanes);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const vec pj = splat(p[r * s.np + j]);
-      for (int64_t v = 0; v < NV; ++v) acc[r][v] += pj * vv[v];
-    }
-  }
+  accumulate<NV>(rows_p, vp + v0 * kLanes, s.dp, s.n, acc);
   const int64_t c0 = v0 * kLanes, count = std::min(NV * kLanes, s.d - c0);
   for (int64_t r = 0; r < rows; ++r) {
     float out[NV * kLanes];
