@@ -10,8 +10,9 @@ Attention's qkv Linear writes them; the result (B, N, heads * head_dim) is softm
               on 2 cores where the fused call takes ~4 ms (BENCHMARKS.md).
 
 Which runs follows the dense layers (dcls_jax.dense.selected_impl: the `impl` argument, else DCLS_JAX_DENSE,
-else "native" for float32 on the CPU). "native" is the value only: under reverse-mode differentiation the xla
-form runs (a custom_vjp), as for dense.linear's GELU; forward mode needs "xla".
+else "native" for float32 on the CPU). "native" differentiates in reverse mode: the gradient is a second C++ call
+(the scores recomputed per block of rows, dK and dV summed over the blocks in order), whose own derivatives
+(second order) are the xla form's; forward mode needs "xla".
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcls_jax.dense import selected_impl
-from dcls_jax.native import available, match_vma, partition_over_batch, unavailable_reason
+from dcls_jax.native import available, fit_vma, match_vma, partition_over_batch, unavailable_reason
 
 
 def _split(qkv, heads: int):
@@ -78,17 +79,62 @@ def _op(heads: int, scale: float):
     return op
 
 
+@functools.cache
+def _grad_op(heads: int, scale: float):
+    """The gradient's custom call (qkv, g) -> dqkv, partitioned and vmapped as the forward's."""
+    from jax.sharding import PartitionSpec as P
+
+    def ffi(qkv, g):
+        return jax.ffi.ffi_call("dcls_jax_attention_grad", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+            qkv, g, heads=np.int64(heads), scale=np.float32(scale))
+    call = partition_over_batch(ffi, "b n k, b n m -> b n k",
+                                lambda axes: (P(axes, None, None), P(axes, None, None), P(axes, None, None)))
+
+    @jax.custom_batching.custom_vmap
+    def op(qkv, g):
+        return call(qkv, g)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, qkv, g):
+        qkv, g = (x if m else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, m in zip((qkv, g), in_batched))
+        y = op(qkv.reshape(-1, *qkv.shape[2:]), g.reshape(-1, *g.shape[2:]))
+        return y.reshape(axis_size, -1, *y.shape[1:]), True
+    return op
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _native(qkv, heads: int, scale: float):
     return match_vma(_op(heads, scale)(qkv.astype(jnp.float32)), qkv)
 
 
 def _native_fwd(qkv, heads, scale):
-    return jax.vjp(lambda x: attention_xla(x, heads, scale), qkv)
+    return _native(qkv, heads, scale), qkv
 
 
-def _native_bwd(heads, scale, vjp, g):
-    return vjp(g)
+def _native_bwd(heads, scale, qkv, g):
+    return (fit_vma(_native_grad(qkv, g, heads, scale).astype(qkv.dtype), qkv),)
 
 
 _native.defvjp(_native_fwd, _native_bwd)
+
+
+def _xla_grad(qkv, g, heads, scale):
+    return jax.vjp(lambda x: attention_xla(x, heads, scale), qkv)[1](g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_grad(qkv, g, heads: int, scale: float):
+    """The gradient with respect to qkv as one C++ call; differentiated (second order) through the XLA form."""
+    f32 = jnp.float32
+    return match_vma(_grad_op(heads, scale)(qkv.astype(f32), g.astype(f32)), qkv, g)
+
+
+def _native_grad_fwd(qkv, g, heads, scale):
+    return jax.vjp(lambda q, c: _xla_grad(q, c, heads, scale), qkv, g)
+
+
+def _native_grad_bwd(heads, scale, vjp, ct):
+    return vjp(ct)
+
+
+_native_grad.defvjp(_native_grad_fwd, _native_grad_bwd)

@@ -44,7 +44,8 @@ _TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom
             "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
             "dcls_jax_matmul": "DclsMatmul",
             "dcls_jax_linear_act": "DclsLinearAct",
-            "dcls_jax_attention": "DclsAttention"}
+            "dcls_jax_attention": "DclsAttention",
+            "dcls_jax_attention_grad": "DclsAttentionGrad"}
 _lock = threading.Lock()
 _state: dict = {}
 

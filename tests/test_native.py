@@ -129,6 +129,11 @@ def test_batch_sharded_jit_stays_sharded():
         assert y.sharding.spec == P("data") and float(jnp.abs(y - r).max()) <= 1e-5
         sm = jax.jit(jax.shard_map(att("native"), mesh=mesh, in_specs=P("data"), out_specs=P("data")))
         assert float(jnp.abs(sm(qkv) - r).max()) <= 1e-5
+        ga = lambda impl: jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(dcls_jax.attention(x, 2, impl=impl)))))
+        hlo = ga("native").lower(qkv).compile().as_text()
+        assert "all-gather" not in hlo and "dcls_jax_attention_grad" in hlo, "attention gradient gathered or absent"
+        d, r = ga("native")(qkv), ga("xla")(qkv)
+        assert d.sharding.spec == P("data") and float(jnp.abs(d - r).max() / jnp.abs(r).max()) <= 1e-5
         print("ok")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
@@ -157,6 +162,8 @@ def test_fresh_cache_build_equals_lax(tmp_path):
         d.test_gradients_to_second_order_equal_xla_dot()
         for shape in a.SHAPES:
             a.test_equals_float64(*shape)
+        for shape in a.GRAD_SHAPES:
+            a.test_gradient_call_equals_pytorch(*shape)
         print("ok")
     """ % os.path.join(ROOT, "tests"))
     env = dict(os.environ, PYTHONPATH=ROOT, DCLS_JAX_CACHE_DIR=str(tmp_path / "c"))

@@ -82,39 +82,46 @@ inline void accumulate(const float* const* a, const float* b, int64_t ldb, int64
   }
 }
 
-// NV vectors of keys from v0 for kRows query rows q[r]: out[r][v0 * kLanes ...] = scale * q[r] . k[j].
+// NV vectors of columns from v0 for kRows rows a[r]: out[r][v0 * kLanes ...] = mult * a[r] . bt[:, j].
 template <int64_t NV>
-void score_tile(const Shape& s, const float* const* q, const float* kt, int64_t v0, float* out) {
+void product_tile(const Shape& s, const float* const* a, const float* bt, float mult, int64_t v0, float* out) {
   vec acc[kRows][NV] = {};
-  accumulate<NV>(q, kt + v0 * kLanes, s.np, s.d, acc);
+  accumulate<NV>(a, bt + v0 * kLanes, s.np, s.d, acc);
   for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t v = 0; v < NV; ++v) store(out + r * s.np + (v0 + v) * kLanes, acc[r][v] * splat(s.scale));
+    for (int64_t v = 0; v < NV; ++v) store(out + r * s.np + (v0 + v) * kLanes, acc[r][v] * splat(mult));
 }
 
-// Scores of rows [i0, i0 + rows) against every key, into out (kRows x np, padded keys at -inf).
+// out (kRows x np) = mult * a[r] . bt[:, j] for kRows rows of d values against bt (d x np, one row per channel).
+void products(const Shape& s, const float* const* a, const float* bt, float mult, float* out) {
+  const int64_t vecs = s.np / kLanes;
+  int64_t v0 = 0;
+  for (; v0 + kChunk <= vecs; v0 += kChunk) product_tile<kChunk>(s, a, bt, mult, v0, out);
+  switch (vecs - v0) {   // the rest, in one tile of its own width
+    case 1: product_tile<1>(s, a, bt, mult, v0, out); break;
+    case 2: product_tile<2>(s, a, bt, mult, v0, out); break;
+    case 3: product_tile<3>(s, a, bt, mult, v0, out); break;
+    case 4: product_tile<4>(s, a, bt, mult, v0, out); break;
+    case 5: product_tile<5>(s, a, bt, mult, v0, out); break;
+    default: break;
+  }
+}
+
+// Scores of rows [i0, i0 + rows) against every key, into out (kRows x np, padded keys at -inf; rows past `rows`
+// repeat the last one).
 void scores(const Shape& s, const float* qkv, const float* kt, int64_t b, int64_t h, int64_t i0, int64_t rows,
             float* out) {
   const float* q[kRows];
   for (int64_t r = 0; r < kRows; ++r) q[r] = s.q(qkv, b, i0 + std::min(r, rows - 1), h, 0);
-  const int64_t vecs = s.np / kLanes;
-  int64_t v0 = 0;
-  for (; v0 + kChunk <= vecs; v0 += kChunk) score_tile<kChunk>(s, q, kt, v0, out);
-  switch (vecs - v0) {   // the rest, in one tile of its own width
-    case 1: score_tile<1>(s, q, kt, v0, out); break;
-    case 2: score_tile<2>(s, q, kt, v0, out); break;
-    case 3: score_tile<3>(s, q, kt, v0, out); break;
-    case 4: score_tile<4>(s, q, kt, v0, out); break;
-    case 5: score_tile<5>(s, q, kt, v0, out); break;
-    default: break;
-  }
+  products(s, q, kt, s.scale, out);
   for (int64_t r = 0; r < kRows; ++r)
     for (int64_t j = s.n; j < s.np; ++j) out[r * s.np + j] = -INFINITY;
 }
 
-// NV vectors of head channels from v0 for kRows rows of probabilities p (kRows x np), scaled by inv[r], into y.
+// NV vectors of head channels from v0 for kRows rows of weights p (kRows x np) against vp (n x dp), each row
+// scaled by mult[r], into the first `rows` rows of y (row stride ldy).
 template <int64_t NV>
-void value_tile(const Shape& s, const float* p, const float* vp, const float* inv, int64_t v0, int64_t rows,
-                float* y) {
+void value_tile(const Shape& s, const float* p, const float* vp, const float* mult, int64_t v0, int64_t rows,
+                float* y, int64_t ldy) {
   const float* rows_p[kRows];
   for (int64_t r = 0; r < kRows; ++r) rows_p[r] = p + r * s.np;
   vec acc[kRows][NV] = {};
@@ -122,8 +129,21 @@ void value_tile(const Shape& s, const float* p, const float* vp, const float* in
   const int64_t c0 = v0 * kLanes, count = std::min(NV * kLanes, s.d - c0);
   for (int64_t r = 0; r < rows; ++r) {
     float out[NV * kLanes];
-    for (int64_t v = 0; v < NV; ++v) store(out + v * kLanes, acc[r][v] * splat(inv[r]));
-    std::memcpy(y + r * s.heads * s.d + c0, out, count * sizeof(float));
+    for (int64_t v = 0; v < NV; ++v) store(out + v * kLanes, acc[r][v] * splat(mult[r]));
+    std::memcpy(y + r * ldy + c0, out, count * sizeof(float));
+  }
+}
+
+void values(const Shape& s, const float* p, const float* vp, const float* mult, int64_t rows, float* y,
+            int64_t ldy) {
+  const int64_t dv = s.dp / kLanes;
+  int64_t v0 = 0;
+  for (; v0 + kValues <= dv; v0 += kValues) value_tile<kValues>(s, p, vp, mult, v0, rows, y, ldy);
+  switch (dv - v0) {
+    case 1: value_tile<1>(s, p, vp, mult, v0, rows, y, ldy); break;
+    case 2: value_tile<2>(s, p, vp, mult, v0, rows, y, ldy); break;
+    case 3: value_tile<3>(s, p, vp, mult, v0, rows, y, ldy); break;
+    default: break;
   }
 }
 
@@ -144,32 +164,99 @@ float softmax(const Shape& s, float* row) {
   return 1.0f / hsum(sum);
 }
 
+// Head h of sample b: part `part` (1 keys, 2 values) transposed into bt (d x np, zero past n), and, where rows is
+// not null, row by row into rows (n x dp, zero past d).
+void pack(const Shape& s, const float* qkv, int64_t b, int64_t h, int64_t part, float* bt, float* rows) {
+  for (int64_t j = 0; j < s.n; ++j) {
+    const float* src = s.q(qkv, b, j, h, part);
+    if (bt)
+      for (int64_t c = 0; c < s.d; ++c) bt[c * s.np + j] = src[c];
+    if (rows) {
+      std::memcpy(rows + j * s.dp, src, s.d * sizeof(float));
+      std::memset(rows + j * s.dp + s.d, 0, (s.dp - s.d) * sizeof(float));
+    }
+  }
+  if (bt)
+    for (int64_t c = 0; c < s.d; ++c) std::memset(bt + c * s.np + s.n, 0, (s.np - s.n) * sizeof(float));
+}
+
 void run_task(const Shape& s, const float* qkv, float* y, int64_t t, Scratch& scratch) {
-  const int64_t b = t / s.heads, h = t % s.heads, dv = s.dp / kLanes;
+  const int64_t b = t / s.heads, h = t % s.heads;
   float* kt = scratch.get(s.d * s.np + s.n * s.dp + kRows * s.np);
   float* vp = kt + s.d * s.np;
   float* sc = vp + s.n * s.dp;
-  for (int64_t j = 0; j < s.n; ++j) {
-    const float* k = s.q(qkv, b, j, h, 1);
-    for (int64_t c = 0; c < s.d; ++c) kt[c * s.np + j] = k[c];
-    std::memcpy(vp + j * s.dp, s.q(qkv, b, j, h, 2), s.d * sizeof(float));
-    std::memset(vp + j * s.dp + s.d, 0, (s.dp - s.d) * sizeof(float));
-  }
-  for (int64_t c = 0; c < s.d; ++c) std::memset(kt + c * s.np + s.n, 0, (s.np - s.n) * sizeof(float));
+  pack(s, qkv, b, h, 1, kt, nullptr);
+  pack(s, qkv, b, h, 2, nullptr, vp);
   for (int64_t i0 = 0; i0 < s.n; i0 += kRows) {
     const int64_t rows = std::min(kRows, s.n - i0);
     scores(s, qkv, kt, b, h, i0, rows, sc);
     float inv[kRows];
     for (int64_t r = 0; r < kRows; ++r) inv[r] = r < rows ? softmax(s, sc + r * s.np) : 0.0f;
-    float* yrow = y + ((b * s.n + i0) * s.heads + h) * s.d;
-    int64_t v0 = 0;
-    for (; v0 + kValues <= dv; v0 += kValues) value_tile<kValues>(s, sc, vp, inv, v0, rows, yrow);
-    switch (dv - v0) {
-      case 1: value_tile<1>(s, sc, vp, inv, v0, rows, yrow); break;
-      case 2: value_tile<2>(s, sc, vp, inv, v0, rows, yrow); break;
-      case 3: value_tile<3>(s, sc, vp, inv, v0, rows, yrow); break;
-      default: break;
+    values(s, sc, vp, inv, rows, y + ((b * s.n + i0) * s.heads + h) * s.d, s.row);
+  }
+}
+
+// The gradient of one (b, h) with respect to its queries, keys and values, given g = dL/dy (B, N, H * D):
+// P = softmax(scale q k^T) recomputed per block of rows; dV = P^T g; dS = P (g v^T - rowsum(P g v^T));
+// dQ = scale dS k; dK = scale dS^T q. dK and dV sum over the row blocks in order.
+void run_grad_task(const Shape& s, const float* qkv, const float* g, float* dqkv, int64_t t, Scratch& scratch) {
+  const int64_t b = t / s.heads, h = t % s.heads, dv = s.dp / kLanes;
+  float* kt = scratch.get(2 * s.d * s.np + 3 * s.n * s.dp + 2 * kRows * s.np + 2 * kRows * s.dp);
+  float* vt = kt + s.d * s.np;
+  float* kp = vt + s.d * s.np;
+  float* dk = kp + s.n * s.dp;
+  float* dvv = dk + s.n * s.dp;
+  float* pr = dvv + s.n * s.dp;           // P, kRows x np
+  float* ds = pr + kRows * s.np;          // g v^T, then dS
+  float* qpad = ds + kRows * s.np;        // the block's q and g rows, kRows x dp
+  float* gpad = qpad + kRows * s.dp;
+  pack(s, qkv, b, h, 1, kt, kp);
+  pack(s, qkv, b, h, 2, vt, nullptr);
+  std::memset(dk, 0, 2 * s.n * s.dp * sizeof(float));
+  const float scale[kRows] = {s.scale, s.scale, s.scale, s.scale};
+  for (int64_t i0 = 0; i0 < s.n; i0 += kRows) {
+    const int64_t rows = std::min(kRows, s.n - i0);
+    const float* gr[kRows];
+    for (int64_t r = 0; r < kRows; ++r) gr[r] = g + ((b * s.n + i0 + std::min(r, rows - 1)) * s.heads + h) * s.d;
+    scores(s, qkv, kt, b, h, i0, rows, pr);
+    products(s, gr, vt, 1.0f, ds);
+    std::memset(qpad, 0, 2 * kRows * s.dp * sizeof(float));
+    for (int64_t r = 0; r < kRows; ++r) {
+      float* p = pr + r * s.np;
+      float* d = ds + r * s.np;
+      if (r >= rows) {   // a repeated row: no part in dK, dV
+        std::memset(p, 0, s.np * sizeof(float));
+        std::memset(d, 0, s.np * sizeof(float));
+        continue;
+      }
+      const vec inv = splat(softmax(s, p));
+      vec dot = {};
+      for (int64_t j = 0; j < s.np; j += kLanes) {
+        const vec pj = load(p + j) * inv;
+        store(p + j, pj);
+        dot += pj * load(d + j);
+      }
+      const vec delta = splat(hsum(dot));
+      for (int64_t j = 0; j < s.np; j += kLanes) store(d + j, load(p + j) * (load(d + j) - delta));
+      std::memcpy(qpad + r * s.dp, s.q(qkv, b, i0 + r, h, 0), s.d * sizeof(float));
+      std::memcpy(gpad + r * s.dp, gr[r], s.d * sizeof(float));
     }
+    values(s, ds, kp, scale, rows, dqkv + (b * s.n + i0) * 3 * s.row + h * s.d, 3 * s.row);   // dQ
+    for (int64_t j = 0; j < s.n; ++j)
+      for (int64_t v = 0; v < dv; ++v) {
+        vec ak = load(dk + j * s.dp + v * kLanes), av = load(dvv + j * s.dp + v * kLanes);
+        for (int64_t r = 0; r < kRows; ++r) {
+          ak += splat(s.scale * ds[r * s.np + j]) * load(qpad + r * s.dp + v * kLanes);
+          av += splat(pr[r * s.np + j]) * load(gpad + r * s.dp + v * kLanes);
+        }
+        store(dk + j * s.dp + v * kLanes, ak);
+        store(dvv + j * s.dp + v * kLanes, av);
+      }
+  }
+  for (int64_t j = 0; j < s.n; ++j) {
+    float* out = dqkv + (b * s.n + j) * 3 * s.row + h * s.d;
+    std::memcpy(out + s.row, dk + j * s.dp, s.d * sizeof(float));
+    std::memcpy(out + 2 * s.row, dvv + j * s.dp, s.d * sizeof(float));
   }
 }
 
@@ -189,11 +276,39 @@ ffi::Error Attention(ffi::ThreadPool pool, Tokens qkv, ffi::Result<Tokens> y, in
   return ffi::Error::Success();
 }
 
+ffi::Error AttentionGrad(ffi::ThreadPool pool, Tokens qkv, Tokens g, ffi::Result<Tokens> dqkv, int64_t heads,
+                         float scale) {
+  auto xd = qkv.dimensions(), gd = g.dimensions(), dd = dqkv->dimensions();
+  if (heads <= 0 || xd[2] % (3 * heads) != 0 || gd[0] != xd[0] || gd[1] != xd[1] || gd[2] * 3 != xd[2] ||
+      dd[0] != xd[0] || dd[1] != xd[1] || dd[2] != xd[2])
+    return ffi::Error::InvalidArgument("dcls_jax attention_grad: qkv (B, N, 3 H D), g (B, N, H D) disagree");
+  const int64_t d = xd[2] / (3 * heads);
+  Shape s{xd[0], xd[1], heads, d, round_up(xd[1], kLanes), round_up(d, kLanes), heads * d, scale};
+  if (s.batch == 0 || s.n == 0 || d == 0) return ffi::Error::Success();
+  const float* in = qkv.typed_data();
+  const float* gs = g.typed_data();
+  float* out = dqkv->typed_data();
+  parallel_for(pool, s.batch * heads, [&](int64_t t) {
+    thread_local Scratch scratch;
+    run_grad_task(s, in, gs, out, t, scratch);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<Tokens>()
+                                  .Ret<Tokens>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DclsAttentionGrad, AttentionGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Tokens>()
                                   .Arg<Tokens>()
                                   .Ret<Tokens>()
                                   .Attr<int64_t>("heads")
