@@ -117,23 +117,20 @@ class Conv2d(nnx.Module):
         return activate(y if bias is None else y + bias, activation)
 
 
-def channel_mean(x):
-    """The mean over every axis but the last (channels-last: one value per channel). On the CPU it is one
+def channel_sum(x):
+    """The sum over every axis but the last (channels-last: one value per channel). On the CPU it is one
     reduction over the rows of x as a (rows, channels) array, behind an optimization barrier: XLA:CPU otherwise
     rewrites a reduction over a map's batch and spatial axes into a windowed reduction ~10x slower than a plain one
-    (BatchNorm's batch statistics at (8, 56, 56, 256): 43 -> 5 ms forward, 143 -> 37 ms with the gradients)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if jax.default_backend() == "cpu":
-        rows = jax.lax.optimization_barrier(rows)
-    return rows.mean(0)
-
-
-def channel_sum(x):
-    """The sum over every axis but the last, as channel_mean reduces."""
+    (BatchNorm2d in train mode with its gradients at (8, 56, 56, 256): 148 -> 14 ms)."""
     rows = x.reshape(-1, x.shape[-1])
     if jax.default_backend() == "cpu":
         rows = jax.lax.optimization_barrier(rows)
     return rows.sum(0)
+
+
+def channel_mean(x):
+    """The mean over every axis but the last, summed as channel_sum does (then divided, as jnp.mean does)."""
+    return channel_sum(x) / math.prod(x.shape[:-1])
 
 
 @jax.custom_vjp
