@@ -55,51 +55,43 @@ def attention(qkv, heads: int, scale: float | None = None, *, impl: str | None =
     return _native(qkv, heads, scale)
 
 
-@functools.cache
-def _op(heads: int, scale: float):
-    """The custom call, partitioned over the batch (a sharded jit); under vmap the mapped axis folds into it."""
+def _batched_call(ffi, rule: str, operands: int):
+    """The custom call `ffi` on (batch, tokens, features) arrays: partitioned over the batch (a sharded jit), and
+    under vmap the mapped axis folds into the batch (an unmapped operand broadcast first)."""
     from jax.sharding import PartitionSpec as P
     if not available():   # also what registers the custom calls
         raise RuntimeError(f"dcls_jax.attention: the C++ kernels are unavailable: {unavailable_reason()}")
+    call = partition_over_batch(ffi, rule, lambda axes: (P(axes, None, None),) * (operands + 1))
 
+    @jax.custom_batching.custom_vmap
+    def op(*args):
+        return call(*args)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, *args):
+        args = [a if m else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, m in zip(args, in_batched)]
+        y = op(*(a.reshape(-1, *a.shape[2:]) for a in args))
+        return y.reshape(axis_size, -1, *y.shape[1:]), True
+    return op
+
+
+@functools.cache
+def _op(heads: int, scale: float):
+    """The forward's custom call, qkv -> y."""
     def ffi(qkv):
         b, n, k = qkv.shape
         return jax.ffi.ffi_call("dcls_jax_attention", jax.ShapeDtypeStruct((b, n, k // 3), jnp.float32))(
             qkv, heads=np.int64(heads), scale=np.float32(scale))
-    call = partition_over_batch(ffi, "b n k -> b n m", lambda axes: (P(axes, None, None), P(axes, None, None)))
-
-    @jax.custom_batching.custom_vmap
-    def op(qkv):
-        return call(qkv)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, qkv):
-        y = op(qkv.reshape(-1, *qkv.shape[2:]))
-        return y.reshape(axis_size, -1, *y.shape[1:]), True
-    return op
+    return _batched_call(ffi, "b n k -> b n m", 1)
 
 
 @functools.cache
 def _grad_op(heads: int, scale: float):
-    """The gradient's custom call (qkv, g) -> dqkv, partitioned and vmapped as the forward's."""
-    from jax.sharding import PartitionSpec as P
-
+    """The gradient's custom call, (qkv, g) -> dqkv."""
     def ffi(qkv, g):
         return jax.ffi.ffi_call("dcls_jax_attention_grad", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
             qkv, g, heads=np.int64(heads), scale=np.float32(scale))
-    call = partition_over_batch(ffi, "b n k, b n m -> b n k",
-                                lambda axes: (P(axes, None, None), P(axes, None, None), P(axes, None, None)))
-
-    @jax.custom_batching.custom_vmap
-    def op(qkv, g):
-        return call(qkv, g)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, qkv, g):
-        qkv, g = (x if m else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, m in zip((qkv, g), in_batched))
-        y = op(qkv.reshape(-1, *qkv.shape[2:]), g.reshape(-1, *g.shape[2:]))
-        return y.reshape(axis_size, -1, *y.shape[1:]), True
-    return op
+    return _batched_call(ffi, "b n k, b n m -> b n k", 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
