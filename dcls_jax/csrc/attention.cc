@@ -63,6 +63,10 @@ inline float hsum(vec v) {
 struct Shape {
   int64_t batch, n, heads, d, np, dp, row;   // np, dp: keys and head channels rounded up to whole vectors
   float scale;
+  // From qkv's dimensions (B, N, 3 H D), `heads` dividing its last one by 3.
+  Shape(ffi::Span<const int64_t> qkv, int64_t heads_, float scale_)
+      : batch(qkv[0]), n(qkv[1]), heads(heads_), d(qkv[2] / (3 * heads_)), np(round_up(qkv[1], kLanes)),
+        dp(round_up(d, kLanes)), row(heads_ * d), scale(scale_) {}
   const float* q(const float* qkv, int64_t b, int64_t i, int64_t h, int64_t part) const {
     return qkv + (b * n + i) * 3 * row + part * row + h * d;
   }
@@ -213,7 +217,8 @@ void run_grad_task(const Shape& s, const float* qkv, const float* g, float* dqkv
   pack(s, qkv, b, h, 1, kt, kp);
   pack(s, qkv, b, h, 2, vt, nullptr);
   std::memset(dk, 0, 2 * s.n * s.dp * sizeof(float));
-  const float scale[kRows] = {s.scale, s.scale, s.scale, s.scale};
+  float scale[kRows];
+  std::fill(scale, scale + kRows, s.scale);
   for (int64_t i0 = 0; i0 < s.n; i0 += kRows) {
     const int64_t rows = std::min(kRows, s.n - i0);
     const float* gr[kRows];
@@ -264,9 +269,8 @@ ffi::Error Attention(ffi::ThreadPool pool, Tokens qkv, ffi::Result<Tokens> y, in
   auto xd = qkv.dimensions(), yd = y->dimensions();
   if (heads <= 0 || xd[2] % (3 * heads) != 0 || yd[0] != xd[0] || yd[1] != xd[1] || yd[2] * 3 != xd[2])
     return ffi::Error::InvalidArgument("dcls_jax attention: qkv (B, N, 3 H D) and y (B, N, H D) disagree");
-  const int64_t d = xd[2] / (3 * heads);
-  Shape s{xd[0], xd[1], heads, d, round_up(xd[1], kLanes), round_up(d, kLanes), heads * d, scale};
-  if (s.batch == 0 || s.n == 0 || d == 0) return ffi::Error::Success();
+  const Shape s(xd, heads, scale);
+  if (s.batch == 0 || s.n == 0 || s.d == 0) return ffi::Error::Success();
   const float* in = qkv.typed_data();
   float* out = y->typed_data();
   parallel_for(pool, s.batch * heads, [&](int64_t t) {
@@ -282,9 +286,8 @@ ffi::Error AttentionGrad(ffi::ThreadPool pool, Tokens qkv, Tokens g, ffi::Result
   if (heads <= 0 || xd[2] % (3 * heads) != 0 || gd[0] != xd[0] || gd[1] != xd[1] || gd[2] * 3 != xd[2] ||
       dd[0] != xd[0] || dd[1] != xd[1] || dd[2] != xd[2])
     return ffi::Error::InvalidArgument("dcls_jax attention_grad: qkv (B, N, 3 H D), g (B, N, H D) disagree");
-  const int64_t d = xd[2] / (3 * heads);
-  Shape s{xd[0], xd[1], heads, d, round_up(xd[1], kLanes), round_up(d, kLanes), heads * d, scale};
-  if (s.batch == 0 || s.n == 0 || d == 0) return ffi::Error::Success();
+  const Shape s(xd, heads, scale);
+  if (s.batch == 0 || s.n == 0 || s.d == 0) return ffi::Error::Success();
   const float* in = qkv.typed_data();
   const float* gs = g.typed_data();
   float* out = dqkv->typed_data();
