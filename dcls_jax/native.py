@@ -19,6 +19,7 @@ own primitives would have (ffi_call types its results as invariant).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -86,8 +87,7 @@ def _build() -> Path:
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     # DCLS_JAX_NATIVE_MARCH: the target CPU (default: this one); the tests build an AVX2 one (x86-64-v3) too
-    flags = ["-std=c++17", "-O3", f"-march={os.environ.get('DCLS_JAX_NATIVE_MARCH') or 'native'}", "-fPIC",
-             "-shared", "-w"]
+    flags = ["-std=c++17", "-O3", f"-march={os.environ.get('DCLS_JAX_NATIVE_MARCH') or 'native'}", "-fPIC", "-w"]
     parts = (*(f.read_bytes() for f in (*SOURCES, CSRC / "common.h")), version, " ".join(flags),
              importlib.metadata.version("jaxlib"), platform.machine(), _cpu_features())
     key = hashlib.sha256(b"\0".join(p.encode() if isinstance(p, str) else p for p in parts)).hexdigest()[:20]
@@ -98,17 +98,22 @@ def _build() -> Path:
         os.utime(lib)   # marks it used: builds of other versions unused for STALE_DAYS are pruned
         return lib
     _prune(out_dir)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        cmd = [cxx, *flags, "-I", include, *map(str, SOURCES), "-o", tmp]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if run.returncode:
-            raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
+    # One compiler per source, side by side (the library's first build: ~10 s in one process, ~4 s on two cores),
+    # then one link; all in a private temporary folder, so a failed or concurrent build leaves nothing behind.
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:
+        objects = [os.path.join(work, f"{src.stem}.o") for src in SOURCES]
+        commands = [[cxx, *flags, "-I", include, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(commands)) as pool:
+            runs = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=600),
+                                 commands))
+        tmp = os.path.join(work, "native.so")
+        link = [cxx, "-shared", *objects, "-o", tmp]
+        for cmd, run in [*zip(commands, runs), (link, None)]:
+            if run is None:
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if run.returncode:
+                raise OSError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
         os.replace(tmp, lib)   # atomic: a concurrent process sees the old state or the whole library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return lib
 
 

@@ -6,13 +6,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Every compiled program is kept, however quick its compile (most of the suite's are well under JAX's default
+# of 1 s); through the environment, so are those of the subprocesses that tests start (the command lines, the
+# AVX2 build). No size limit: JAX's eviction needs an access-time file beside every entry, which entries written
+# without a limit lack, and it then fails every write.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
-jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class _TorchvisionBesideCpuTorch:
