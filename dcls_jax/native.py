@@ -40,13 +40,14 @@ import numpy as np
 from jax import lax
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc", CSRC / "attention.cc")   # one library; all include common.h
+SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc", CSRC / "attention.cc", CSRC / "barrier.cc")   # one library
 _TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom-call name: C symbol
             "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
             "dcls_jax_matmul": "DclsMatmul",
             "dcls_jax_linear_act": "DclsLinearAct",
             "dcls_jax_attention": "DclsAttention",
-            "dcls_jax_attention_grad": "DclsAttentionGrad"}
+            "dcls_jax_attention_grad": "DclsAttentionGrad",
+            "dcls_jax_fusion_barrier": "DclsFusionBarrier"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -308,3 +309,49 @@ def depthwise(x, w, stride, pads):
     out = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(x.shape[1:3], pads, wt.shape[:2], stride))
     y = _forward(x.astype(jnp.float32), wt, tuple(stride), tuple(lo for lo, _ in pads), out)
     return (y[:, 0] if one_d else y).astype(x.dtype)
+
+
+@jax.custom_jvp
+def fusion_barrier(x):
+    """x, computed once into memory: the identity as a custom call (csrc/barrier.cc) that XLA cannot fuse, whose
+    result aliases its operand. XLA:CPU fuses an elementwise producer into each of its consumers, duplicating it;
+    along a chain of residual blocks' cotangents, each parameter gradient's reduction then recomputed the whole
+    chain back to the stage's end (caformer_s18's train step: ~0.6 s of 2.4). Any dtype and shape; partitioned
+    as its operand is sharded, and under vmap the mapped axis is one more axis of the operand. Its derivative is the
+    identity. Needs `available()`."""
+    return match_vma(_barrier_op(x.ndim)(x), x)
+
+
+@fusion_barrier.defjvp
+def _fusion_barrier_jvp(primals, tangents):
+    return fusion_barrier(primals[0]), tangents[0]
+
+
+@functools.cache
+def _barrier_op(ndim: int):
+    from jax.experimental.custom_partitioning import custom_partitioning
+    if not available():   # also what registers the custom call
+        raise RuntimeError(f"dcls_jax.native.fusion_barrier: the C++ library is unavailable: {unavailable_reason()}")
+
+    def ffi(x):
+        return jax.ffi.ffi_call("dcls_jax_fusion_barrier", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                input_output_aliases={0: 0})(x)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return arg_shapes[0].sharding
+
+    def partition(mesh, arg_shapes, result_shape):   # each device its own part, as the operand is laid out
+        return mesh, ffi, arg_shapes[0].sharding, (arg_shapes[0].sharding,)
+
+    call = custom_partitioning(ffi)
+    factors = " ".join(f"d{i}" for i in range(ndim))
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=f"{factors} -> {factors}")
+
+    @jax.custom_batching.custom_vmap
+    def op(x):
+        return call(x)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, x):
+        return _barrier_op(ndim + 1)(x), True
+    return op

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from models.layers import (Attention, BatchNorm2d, Conv2d, ConvSpec, CutModel, DropPath, Dropout, Linear, Mlp,
-                           Sequential, check_stages, drop_path_rates, gelu, global_avg_pool, identity,
+                           Sequential, check_stages, cut_cotangent, drop_path_rates, gelu, global_avg_pool, identity,
                            share_positions, trunc_normal)
 from models.entry import TEST_CLASSES, Checkpoint, Entry, build, register, register_test, rename_keys
 
@@ -323,7 +323,7 @@ class RepMixerBlock(nnx.Module):
         self.drop_path = DropPath(drop_path, rngs=rngs)
 
     def __call__(self, x):
-        x = self.token_mixer(x)
+        x = cut_cotangent(self.token_mixer(cut_cotangent(x)))
         return x + self.drop_path(self.layer_scale(self.mlp(x)))
 
 
@@ -338,7 +338,8 @@ class AttentionBlock(nnx.Module):
         self.drop_path2 = DropPath(drop_path, rngs=rngs)
 
     def __call__(self, x):
-        x = x + self.drop_path1(self.layer_scale_1(self.token_mixer(self.norm(x))))
+        x = cut_cotangent(x)
+        x = cut_cotangent(x + self.drop_path1(self.layer_scale_1(self.token_mixer(self.norm(x)))))
         return x + self.drop_path2(self.layer_scale_2(self.mlp(x)))
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 from dcls_jax.dense import star_relu
 import models.layers as layers
 from models.layers import (Conv2d, ConvSpec, CutModel, DropPath, Dropout, LayerNorm, Linear, Mlp, Sequential,
-                           build_stages, check_stages, global_avg_pool, identity, share_positions,
+                           build_stages, check_stages, cut_cotangent, global_avg_pool, identity, share_positions,
                            trunc_normal)
 from models.entry import TEST_CLASSES, Checkpoint, Entry, build, register, register_test, rename_keys
 
@@ -135,7 +135,9 @@ class MetaFormerBlock(nnx.Module):
         self.layer_scale2, self.res_scale2 = scale(layer_scale), scale(res_scale)
 
     def __call__(self, x):
+        x = cut_cotangent(x)
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        x = cut_cotangent(x)
         return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
 
 

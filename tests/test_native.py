@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -76,13 +77,74 @@ def test_vmap_and_second_order_gradients():
     assert rel(jax.jit(lambda: loss("native"))(), loss("xla")) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+@pytest.mark.parametrize("shape", [(), (0, 3), (7,), (2, 3, 5, 4)])
+def test_fusion_barrier_is_the_identity(shape, dtype):
+    x = jnp.asarray(np.random.default_rng(len(shape)).normal(size=shape) * 10).astype(dtype)
+    y = jax.jit(native.fusion_barrier)(x)
+    assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(np.asarray(y), np.asarray(x))
+    if x.ndim:
+        assert np.array_equal(np.asarray(jax.jit(jax.vmap(native.fusion_barrier))(x)), np.asarray(x))
+
+
+def test_fusion_barrier_derivatives_and_compiled_form():
+    x = jnp.linspace(-2.0, 3.0, 24, dtype=jnp.float32).reshape(2, 3, 4)
+    f = lambda x: jnp.sum(jnp.sin(native.fusion_barrier(x * x)))                    # noqa: E731
+    assert np.allclose(jax.jit(jax.grad(f))(x), 2 * x * jnp.cos(x * x), rtol=1e-6)
+    _, tangent = jax.jvp(native.fusion_barrier, (x,), (jnp.cos(x),))
+    assert np.array_equal(tangent, jnp.cos(x))
+    hess_diag = jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(f)(x))))(x)             # second order
+    assert np.allclose(hess_diag, 2 * jnp.cos(x * x) - 4 * x * x * jnp.sin(x * x), rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(lambda x: native.fusion_barrier(x * 2) + 1).lower(x).compile().as_text()
+    assert hlo.count('custom_call_target="dcls_jax_fusion_barrier"') == 1 and "output_to_operand_aliasing" in hlo
+
+
+def _largest_fusion(hlo: str) -> int:
+    """Instructions in the largest fused computation of a compiled module's text."""
+    sizes = [block.count("\n") for block in re.findall(r"\n%fused_computation[^\n]*\{\n.*?\n\}", hlo, re.S)]
+    return max(sizes, default=0)
+
+
+def test_cut_cotangent_keeps_each_blocks_backward_to_itself(monkeypatch):
+    """A chain of residual blocks (x = s * x + tanh(LayerNorm(x) @ w)): with models.layers.cut_cotangent at each
+    block's input, the largest fusion of the gradient's program does not grow with the chain's length; without it
+    XLA:CPU fuses the whole backward chain into every parameter gradient's reduction (and the test sees it grow).
+    The gradients are XLA's own either way."""
+    from models import layers
+
+    def grads(depth):
+        rng = np.random.default_rng(depth)
+        x = jnp.asarray(rng.normal(size=(2, 6, 6, 16)), jnp.float32)
+        s = jnp.asarray(rng.normal(size=(depth, 16)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(depth, 16, 16)) / 4, jnp.float32)
+
+        def loss(s, w):
+            h = x
+            for i in range(depth):
+                h = layers.cut_cotangent(h)
+                n = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-6)
+                h = s[i] * h + jnp.tanh(n @ w[i])
+            return jnp.sum(jnp.sin(h))
+        g = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return _largest_fusion(g.lower(s, w).compile().as_text()), g(s, w)
+
+    (cut2, _), (cut8, with_cut) = grads(2), grads(8)
+    monkeypatch.setattr(layers, "_cut_here", lambda: False)
+    (plain2, _), (plain8, without) = grads(2), grads(8)
+    assert cut8 <= cut2 + 8, (cut2, cut8)
+    assert plain8 > 2 * plain2, (plain2, plain8)   # what the cut prevents (the test can fail)
+    for a, b in zip(with_cut, without):
+        assert rel(a, b) <= 1e-6
+
+
 def test_batch_sharded_jit_stays_sharded():
-    """4 host devices: the custom calls (depthwise, matmul, attention) run on each device's samples (no all-gather),
-    the kernel and weight gradients sum across devices, and values equal XLA's."""
+    """4 host devices: the custom calls (depthwise, matmul, attention, barrier) run on each device's samples (no
+    all-gather), the kernel and weight gradients sum across devices, and values equal XLA's."""
     code = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         import dcls_jax
+        from dcls_jax import native
         mesh = Mesh(np.array(jax.devices()), ("data",))
         rng = np.random.default_rng(0)
         x = jax.device_put(jnp.asarray(rng.normal(size=(8, 12, 11, 24)), jnp.float32),
@@ -134,6 +196,16 @@ def test_batch_sharded_jit_stays_sharded():
         assert "all-gather" not in hlo and "dcls_jax_attention_grad" in hlo, "attention gradient gathered or absent"
         d, r = ga("native")(qkv), ga("xla")(qkv)
         assert d.sharding.spec == P("data") and float(jnp.abs(d - r).max() / jnp.abs(r).max()) <= 1e-5
+        # the fusion barrier: each device its own part, however the operand is split
+        for spec in (P("data"), P(None, "data")):
+            z = jax.device_put(jnp.arange(8 * 12, dtype=jnp.float32).reshape(8, 12), NamedSharding(mesh, spec))
+            fb = jax.jit(lambda z: native.fusion_barrier(z * 2))
+            hlo = fb.lower(z).compile().as_text()
+            assert "all-gather" not in hlo and "dcls_jax_fusion_barrier" in hlo, ("barrier gathered", spec)
+            y = fb(z)
+            assert y.sharding.spec == spec and np.array_equal(np.asarray(y), 2 * np.asarray(z))
+            sm = jax.jit(jax.shard_map(native.fusion_barrier, mesh=mesh, in_specs=spec, out_specs=spec))
+            assert np.array_equal(np.asarray(sm(z)), np.asarray(z))
         print("ok")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
