@@ -40,13 +40,15 @@ import numpy as np
 from jax import lax
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "depthwise.cc", CSRC / "matmul.cc", CSRC / "attention.cc", CSRC / "barrier.cc")   # one library
+# one library; compiled side by side
+SOURCES = tuple(CSRC / f for f in ("depthwise.cc", "matmul.cc", "attention.cc", "norm.cc", "barrier.cc"))
 _TARGETS = {"dcls_jax_depthwise_forward": "DclsDepthwiseForward",   # XLA custom-call name: C symbol
             "dcls_jax_depthwise_kernel_grad": "DclsDepthwiseKernelGrad",
             "dcls_jax_matmul": "DclsMatmul",
             "dcls_jax_linear_act": "DclsLinearAct",
             "dcls_jax_attention": "DclsAttention",
             "dcls_jax_attention_grad": "DclsAttentionGrad",
+            "dcls_jax_layer_norm": "DclsLayerNorm",
             "dcls_jax_fusion_barrier": "DclsFusionBarrier"}
 _lock = threading.Lock()
 _state: dict = {}

@@ -26,6 +26,7 @@ from dcls_jax.conv import conv
 from dcls_jax.dense import activate, gelu, linear  # noqa: F401 (gelu: the models' GELU, re-exported)
 from dcls_jax.native import available as native_available
 from dcls_jax.native import fusion_barrier
+from dcls_jax.norm import layer_norm
 
 Init = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
@@ -212,7 +213,7 @@ class BatchNorm2d(nnx.Module):
 
 class LayerNorm(nnx.Module):
     """torch.nn.LayerNorm over the last axis (channels-last, so also timm's LayerNorm2d on NCHW).
-    Two-pass variance in float32, as PyTorch computes it."""
+    Two-pass variance in float32, as PyTorch computes it (dcls_jax.norm.layer_norm: one C++ call on the CPU)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, bias: bool = True, *, rngs: nnx.Rngs | None = None):
         self.weight = nnx.Param(jnp.ones((dim,)))
@@ -220,13 +221,7 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.astype(x.dtype)
+        return layer_norm(x, self.weight[...], None if self.bias is None else self.bias[...], self.eps)
 
 
 class Dropout(nnx.Module):

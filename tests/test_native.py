@@ -138,8 +138,8 @@ def test_cut_cotangent_keeps_each_blocks_backward_to_itself(monkeypatch):
 
 
 def test_batch_sharded_jit_stays_sharded():
-    """4 host devices: the custom calls (depthwise, matmul, attention, barrier) run on each device's samples (no
-    all-gather), the kernel and weight gradients sum across devices, and values equal XLA's."""
+    """4 host devices: the custom calls (depthwise, matmul, attention, layer norm, barrier) run on each device's
+    samples (no all-gather), the kernel and weight gradients sum across devices, and values equal XLA's."""
     code = textwrap.dedent("""
         import numpy as np, jax, jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -196,6 +196,17 @@ def test_batch_sharded_jit_stays_sharded():
         assert "all-gather" not in hlo and "dcls_jax_attention_grad" in hlo, "attention gradient gathered or absent"
         d, r = ga("native")(qkv), ga("xla")(qkv)
         assert d.sharding.spec == P("data") and float(jnp.abs(d - r).max() / jnp.abs(r).max()) <= 1e-5
+        # LayerNorm (dcls_jax.norm): each device normalizes its own rows
+        from dcls_jax.norm import layer_norm, layer_norm_xla
+        lw, lb = jnp.linspace(0.5, 1.5, 24), jnp.linspace(-1, 1, 24)
+        ln = jax.jit(lambda x: layer_norm(x, lw, lb))
+        hlo = ln.lower(x).compile().as_text()
+        assert "all-gather" not in hlo and "dcls_jax_layer_norm" in hlo, "layer norm gathered or absent"
+        y = ln(x)
+        assert y.sharding.spec == P("data") and float(jnp.abs(y - layer_norm_xla(x, lw, lb)).max()) <= 1e-5
+        sm = jax.jit(jax.shard_map(lambda x: layer_norm(x, lw, lb), mesh=mesh, in_specs=P("data"),
+                                   out_specs=P("data")))
+        assert float(jnp.abs(sm(x) - y).max()) <= 1e-5
         # the fusion barrier: each device its own part, however the operand is split
         for spec in (P("data"), P(None, "data")):
             z = jax.device_put(jnp.arange(8 * 12, dtype=jnp.float32).reshape(8, 12), NamedSharding(mesh, spec))
@@ -219,11 +230,12 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 def test_fresh_cache_build_equals_lax(tmp_path):
     """A build into a fresh cache folder (created private, 0700; no temp file left), in a subprocess, on every
     edge case. On x86-64 it is the 8-float-vector build (x86-64-v3, no AVX-512: smaller register blocks and
-    matmul and attention tiles, 8x8 transposes), which this machine's own build does not exercise."""
+    matmul and attention tiles, 8x8 transposes, 8-float rows in the layer norm), which this machine's own build
+    does not exercise."""
     code = textwrap.dedent("""
         import sys, jax, numpy as np
         sys.path.insert(0, %r)
-        import test_attention as a, test_dense as d, test_native as t
+        import test_attention as a, test_dense as d, test_native as t, test_norm as n
         from dcls_jax import native
         assert native.available(), native.unavailable_reason()
         for case in t.EDGE_CASES + [((2, 14, 17, 40), (17, 17), 1, 8), ((1, 9, 30, 24), (7, 7), 2, 3)]:
@@ -236,6 +248,9 @@ def test_fresh_cache_build_equals_lax(tmp_path):
             a.test_equals_float64(*shape)
         for shape in a.GRAD_SHAPES:
             a.test_gradient_call_equals_pytorch(*shape)
+        for shape, bias in n.SHAPES:
+            n.test_equals_pytorch_float64(shape, bias)
+        n.test_edge_rows()
         print("ok")
     """ % os.path.join(ROOT, "tests"))
     env = dict(os.environ, PYTHONPATH=ROOT, DCLS_JAX_CACHE_DIR=str(tmp_path / "c"))

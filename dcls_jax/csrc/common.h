@@ -1,5 +1,5 @@
-// What the CPU kernels (depthwise.cc, matmul.cc) share: the vector type, aligned scratch memory and the loop
-// that runs tasks on XLA's intra-op thread pool.
+// What the CPU kernels (depthwise.cc, matmul.cc, attention.cc, norm.cc) share: the vector type, aligned scratch
+// memory and the loop that runs tasks on XLA's intra-op thread pool.
 #ifndef DCLS_JAX_CSRC_COMMON_H_
 #define DCLS_JAX_CSRC_COMMON_H_
 
