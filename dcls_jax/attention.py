@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcls_jax.dense import selected_impl
-from dcls_jax.native import available, fit_vma, match_vma, partition_over_batch, unavailable_reason
+from dcls_jax.native import available, batched_call, fit_vma, match_vma, unavailable_reason
 
 
 def _split(qkv, heads: int):
@@ -56,23 +56,11 @@ def attention(qkv, heads: int, scale: float | None = None, *, impl: str | None =
 
 
 def _batched_call(ffi, rule: str, operands: int):
-    """The custom call `ffi` on (batch, tokens, features) arrays: partitioned over the batch (a sharded jit), and
-    under vmap the mapped axis folds into the batch (an unmapped operand broadcast first)."""
+    """The custom call `ffi` on (batch, tokens, features) arrays (native.batched_call: every operand batch-leading)."""
     from jax.sharding import PartitionSpec as P
     if not available():   # also what registers the custom calls
         raise RuntimeError(f"dcls_jax.attention: the C++ kernels are unavailable: {unavailable_reason()}")
-    call = partition_over_batch(ffi, rule, lambda axes: (P(axes, None, None),) * (operands + 1))
-
-    @jax.custom_batching.custom_vmap
-    def op(*args):
-        return call(*args)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, *args):
-        args = [a if m else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, m in zip(args, in_batched)]
-        y = op(*(a.reshape(-1, *a.shape[2:]) for a in args))
-        return y.reshape(axis_size, -1, *y.shape[1:]), True
-    return op
+    return batched_call(ffi, rule, lambda axes: (P(axes, None, None),) * (operands + 1), (True,) * operands, True)
 
 
 @functools.cache

@@ -187,28 +187,15 @@ def fit_vma(ct, primal):
 
 @functools.cache
 def _op(kind, stride, lo, size):
-    """The custom call as a function of two arrays; under vmap the mapped axis folds into the batch (forward
-    with an unmapped kernel) or runs as a loop (lax.map)."""
+    """The custom call as a function of two arrays (x and the kernel, or x and the cotangent)."""
     from jax.sharding import PartitionSpec as P
 
     def specs(axes):   # the batch's axes: x and the cotangent sharded, the kernel replicated
         batch = P(axes, None, None, None)
         return (batch, P(), batch) if kind == "forward" else (batch, batch, P())
     rule = "n h w c, i j c -> n p q c" if kind == "forward" else "n h w c, n p q c -> i j c"
-    call = partition_over_batch(lambda a, b: _ffi(kind, a, b, stride, lo, size), rule, specs)
-
-    @jax.custom_batching.custom_vmap
-    def op(a, b):
-        return call(a, b)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, a, b):
-        if kind == "forward" and in_batched == [True, False]:
-            y = op(a.reshape(-1, *a.shape[2:]), b)
-            return y.reshape(axis_size, -1, *y.shape[1:]), True
-        a, b = (v if m else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, m in zip((a, b), in_batched))
-        return lax.map(lambda ab: op(*ab), (a, b)), True
-    return op
+    return batched_call(lambda a, b: _ffi(kind, a, b, stride, lo, size), rule, specs,
+                        (True, False) if kind == "forward" else (True, True), kind == "forward")
 
 
 def _ffi(kind, a, b, stride, lo, size):
@@ -254,6 +241,29 @@ def partition_over_batch(fn, rule: str, specs):
                        reduction_factors=(lead,) if summed else (),
                        need_replication_factors=tuple(f for f in factors if f != lead))
     return call
+
+
+def batched_call(fn, rule: str, specs, leading: tuple[bool, ...], folds: bool):
+    """partition_over_batch(fn, rule, specs) with a vmap rule. `leading[i]`: operand i's leading axis is the batch
+    (the others are weights); `folds`: so is the result's. Under vmap, where only batch operands are mapped (an
+    unmapped one broadcast first) and the result is batched, the mapped axis merges into the batch: one call.
+    Otherwise (a mapped weight, a result summed over the batch) one call per element (lax.map)."""
+    call = partition_over_batch(fn, rule, specs)
+
+    @jax.custom_batching.custom_vmap
+    def op(*args):
+        return call(*args)
+
+    @op.def_vmap
+    def batched(axis_size, in_batched, *args):
+        if folds and not any(m and not lead for m, lead in zip(in_batched, leading)):
+            args = [jnp.broadcast_to(a, (axis_size, *a.shape)).reshape(-1, *a.shape[1:]) if lead and not m
+                    else a.reshape(-1, *a.shape[2:]) if m else a for a, m, lead in zip(args, in_batched, leading)]
+            y = op(*args)
+            return y.reshape(axis_size, -1, *y.shape[1:]), True
+        args = [a if m else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, m in zip(args, in_batched)]
+        return lax.map(lambda a: op(*a), tuple(args)), True
+    return op
 
 
 # The three maps, on 2-D float32 arrays x (N, H, W, C), kernel (KH, KW, C), outputs (N, HO, WO, C), closed

@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from dcls_jax.dense import selected_impl
-from dcls_jax.native import fit_vma, match_vma, partition_over_batch
+from dcls_jax.native import batched_call, fit_vma, match_vma
 
 
 def layer_norm_xla(x, weight, bias=None, eps: float = 1e-5):
@@ -73,24 +73,11 @@ _native.defvjp(_native_fwd, _native_bwd)
 
 @functools.cache
 def _op(eps: float):
-    """The custom call on (rows, C): partitioned over the rows (a sharded jit); under vmap a mapped x folds into
-    the rows (a mapped weight or bias: one call per element)."""
+    """The custom call on (rows, C) (native.batched_call: x's rows are the batch; weight and bias are not)."""
     from jax.sharding import PartitionSpec as P
 
     def ffi(x, w, b):
         return jax.ffi.ffi_call("dcls_jax_layer_norm", jax.ShapeDtypeStruct(x.shape, jnp.float32))(
             x, w, b, eps=np.float32(eps))
-    call = partition_over_batch(ffi, "m c, c, c -> m c",
-                                lambda axes: (P(axes, None), P(), P(), P(axes, None)))
-
-    @jax.custom_batching.custom_vmap
-    def op(x, w, b):
-        return call(x, w, b)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, x, w, b):
-        if in_batched[1:] == [False, False]:
-            return op(x.reshape(-1, x.shape[-1]), w, b).reshape(x.shape), True
-        x, w, b = (v if m else jnp.broadcast_to(v, (axis_size, *v.shape)) for v, m in zip((x, w, b), in_batched))
-        return lax.map(lambda a: op(*a), (x, w, b)), True
-    return op
+    return batched_call(ffi, "m c, c, c -> m c", lambda axes: (P(axes, None), P(), P(), P(axes, None)),
+                        (True, False, False), True)
