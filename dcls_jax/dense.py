@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dcls_jax.native import available, fit_vma, match_vma, partition_over_batch, unavailable_reason
+from dcls_jax.native import available, batched_call, fit_vma, match_vma, unavailable_reason
 
 IMPLS = ("xla", "native")
 ENV_VAR = "DCLS_JAX_DENSE"
@@ -129,23 +129,12 @@ def _ffi(a, b, ta: bool, tb: bool):
 
 def _rows_op(ffi, rule: str, specs, fallback, fold: bool):
     """A custom call of (a, *others) partitioned over a's rows (a batch-sharded jit); under vmap a mapped a alone
-    folds into its rows (where `fold`: they are the result's rows), other cases run `fallback` (XLA) mapped."""
+    folds into its rows (where `fold`: they are the result's rows), other cases run `fallback` (XLA) mapped
+    (native.batched_call)."""
     if not available():   # also what registers the custom calls
         raise RuntimeError(f"dcls_jax.dense: the C++ kernels are unavailable: {unavailable_reason()}")
-    call = partition_over_batch(ffi, rule, specs)
-
-    @jax.custom_batching.custom_vmap
-    def op(*args):
-        return call(*args)
-
-    @op.def_vmap
-    def batched(axis_size, in_batched, a, *others):
-        if fold and in_batched[0] and not any(in_batched[1:]):
-            c = op(a.reshape(-1, a.shape[-1]), *others)
-            return c.reshape(axis_size, -1, c.shape[-1]), True
-        axes = tuple(0 if m else None for m in in_batched)
-        return jax.vmap(fallback, in_axes=axes)(a, *others), True
-    return op
+    others = rule.split("->")[0].count(",")   # operands after a
+    return batched_call(ffi, rule, specs, (True,) + (False,) * others, fold, fallback)
 
 
 @functools.cache

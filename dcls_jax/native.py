@@ -243,11 +243,12 @@ def partition_over_batch(fn, rule: str, specs):
     return call
 
 
-def batched_call(fn, rule: str, specs, leading: tuple[bool, ...], folds: bool):
+def batched_call(fn, rule: str, specs, leading: tuple[bool, ...], folds: bool, fallback=None):
     """partition_over_batch(fn, rule, specs) with a vmap rule. `leading[i]`: operand i's leading axis is the batch
     (the others are weights); `folds`: so is the result's. Under vmap, where only batch operands are mapped (an
     unmapped one broadcast first) and the result is batched, the mapped axis merges into the batch: one call.
-    Otherwise (a mapped weight, a result summed over the batch) one call per element (lax.map)."""
+    Otherwise (a mapped weight, a result summed over the batch) `fallback` (an XLA form) vmapped, or without one,
+    one call per element (lax.map)."""
     call = partition_over_batch(fn, rule, specs)
 
     @jax.custom_batching.custom_vmap
@@ -257,10 +258,14 @@ def batched_call(fn, rule: str, specs, leading: tuple[bool, ...], folds: bool):
     @op.def_vmap
     def batched(axis_size, in_batched, *args):
         if folds and not any(m and not lead for m, lead in zip(in_batched, leading)):
-            args = [jnp.broadcast_to(a, (axis_size, *a.shape)).reshape(-1, *a.shape[1:]) if lead and not m
-                    else a.reshape(-1, *a.shape[2:]) if m else a for a, m, lead in zip(args, in_batched, leading)]
-            y = op(*args)
+            def fold(a, m, lead):
+                if not (m or lead):
+                    return a
+                return (a if m else jnp.broadcast_to(a, (axis_size, *a.shape))).reshape(-1, *a.shape[1 + m:])
+            y = op(*map(fold, args, in_batched, leading))
             return y.reshape(axis_size, -1, *y.shape[1:]), True
+        if fallback is not None:
+            return jax.vmap(fallback, in_axes=tuple(0 if m else None for m in in_batched))(*args), True
         args = [a if m else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, m in zip(args, in_batched)]
         return lax.map(lambda a: op(*a), tuple(args)), True
     return op
